@@ -1,0 +1,37 @@
+# Everything starts from a fresh machine with only Python 3.11: `make test`, `make demo`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ORCH := $(VENV)/bin/orchestrator
+STAMP := $(VENV)/.installed
+DEMO_DATA := .orchestrator/data/stdlib
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+# torch is pinned here only: 2.13.0 is the CPU wheel on this disk; an unpinned torch pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+$(DEMO_DATA)/index.json: | $(STAMP)
+	$(ORCH) data prepare "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" --out $(DEMO_DATA)
+
+demo: $(STAMP) $(DEMO_DATA)/index.json
+	$(ORCH) launch configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/launch_overhead.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check orchestrator actors checkpointing dataloading tests bench
+
+clean:
+	rm -rf $(VENV) .orchestrator .pytest_cache

@@ -1,0 +1,46 @@
+"""One per run: receives batched per-rank metrics and writes them to the tracking store.
+
+It also keeps each rank's latest values so the driver can show progress without a query.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from orchestrator.store import Store
+
+
+class MetricsActor:
+    def __init__(self, run_id: str, store_root: str, attempt: int = 0):
+        self.run_id = run_id
+        self.attempt = attempt
+        self.store = Store(store_root)
+        self.latest: dict[int, dict[str, tuple[int, float]]] = {}
+        self.step_times: list[float] = []
+
+    def log(self, rank: int, points: list[tuple[str, int, float, float]]) -> int:
+        """points: (key, step, value, time) from one rank. Returns how many were stored."""
+        rows = [(key, step, rank, value, t) for key, step, value, t in points]
+        self.store.log_metrics(self.run_id, rows, self.attempt)
+        latest = self.latest.setdefault(rank, {})
+        for key, step, value, _ in points:
+            latest[key] = (step, value)
+            if key == "train/step_time_s" and rank == 0:
+                self.step_times = (self.step_times + [value])[-50:]
+        return len(rows)
+
+    def progress(self) -> dict:
+        """The slowest rank's step and the mean of the ranks' latest values."""
+        if not self.latest:
+            return {}
+        out: dict = {"step": min(v.get("train/loss", (-1, 0))[0] for v in self.latest.values())}
+        for key in ("train/loss", "train/tokens_per_s", "train/lr", "eval/loss"):
+            vals = [v[key][1] for v in self.latest.values() if key in v]
+            if vals:
+                out[key] = sum(vals) / len(vals)
+        if self.step_times:
+            out["median_step_time_s"] = statistics.median(self.step_times)
+        return out
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,123 @@
+"""One actor per rank: joins the process group, then runs the training loop."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+from orchestrator.config import Backend, config_from_dict
+
+
+class MetricSender:
+    """Buffers a rank's metrics and ships them to the metrics actor in batches."""
+
+    def __init__(self, metrics_actor, rank: int, flush_every_s: float):
+        self.actor = metrics_actor
+        self.rank = rank
+        self.flush_every_s = flush_every_s
+        self.buffer: list[tuple[str, int, float, float]] = []
+        self.pending: list = []
+        self.last_flush = time.monotonic()
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.time()
+        self.buffer.extend((k, step, float(v), now) for k, v in metrics.items())
+        if time.monotonic() - self.last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.pending.append(self.actor.log.remote(self.rank, self.buffer))
+            self.buffer = []
+        self.last_flush = time.monotonic()
+        if len(self.pending) > 8:  # bound what is in flight; surfaces store errors early
+            import ray
+
+            ray.get(self.pending[:-4])
+            self.pending = self.pending[-4:]
+
+    def close(self) -> None:
+        import ray
+
+        self.flush()
+        ray.get(self.pending)
+        self.pending = []
+
+
+class TrainWorker:
+    def __init__(self, config: dict, metrics_actor):
+        self.cfg = config_from_dict(config)
+        self.metrics_actor = metrics_actor
+        self.rank = -1
+        self.device = None
+
+    def node_info(self) -> dict:
+        import ray
+
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def setup(self, *, rank: int, local_rank: int, world_size: int, local_world_size: int, node_rank: int,
+              master_addr: str, master_port: int) -> str:
+        """Set the torch.distributed environment and join the process group. Returns the backend."""
+        import torch
+        import torch.distributed as dist
+
+        env = {
+            "RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": world_size,
+            "LOCAL_WORLD_SIZE": local_world_size, "NODE_RANK": node_rank,
+            "MASTER_ADDR": master_addr, "MASTER_PORT": master_port,
+        }
+        os.environ.update({k: str(v) for k, v in env.items()})
+        if master_addr.startswith("127.") and "GLOO_SOCKET_IFNAME" not in os.environ:
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # a loopback cluster: keep gloo off other interfaces
+        self.rank = rank
+        use_gpu = torch.cuda.is_available() and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        backend = self.cfg.distributed.backend
+        if backend == Backend.AUTO:
+            backend = Backend.NCCL if use_gpu else Backend.GLOO
+        if backend == Backend.NCCL and not use_gpu:
+            raise RuntimeError("distributed.backend=nccl but this worker has no GPU; use gloo or set scaling.gpus_per_worker")
+        # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPUs, so its first visible device is ours.
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        if use_gpu:
+            torch.cuda.set_device(self.device)
+        from orchestrator.training import setup_torch
+
+        setup_torch(self.cfg, rank)
+        if world_size > 1:
+            dist.init_process_group(
+                backend.value,
+                init_method=f"tcp://{master_addr}:{master_port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=self.cfg.distributed.timeout_s),
+            )
+        return backend.value
+
+    def train(self) -> dict:
+        import torch.distributed as dist
+
+        from orchestrator.training import WorkerContext, train
+
+        sender = MetricSender(self.metrics_actor, self.rank, self.cfg.telemetry.flush_every_s)
+        ctx = WorkerContext(rank=self.rank, world_size=int(os.environ["WORLD_SIZE"]), device=self.device)
+        try:
+            summary = train(self.cfg, ctx, sender)
+        finally:
+            sender.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return summary

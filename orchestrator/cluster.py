@@ -1,0 +1,128 @@
+"""Connecting to Ray and reserving the workers' resources, with a deadline."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from orchestrator.errors import ResourceError
+
+
+def connect(address: str | None, *, dashboard: bool) -> bool:
+    """Connect to `address` (or $RAY_ADDRESS), else start an embedded cluster on 127.0.0.1.
+    Returns True when we started the cluster (and so must shut it down)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        # Ray maps 127.0.0.1 to the host's routable IP unless this is set before it is imported;
+        # with it, the embedded cluster and the rendezvous stay on loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    common = dict(namespace="orchestrator", logging_level=logging.ERROR, log_to_driver=True)
+    if address:
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise ResourceError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+        return False
+    ray.init(
+        address="local",  # never attach to some other cluster on this machine by accident
+        _node_ip_address="127.0.0.1",
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        **common,
+    )
+    return True
+
+
+def dashboard_url() -> str | None:
+    import ray
+
+    url = ray.get_runtime_context().worker.node.address_info.get("webui_url") if ray.is_initialized() else None
+    return f"http://{url}" if url else None
+
+
+@dataclass(frozen=True)
+class Placement:
+    pg: object
+    bundle_nodes: list[str]  # node id of each bundle
+
+
+def bundle_for(cpus: float, gpus: float) -> dict[str, float]:
+    return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
+
+
+def reserve(*, run_id: str, num_workers: int, cpus: float, gpus: float, timeout_s: float) -> Placement:
+    """A placement group of one bundle per worker, packed onto few nodes; fails clearly after timeout_s."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    bundle = bundle_for(cpus, gpus)
+    pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK", name=f"{run_id}:workers")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except GetTimeoutError:
+        remove_placement_group(pg)
+        raise ResourceError(
+            f"cannot reserve {num_workers} workers x {_fmt(bundle)} (= {_fmt({k: v * num_workers for k, v in bundle.items()})})"
+            f" within scaling.start_timeout_s={timeout_s:g}: the cluster has {_cluster_summary()}; "
+            "lower scaling.num_workers / cpus_per_worker / gpus_per_worker, or add nodes"
+        ) from None
+    table = placement_group_table(pg)
+    nodes = [table["bundles_to_node_id"][i] for i in range(num_workers)]
+    return Placement(pg, nodes)
+
+
+def release(placement: Placement | None) -> None:
+    if placement is None:
+        return
+    from ray.util.placement_group import remove_placement_group
+
+    try:
+        remove_placement_group(placement.pg)
+    except Exception:  # already gone with the cluster
+        pass
+
+
+def _fmt(res: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in res.items()) + "}"
+
+
+def _cluster_summary() -> str:
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    parts = [f"{total.get(k, 0):g} {k} in total ({free.get(k, 0):g} free)" for k in ("CPU", "GPU")]
+    return ", ".join(parts) + f" on {len(alive)} node(s)"
+
+
+def node_ips() -> dict[str, str]:
+    import ray
+
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+
+
+def assign_ranks(bundle_nodes: list[str]) -> list[dict]:
+    """Ranks for the bundles: ranks on one node are contiguous, nodes ordered by first bundle.
+    Returns, per bundle, rank/local_rank/node_rank/local_world_size."""
+    order: list[str] = []
+    for node in bundle_nodes:
+        if node not in order:
+            order.append(node)
+    per_node = {node: [i for i, n in enumerate(bundle_nodes) if n == node] for node in order}
+    out: list[dict] = [{} for _ in bundle_nodes]
+    rank = 0
+    for node_rank, node in enumerate(order):
+        for local_rank, bundle in enumerate(per_node[node]):
+            out[bundle] = {
+                "rank": rank,
+                "local_rank": local_rank,
+                "node_rank": node_rank,
+                "local_world_size": len(per_node[node]),
+                "node_id": node,
+            }
+            rank += 1
+    return out

@@ -1,0 +1,103 @@
+"""Typed config sections: a field helper with ranges, and mapping -> dataclass with clear errors.
+
+Components own their section (a small dataclass built with `option`); this module checks every
+key and type and names the dotted path on any mistake. No ML framework is imported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import field
+from enum import Enum
+from typing import Any
+
+from orchestrator.errors import ConfigError
+
+
+def option(default: Any, *, min: float | None = None, max: float | None = None, help: str = "") -> Any:
+    """A field with an optional inclusive range; `help` documents it in one place."""
+    meta = {"min": min, "max": max, "help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def build(cls: type, raw: Any, path: str, where: str) -> Any:
+    """Turn a mapping into dataclass `cls`, checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {path or 'top level'}: expected a mapping, got {kind(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            dotted = f"{path}.{key}" if path else str(key)
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {(path + '.' if path else '') + close[0]}?" if close else ""
+            valid = ", ".join(fields)
+            raise ConfigError(f"{where}: unknown key {dotted}{hint} (valid keys here: {valid})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        dotted = f"{path}.{name}" if path else name
+        kwargs[name] = _coerce(raw[name], hints[name], dotted, where, f.metadata)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, path: str, where: str, meta: typing.Mapping[str, Any]) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return build(tp, {} if value is None else value, path, where)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, path, where, meta)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        allowed = [m.value for m in tp]
+        if value not in allowed:
+            raise ConfigError(f"{where}: {path}: expected one of {allowed}, got {value!r}")
+        return tp(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {path}: expected a list, got {kind(value)}")
+        return [_coerce(v, args[0], f"{path}[{i}]", where, {}) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {path}: expected a mapping, got {kind(value)}")
+        return dict(value)
+    if tp is Any:
+        return value
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        raise ConfigError(f"{where}: {path}: expected {_type_name(tp)}, got {kind(value)} {value!r}")
+    if tp is float:
+        value = float(value)
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ConfigError(f"{where}: {path}: expected a value {rng}, got {value!r}")
+    return value
+
+
+def _type_name(tp: type) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+

@@ -1,0 +1,148 @@
+"""The training loop, written out top to bottom: one function a worker runs after rendezvous.
+
+Collaborators come in as arguments (`log` receives metrics), so the loop runs the same inside a
+Ray actor, in a test, or in a benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dataloading.dataset import TokenDataset
+from dataloading.sampler import GlobalSampler, batch_fingerprint
+from orchestrator.config import Config
+from orchestrator.errors import DataError
+from orchestrator.gpt import build_model
+
+LogFn = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def setup_torch(cfg: Config, rank: int) -> None:
+    torch.set_num_threads(cfg.scaling.torch_threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to optim.lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+    o, total = cfg.optim, cfg.train.max_steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    floor = o.lr * o.min_lr_ratio
+    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+
+
+def loss_of(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    x, y = batch[:, :-1], batch[:, 1:]
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+def open_data(cfg: Config) -> tuple[TokenDataset, TokenDataset | None]:
+    train = TokenDataset(cfg.data.uri, "train")
+    if len(train) < cfg.data.global_batch_size:
+        raise DataError(
+            f"{cfg.data.uri}: train split has {len(train)} sequences, fewer than one global batch "
+            f"(data.global_batch_size={cfg.data.global_batch_size})"
+        )
+    val = TokenDataset(cfg.data.uri, "val") if "val" in train.index.splits else None
+    return train, val
+
+
+@torch.no_grad()
+def evaluate(model, val: TokenDataset, cfg: Config, ctx: WorkerContext) -> float:
+    """Mean loss over the same fixed held-out batches every time, averaged across ranks."""
+    model.eval()
+    b = min(cfg.data.global_batch_size, len(val) // ctx.world_size * ctx.world_size)
+    sampler = GlobalSampler(len(val), b, seed=0)
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    for k in range(min(cfg.train.eval_batches, sampler.batches_per_epoch)):
+        ids = sampler.local_batch(k, ctx.rank, ctx.world_size)
+        total[0] += loss_of(model, val.batch(ids).to(ctx.device)).double() * len(ids)
+        total[1] += len(ids)
+    if ctx.world_size > 1:
+        dist.all_reduce(total)
+    model.train()
+    return float(total[0] / total[1])
+
+
+def train(cfg: Config, ctx: WorkerContext, log: LogFn) -> dict:
+    """Train from step 0 to train.max_steps; returns a summary for the driver."""
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
+    train_data, val_data = open_data(cfg)
+    seq_len = train_data.seq_len
+    model = build_model(cfg.model, vocab_size=train_data.index.vocab_size, block_size=seq_len - 1).to(ctx.device)
+    ddp = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world_size > 1 else model
+    optimizer = make_optimizer(model, cfg)
+    sampler = GlobalSampler(len(train_data), cfg.data.global_batch_size, cfg.run.seed)
+    torch.manual_seed(cfg.run.seed * 1000 + ctx.rank + 1)  # per-rank stream for dropout
+
+    tokens_per_step = cfg.data.global_batch_size * (seq_len - 1)
+    first_loss = last_loss = eval_loss = None
+    started = last = time.perf_counter()
+    for step in range(cfg.train.max_steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ids = sampler.local_batch(step, ctx.rank, ctx.world_size)
+        batch = train_data.batch(ids).to(ctx.device, non_blocking=True)
+
+        loss = loss_of(ddp, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+
+        loss_value = loss.item()
+        now = time.perf_counter()
+        step_time, last = now - last, now
+        metrics = {
+            "train/loss": loss_value,
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm),
+            "train/step_time_s": step_time,
+            "train/tokens_per_s": tokens_per_step / step_time,
+        }
+        if ctx.rank == 0:
+            metrics["data/batch_fingerprint"] = float(batch_fingerprint(sampler.global_batch(step)))
+        is_last = step == cfg.train.max_steps - 1
+        if val_data is not None and cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or is_last):
+            eval_loss = evaluate(ddp, val_data, cfg, ctx)
+            if ctx.rank == 0:
+                metrics["eval/loss"] = eval_loss
+            last = time.perf_counter()  # eval time is not step time
+        log(step, metrics)
+        first_loss = loss_value if first_loss is None else first_loss
+        last_loss = loss_value
+    return {
+        "steps": cfg.train.max_steps,
+        "first_loss": first_loss,
+        "last_loss": last_loss,
+        "eval_loss": eval_loss,
+        "train_time_s": time.perf_counter() - started,
+    }
