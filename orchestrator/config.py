@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from checkpointing.config import CheckpointConfig
 from dataloading.config import DataConfig
 from orchestrator.errors import ConfigError
 from orchestrator.schema import build, kind, option
@@ -98,6 +99,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def to_dict(self) -> dict[str, Any]:

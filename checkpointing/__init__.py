@@ -1,0 +1,1 @@
+"""Checkpoint format, async writer, staggered writes, retries, manifests, verification, retention."""
