@@ -5,6 +5,7 @@ States: RESERVING -> STARTING -> TRAINING -> COMPLETED | FAILED | INTERRUPTED.
 
 from __future__ import annotations
 
+import re
 import secrets
 import socket
 import statistics
@@ -190,7 +191,7 @@ def _gather(refs: list, phase: str, ranks: list[int] | None = None) -> list:
         lines = str(cause).strip().splitlines()
         raise RunFailed(
             f"rank {rank} failed during {phase}: {type(cause).__name__}: {lines[-1] if lines else ''}"
-        ) from _WorkerTraceback(str(e))
+        ) from _WorkerTraceback(f"--- rank {rank} traceback ---\n" + re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip())
     except ray.exceptions.RayActorError as e:
         rank = _failed_rank(refs, ranks)
         raise RunFailed(f"rank {rank} died during {phase} (process killed or node lost): {str(e).splitlines()[0]}") from None

@@ -72,6 +72,8 @@ def _coerce(value: Any, tp: Any, path: str, where: str, meta: typing.Mapping[str
         return dict(value)
     if tp is Any:
         return value
+    if tp is float and isinstance(value, str):
+        value = _float_or_same(value)  # PyYAML reads 1e-4 (no dot) as a string
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -87,6 +89,13 @@ def _coerce(value: Any, tp: Any, path: str, where: str, meta: typing.Mapping[str
         rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
         raise ConfigError(f"{where}: {path}: expected a value {rng}, got {value!r}")
     return value
+
+
+def _float_or_same(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _type_name(tp: type) -> str:

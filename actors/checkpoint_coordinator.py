@@ -1,0 +1,68 @@
+"""One per run: hands out write slots, collects each rank's shard reports, records outcomes.
+
+Every method returns at once (a plain, single-threaded actor): ranks poll for a slot and rank 0
+polls for the other ranks' reports, so no call ever blocks the actor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from checkpointing.records import CheckpointRecords
+from checkpointing.slots import SlotTable
+
+
+class CheckpointCoordinator:
+    def __init__(self, run_id: str, uri: str, world_size: int, *, max_concurrent_writes: int, per_node_writes: int,
+                 slot_lease_s: float, store_root: str | None = None, clock: Callable[[], float] = time.monotonic):
+        self.run_id = run_id
+        self.uri = uri
+        self.world_size = world_size
+        self.slots = SlotTable(max_global=max_concurrent_writes, per_node=per_node_writes, lease_s=slot_lease_s,
+                               clock=clock)
+        self.reports: dict[int, dict[int, dict[str, Any]]] = {}
+        self.records = CheckpointRecords(Path(store_root) / "store.db") if store_root else None
+        self.outcomes: list[dict[str, Any]] = []
+
+    def info(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "uri": self.uri, "world_size": self.world_size}
+
+    # --- slots ------------------------------------------------------------------------------
+
+    def acquire(self, rank: int, node: str) -> int | None:
+        return self.slots.acquire(rank, node)
+
+    def release(self, slot_id: int) -> bool:
+        return self.slots.release(slot_id)
+
+    def release_rank(self, rank: int) -> int:
+        return self.slots.release_rank(rank)
+
+    def stats(self) -> dict[str, int]:
+        return {"in_flight": self.slots.in_flight(), "peak": self.slots.peak, "granted": self.slots.granted,
+                "reclaimed": self.slots.reclaimed}
+
+    # --- commit -----------------------------------------------------------------------------
+
+    def report(self, step: int, rank: int, result: dict[str, Any]) -> None:
+        """result: {"files": [...], "bytes", "blocked_s", "upload_s"} or {"error": "..."}."""
+        self.reports.setdefault(step, {})[rank] = result
+
+    def shards(self, step: int) -> dict[int, dict[str, Any]]:
+        return dict(self.reports.get(step, {}))
+
+    def finish(self, step: int, status: str, *, bytes: int | None = None, blocked_s: float | None = None,
+               upload_s: float | None = None, uri: str | None = None, error: str | None = None) -> None:
+        """Rank 0's verdict on a checkpoint: committed or failed (the alert). Forgets the reports."""
+        self.reports.pop(step, None)
+        outcome = {"step": step, "status": status, "bytes": bytes, "blocked_s": blocked_s, "upload_s": upload_s,
+                   "uri": uri, "error": error}
+        self.outcomes.append(outcome)
+        if self.records is not None:
+            self.records.add(run_id=self.run_id, **outcome)
+
+    def history(self) -> list[dict[str, Any]]:
+        return list(self.outcomes)

@@ -1,0 +1,120 @@
+"""End to end on a real local Ray cluster: launch, track, fail clearly, stop cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
+
+pytestmark = pytest.mark.ray
+
+
+def test_launch_trains_and_tracks_both_ranks(tmp_path, home, tiny_data, ray_address):
+    cfg = tiny_config(tmp_path, tiny_data)
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rendezvous done: 2 ranks" in proc.stdout and "backend gloo" in proc.stdout
+    assert "orchestrator metrics" in proc.stdout  # tells the user where to look
+
+    (run,) = cli_json("runs", home=home)
+    assert run["status"] == "completed" and run["parent"] is None and run["fork_step"] is None
+    assert run["id"] in proc.stdout
+    keys = set(cli_json("metrics", run["id"], home=home)["keys"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s",
+            "eval/loss", "data/batch_fingerprint"} <= keys
+
+    for rank in (0, 1):
+        pts = cli_json("metrics", run["id"], "--key", "train/loss", "--rank", str(rank), home=home)["points"]
+        assert [p["step"] for p in pts] == list(range(30))
+        first, last = pts[0]["value"], pts[-1]["value"]
+        assert first > 5.0 and last < first - 1.0, (first, last)
+    agg = cli_json("metrics", run["id"], "--key", "train/loss", home=home)["points"]
+    assert all(p["min"] <= p["value"] <= p["max"] for p in agg)
+    bucketed = cli_json("metrics", run["id"], "--key", "train/loss", "--buckets", "5", home=home)["points"]
+    assert len(bucketed) == 5 and {"step", "value", "min", "max"} <= set(bucketed[0])
+
+    show = cli_json("show", run["id"], home=home)
+    assert show["config"]["scaling"]["num_workers"] == 2 and show["world_size"] == 2
+    assert show["command"].startswith("orchestrator launch") and show["host"]
+    assert show["summary"]["last_loss"] < show["summary"]["first_loss"]
+
+
+def test_same_seed_same_losses(tmp_path, home, tiny_data, ray_address):
+    """Determinism: two runs with one seed log identical losses and data fingerprints."""
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 8, "eval_every": 0})
+    ids = []
+    for _ in range(2):
+        run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
+        ids.append(cli_json("runs", home=home)[-1]["id"])
+
+    def series(run_id, key):
+        return [(p["step"], p["value"]) for p in cli_json("metrics", run_id, "--key", key, "--rank", "0", home=home)["points"]]
+
+    for key in ("train/loss", "data/batch_fingerprint", "train/grad_norm"):
+        assert series(ids[0], key) == series(ids[1], key), key
+
+
+def test_too_many_cpus_fails_clearly_within_timeout(tmp_path, home, tiny_data):
+    """Embedded cluster (no --address): an impossible request ends with what was asked and what exists."""
+    cfg = tiny_config(tmp_path, tiny_data, scaling={"num_workers": 2, "cpus_per_worker": 64, "start_timeout_s": 5})
+    started = time.monotonic()
+    proc = run_cli("launch", str(cfg), home=home, timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "cannot reserve 2 workers x {CPU: 64} (= {CPU: 128}) within scaling.start_timeout_s=5" in err
+    assert "CPU in total" in err and "node(s)" in err
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 100  # bounded: never waits forever (not a speed assertion)
+    assert cli_json("runs", home=home)[0]["status"] == "failed"
+
+
+def test_worker_exception_marks_failed_and_shows_rank_traceback_once(tmp_path, home, tiny_data, ray_address):
+    cfg = tiny_config(tmp_path, tiny_data, model={"factory": "tests.faulty:failing_gpt",
+                                                  "kwargs": {"fail_rank": 1, "fail_call": 4}})
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=240)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("orchestrator: error: rank 1 failed during training: RuntimeError")
+    assert "injected failure on call 4" in last
+    assert proc.stderr.count("injected failure on call 4") == 2  # once in the traceback, once in the summary
+    assert proc.stderr.count('tests/faulty.py", line') == 1
+    assert "--- rank 1 traceback ---" in proc.stderr and "\x1b[" not in proc.stderr
+    (run,) = cli_json("runs", home=home)
+    assert run["status"] == "failed"
+    assert "rank 1" in cli_json("show", run["id"], home=home)["error"]
+
+
+def test_ctrl_c_marks_interrupted_and_exits_130(tmp_path, home, tiny_data, ray_address):
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 100_000, "eval_every": 0})
+    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
+    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until training is really under way
+            runs = cli_json("runs", home=home) if (home / "store.db").exists() else []
+            if runs and "train/loss" in cli_json("metrics", runs[0]["id"], home=home)["keys"]:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("training never started")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err
+    (run,) = cli_json("runs", home=home)
+    assert run["status"] == "interrupted"
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
