@@ -30,15 +30,15 @@ class Backend(str, Enum):
 @dataclass
 class RunConfig:
     name: str | None = option(None, help="run name; defaults to the config file's stem")
-    seed: int = option(0, min=0)
-    tags: list[str] = option([])
+    seed: int = option(0, min=0, help="seeds weights, data order and dropout; same seed, same run")
+    tags: list[str] = option([], help="free-form labels shown with the run")
 
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = option(2, min=1)
-    cpus_per_worker: float = option(1.0, min=0)
-    gpus_per_worker: float = option(0.0, min=0)
+    num_workers: int = option(2, min=1, help="ranks (one Ray actor each)")
+    cpus_per_worker: float = option(1.0, min=0, help="CPUs reserved per worker in the placement group")
+    gpus_per_worker: float = option(0.0, min=0, help="GPUs per worker; > 0 selects NCCL with backend auto")
     start_timeout_s: float = option(60.0, min=0, help="give up reserving resources after this long")
     torch_threads: int = option(1, min=1, help="torch intra-op threads per worker")
 
@@ -50,7 +50,7 @@ class ClusterConfig:
 
 @dataclass
 class DistributedConfig:
-    backend: Backend = option(Backend.AUTO)
+    backend: Backend = option(Backend.AUTO, help="auto: nccl when the worker has a GPU, gloo otherwise")
     timeout_s: float = option(300.0, min=1, help="torch.distributed collective timeout")
 
 
@@ -58,28 +58,28 @@ class DistributedConfig:
 class ModelConfig:
     factory: str | None = option(None, help='"pkg.module:function" building your own nn.Module')
     kwargs: dict[str, Any] = option({}, help="extra keyword arguments for the factory")
-    n_layer: int = option(4, min=1)
-    n_head: int = option(4, min=1)
-    d_model: int = option(128, min=8)
-    dropout: float = option(0.0, min=0, max=1)
+    n_layer: int = option(4, min=1, help="built-in GPT: transformer blocks")
+    n_head: int = option(4, min=1, help="built-in GPT: attention heads")
+    d_model: int = option(128, min=8, help="built-in GPT: width")
+    dropout: float = option(0.0, min=0, max=1, help="built-in GPT: dropout")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = option(3e-3, min=0)
+    lr: float = option(3e-3, min=0, help="peak AdamW learning rate")
     min_lr_ratio: float = option(0.1, min=0, max=1, help="cosine decays to lr * this")
-    warmup_steps: int = option(20, min=0)
-    weight_decay: float = option(0.1, min=0)
-    beta1: float = option(0.9, min=0, max=1)
-    beta2: float = option(0.95, min=0, max=1)
+    warmup_steps: int = option(20, min=0, help="linear warmup to lr")
+    weight_decay: float = option(0.1, min=0, help="AdamW decay on weight matrices and embeddings")
+    beta1: float = option(0.9, min=0, max=1, help="AdamW beta1")
+    beta2: float = option(0.95, min=0, max=1, help="AdamW beta2")
     grad_clip: float = option(1.0, min=0, help="max global grad norm; 0 disables clipping")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = option(200, min=1)
-    eval_every: int = option(50, min=0, help="0 disables eval")
-    eval_batches: int = option(4, min=1)
+    max_steps: int = option(200, min=1, help="optimizer steps in the run")
+    eval_every: int = option(50, min=0, help="steps between evals on the held-out split (and at the end); 0 disables")
+    eval_batches: int = option(4, min=1, help="global batches per eval (the same ones every time)")
     deterministic: bool = option(True, help="torch.use_deterministic_algorithms")
 
 

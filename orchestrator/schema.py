@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import field
@@ -110,3 +111,42 @@ def kind(value: Any) -> str:
     )
 
 
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) for every leaf field, for the generated reference."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, path + "."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = default.value if isinstance(default, Enum) else default
+        meta = f.metadata
+        bounds = []
+        if meta.get("min") is not None:
+            bounds.append(f">= {meta['min']}")
+        if meta.get("max") is not None:
+            bounds.append(f"<= {meta['max']}")
+        if isinstance(tp, type) and issubclass(tp, Enum):
+            bounds.append(" / ".join(m.value for m in tp))
+        help_text = meta.get("help", "") + (f" ({', '.join(bounds)})" if bounds else "")
+        rows.append((path, _type_label(tp), json.dumps(default), help_text.strip()))
+    return rows
+
+
+def _type_label(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return f"{_type_label(inner[0])} or null"
+    if origin is list:
+        return f"list of {_type_label(args[0])}"
+    if origin is dict:
+        return "mapping"
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return "choice"
+    return {bool: "bool", int: "int", float: "float", str: "string"}.get(tp, str(tp))

@@ -124,3 +124,13 @@ def test_redaction_of_secret_looking_keys():
     assert red["run"]["client_secret"] != "s"
     assert red["model"]["kwargs"]["hidden"] == 3 and red["run"]["name"] == "n"
     assert plain["model"]["kwargs"]["api_key"] == "abc"  # the original is untouched
+
+
+def test_config_reference_matches_code():
+    """docs/CONFIG.md is generated; regenerate with `python -m orchestrator.config_doc`."""
+    from pathlib import Path
+
+    from orchestrator.config_doc import render
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
+    assert doc.read_text() == render(), "docs/CONFIG.md is stale: run `python -m orchestrator.config_doc`"
