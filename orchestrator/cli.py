@@ -46,6 +46,11 @@ def build_parser() -> Parser:
     metrics.add_argument("--rank", type=int, help="one rank's values instead of the mean over ranks")
     metrics.add_argument("--json", action="store_true")
 
+    ckpts = sub.add_parser("checkpoints", help="a run's checkpoints: committed, failed, corrupt")
+    ckpts.add_argument("run")
+    ckpts.add_argument("--verify", action="store_true", help="re-read every file and check its sha256")
+    ckpts.add_argument("--json", action="store_true")
+
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     prep = data_sub.add_parser("prepare", help="turn text files into byte-token shards")
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args, argv) or 0
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("orchestrator: interrupted", file=sys.stderr)
         return 130
     except UserError as e:
         cause = e.__cause__
@@ -97,6 +102,7 @@ def cmd_launch(args, argv) -> int:
     cfg = load_config(args.config, args.overrides)
     launch(cfg, address=args.address, command=shlex.join(["orchestrator", *argv]), out=out)
     return 0
+
 
 
 def _when(ts: float | None) -> str:
@@ -206,6 +212,23 @@ def cmd_metrics(args, argv) -> int:
     return 0
 
 
+def cmd_checkpoints(args, argv) -> int:
+    from checkpointing.report import checkpoint_report, report_rows
+
+    report = checkpoint_report(args.run, check=args.verify)
+    if args.json:
+        out(json.dumps(report, indent=1))
+        return 0
+    out(f"checkpoints of {report['run']} in {report['uri']}")
+    if report["location_error"]:
+        out(f"(cannot read the destination: {report['location_error']})")
+    if report["checkpoints"]:
+        _table(report_rows(report))
+    else:
+        out("no checkpoints yet")
+    return 0
+
+
 def cmd_data(args, argv) -> int:
     from dataloading.prepare import prepare
 
@@ -215,7 +238,8 @@ def cmd_data(args, argv) -> int:
     return 0
 
 
-COMMANDS = {"launch": cmd_launch, "runs": cmd_runs, "show": cmd_show, "metrics": cmd_metrics, "data": cmd_data}
+COMMANDS = {"launch": cmd_launch, "runs": cmd_runs, "show": cmd_show, "metrics": cmd_metrics, "data": cmd_data,
+            "checkpoints": cmd_checkpoints}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import re
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,6 +32,7 @@ class RunFailed(UserError):
 class RunHandles:
     placement: cluster.Placement | None = None
     metrics: object = None
+    checkpoints: object = None
     workers: list | None = None
 
 
@@ -45,6 +48,16 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm() -> None:
+    """A scheduler's SIGTERM (SLURM, Kubernetes) stops the run the same clean way as Ctrl-C."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def preflight(cfg: Config) -> None:
@@ -83,6 +96,7 @@ def launch(cfg: Config, *, address: str | None = None, command: str = "", out=pr
     handles = RunHandles()
     try:
         cluster.connect(address, dashboard=cfg.cluster.dashboard)
+        _stop_on_sigterm()  # after ray.init, which installs its own SIGTERM handler
         url = cluster.dashboard_url()
         if url:
             out(f"Ray dashboard: {url}")
@@ -130,6 +144,9 @@ def _run(cfg: Config, run_id: str, store: Store, h: RunHandles, out) -> dict:
         name=f"{cfg.run.name}:{run_id}:metrics", num_cpus=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
     ).remote(run_id, str(store.root))
+    from actors import checkpoint_coordinator
+
+    h.checkpoints = checkpoint_coordinator.start(cfg, run_id, str(store.root), here)
     ranks = cluster.assign_ranks(h.placement.bundle_nodes)
     by_rank = sorted(range(s.num_workers), key=lambda b: ranks[b]["rank"])
     h.workers = []
@@ -139,7 +156,7 @@ def _run(cfg: Config, run_id: str, store: Store, h: RunHandles, out) -> dict:
             num_cpus=s.cpus_per_worker,
             num_gpus=s.gpus_per_worker,
             scheduling_strategy=PlacementGroupSchedulingStrategy(h.placement.pg, placement_group_bundle_index=bundle),
-        ).remote(cfg.to_dict(), h.metrics)
+        ).remote(cfg.to_dict(), h.metrics, h.checkpoints)
         h.workers.append(worker)
     infos = _gather([w.node_info.remote() for w in h.workers], "start")
     master_addr = infos[0]["ip"]
@@ -219,7 +236,7 @@ def _teardown(h: RunHandles) -> None:
 
     if not ray.is_initialized():
         return
-    for actor in (h.workers or []) + ([h.metrics] if h.metrics is not None else []):
+    for actor in (h.workers or []) + [a for a in (h.metrics, h.checkpoints) if a is not None]:
         try:
             ray.kill(actor)
         except Exception:

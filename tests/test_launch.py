@@ -91,7 +91,8 @@ def test_worker_exception_marks_failed_and_shows_rank_traceback_once(tmp_path, h
     assert "rank 1" in cli_json("show", run["id"], home=home)["error"]
 
 
-def test_ctrl_c_marks_interrupted_and_exits_130(tmp_path, home, tiny_data, ray_address):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_marks_interrupted_and_exits_130(tmp_path, home, tiny_data, ray_address, sig):
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 100_000, "eval_every": 0})
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
     proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
@@ -105,7 +106,7 @@ def test_ctrl_c_marks_interrupted_and_exits_130(tmp_path, home, tiny_data, ray_a
             time.sleep(1)
         else:
             pytest.fail("training never started")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
