@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import statistics
 
+import numpy as np
+
 from orchestrator.store import Store
 
 
@@ -20,14 +22,20 @@ class MetricsActor:
 
     def log(self, rank: int, points: list[tuple[str, int, float, float]]) -> int:
         """points: (key, step, value, time) from one rank. Returns how many were stored."""
-        rows = [(key, step, rank, value, t) for key, step, value, t in points]
-        self.store.log_metrics(self.run_id, rows, self.attempt)
+        columns: dict[str, tuple[list[int], list[float]]] = {}
+        for key, step, value, _ in points:
+            steps, values = columns.setdefault(key, ([], []))
+            steps.append(step)
+            values.append(value)
+        self.store.points.append(
+            self.run_id, rank, self.attempt, {k: (np.array(s), np.array(v)) for k, (s, v) in columns.items()}
+        )
         latest = self.latest.setdefault(rank, {})
         for key, step, value, _ in points:
             latest[key] = (step, value)
             if key == "train/step_time_s" and rank == 0:
                 self.step_times = (self.step_times + [value])[-50:]
-        return len(rows)
+        return len(points)
 
     def progress(self) -> dict:
         """The slowest rank's step and the mean of the ranks' latest values."""

@@ -176,7 +176,7 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 
 def cmd_metrics(args, argv) -> int:
-    from orchestrator.store import Store, bucketize
+    from orchestrator.store import Store
 
     store = Store()
     run = store.run(args.run)
@@ -194,9 +194,11 @@ def cmd_metrics(args, argv) -> int:
         raise UserError(f"metric {args.key} has no rank {args.rank} (ranks: {store.ranks(run['id'], args.key)})")
     if args.buckets is not None and args.buckets < 1:
         raise UserError(f"--buckets must be at least 1, got {args.buckets}")
-    points = store.series(run["id"], args.key, rank=args.rank)
     buckets = args.buckets if args.buckets is not None else (0 if args.json else 40)
-    points = bucketize(points, buckets)
+    if buckets:
+        points = store.buckets(run["id"], args.key, buckets, rank=args.rank)
+    else:
+        points = store.series(run["id"], args.key, rank=args.rank)
     if args.json:
         out(json.dumps({"run": run["id"], "key": args.key, "rank": args.rank, "points": points}))
         return 0

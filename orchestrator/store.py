@@ -2,8 +2,8 @@
 while a run writes.
 
 runs:    one row per run (id, name, status, config, timestamps, git commit, host, command line)
-metrics: one row per (run, key, step, rank, attempt); rank -1 is never used: run-level values
-         are logged by rank 0.
+series:  metric points per (run, key, rank, attempt), stored in columnar chunks (orchestrator/series.py).
+         Run-level values (eval/loss, data/batch_fingerprint) are logged by rank 0.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from orchestrator.errors import UserError
+from orchestrator.series import Points, SeriesStore, bucket_edges, bucket_points, downsample, to_rows
 
 STATUSES = ("running", "completed", "failed", "interrupted")
 
@@ -36,16 +39,6 @@ CREATE TABLE IF NOT EXISTS runs (
     error TEXT,
     summary TEXT
 );
-CREATE TABLE IF NOT EXISTS metrics (
-    run_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    step INTEGER NOT NULL,
-    rank INTEGER NOT NULL,
-    value REAL NOT NULL,
-    time REAL NOT NULL,
-    attempt INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS metrics_by_key ON metrics (run_id, key, step);
 """
 
 
@@ -62,6 +55,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self.points = SeriesStore(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -113,62 +107,78 @@ class Store:
     # --- metrics ------------------------------------------------------------------------
 
     def log_metrics(self, run_id: str, points: list[tuple[str, int, int, float, float]], attempt: int = 0) -> None:
-        """points: (key, step, rank, value, time)."""
-        self.db.execute("BEGIN")
-        self.db.executemany(
-            "INSERT INTO metrics (run_id, key, step, rank, value, time, attempt) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(run_id, k, s, r, v, t, attempt) for k, s, r, v, t in points],
-        )
-        self.db.execute("COMMIT")
+        """Row-shaped points (key, step, rank, value, time); the metrics actor sends columns instead."""
+        grouped: dict[int, dict[str, tuple[list, list]]] = {}
+        for key, step, rank, value, _ in points:
+            steps, vals = grouped.setdefault(rank, {}).setdefault(key, ([], []))
+            steps.append(step)
+            vals.append(value)
+        for rank, data in grouped.items():
+            self.points.append(run_id, rank, attempt, {k: (np.array(s), np.array(v)) for k, (s, v) in data.items()})
 
     def metric_keys(self, run_id: str) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT DISTINCT key FROM metrics WHERE run_id = ? ORDER BY key", (run_id,))]
+        return self.points.keys(run_id)
 
     def ranks(self, run_id: str, key: str) -> list[int]:
-        sql = "SELECT DISTINCT rank FROM metrics WHERE run_id = ? AND key = ? ORDER BY rank"
-        return [r[0] for r in self.db.execute(sql, (run_id, key))]
+        return sorted({rank for _, rank, _, _ in self.points.find(run_id, key)})
+
+    def rank_points(self, run_id: str, key: str, rank: int) -> Points:
+        """One rank's points; where attempts overlap (steps replayed after a restore) the latest wins."""
+        found = [(sid, attempt) for sid, r, attempt, _ in self.points.find(run_id, key) if r == rank]
+        parts = [self.points.read(sid) for sid, _ in sorted(found, key=lambda x: x[1])]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return Points(np.empty(0, np.int64), np.empty(0, np.float64))
+        steps = np.concatenate([p.steps for p in parts])
+        vals = np.concatenate([p.values for p in parts])
+        order = np.argsort(steps, kind="stable")
+        steps, vals = steps[order], vals[order]
+        last = np.append(steps[1:] != steps[:-1], True)
+        return Points(steps[last], vals[last])
 
     def series(self, run_id: str, key: str, *, rank: int | None = None) -> list[dict[str, Any]]:
-        """One point per step: the mean over ranks with min/max, or one rank's values."""
+        """Full resolution, one point per step: one rank's values, or the mean over ranks with min/max."""
         if rank is not None:
-            sql = "SELECT step, value FROM metrics WHERE run_id = ? AND key = ? AND rank = ? ORDER BY step"
-            return [{"step": s, "value": v} for s, v in self.db.execute(sql, (run_id, key, rank))]
-        sql = (
-            "SELECT step, AVG(value), MIN(value), MAX(value), COUNT(*) FROM metrics"
-            " WHERE run_id = ? AND key = ? GROUP BY step ORDER BY step"
-        )
+            p = self.rank_points(run_id, key, rank)
+            return [{"step": int(s), "value": float(v)} for s, v in zip(p.steps, p.values, strict=True)]
+        steps, mean, lo, hi, n = self._over_ranks(run_id, key)
         return [
-            {"step": s, "value": avg, "min": lo, "max": hi, "ranks": n}
-            for s, avg, lo, hi, n in self.db.execute(sql, (run_id, key))
+            {"step": int(s), "value": float(m), "min": float(a), "max": float(b), "ranks": int(c)}
+            for s, m, a, b, c in zip(steps, mean, lo, hi, n, strict=True)
         ]
 
+    def _over_ranks(self, run_id: str, key: str):
+        parts = [self.rank_points(run_id, key, r) for r in self.ranks(run_id, key)]
+        if not parts:
+            e = np.empty(0)
+            return e.astype(np.int64), e, e, e, e
+        steps = np.concatenate([p.steps for p in parts])
+        vals = np.concatenate([p.values for p in parts])
+        uniq, inv = np.unique(steps, return_inverse=True)
+        n = np.bincount(inv, minlength=len(uniq))
+        mean = np.bincount(inv, weights=vals, minlength=len(uniq)) / n
+        lo, hi = np.full(len(uniq), np.inf), np.full(len(uniq), -np.inf)
+        np.fmin.at(lo, inv, vals)
+        np.fmax.at(hi, inv, vals)
+        return uniq, mean, lo, hi, n
 
-def bucketize(points: list[dict[str, Any]], buckets: int) -> list[dict[str, Any]]:
-    """Downsample to at most `buckets` points without hiding spikes: each bucket keeps its first
-    and last value and the min and max of everything in it."""
-    if buckets <= 0 or len(points) <= buckets:
-        return points
-    out = []
-    lo_step, hi_step = points[0]["step"], points[-1]["step"]
-    width = (hi_step - lo_step + 1) / buckets
-    current: list[dict[str, Any]] = []
-    current_b = None
-    for p in points + [None]:
-        b = None if p is None else min(int((p["step"] - lo_step) / width), buckets - 1)
-        if current and b != current_b:
-            vals = [q["value"] for q in current]
-            out.append({
-                "step": current[0]["step"],
-                "last_step": current[-1]["step"],
-                "value": sum(vals) / len(vals),
-                "min": min(q.get("min", q["value"]) for q in current),
-                "max": max(q.get("max", q["value"]) for q in current),
-                "first": vals[0],
-                "last": vals[-1],
-                "count": len(current),
-            })
-            current = []
-        if p is not None:
-            current.append(p)
-            current_b = b
-    return out
+    def buckets(self, run_id: str, key: str, buckets: int, *, rank: int | None = None) -> list[dict[str, Any]]:
+        """At most `buckets` points, each keeping its bucket's first/last/min/max so spikes stay visible."""
+        found = self.points.find(run_id, key)
+        if rank is not None:
+            found = [f for f in found if f[1] == rank]
+            if len(found) == 1:  # the fast path: summaries of sealed chunks
+                sid, _, _, n = found[0]
+                return downsample(self.points, sid, n, buckets)
+            p = self.rank_points(run_id, key, rank)
+            steps, mean, lo, hi = p.steps, p.values, p.values, p.values
+        else:
+            steps, mean, lo, hi, _ = self._over_ranks(run_id, key)
+        if len(steps) == 0:
+            return []
+        edges = bucket_edges(int(steps[0]), int(steps[-1]), buckets)
+        agg = bucket_points(Points(steps, mean), edges)
+        exact = bucket_points(Points(steps, lo), edges), bucket_points(Points(steps, hi), edges)
+        agg["min"], agg["max"] = exact[0]["min"], exact[1]["max"]
+        return to_rows(agg)

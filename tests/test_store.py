@@ -1,14 +1,16 @@
-"""Tracking store: runs, metric points, spike-preserving buckets, reads while writing. No Ray."""
+"""Tracking store: runs, columnar metric series, spike-preserving buckets, reads while writing. No Ray."""
 
 from __future__ import annotations
 
 import math
 import threading
 
+import numpy as np
 import pytest
 
+from orchestrator import series
 from orchestrator.errors import UserError
-from orchestrator.store import Store, bucketize
+from orchestrator.store import Store
 
 
 @pytest.fixture
@@ -49,21 +51,64 @@ def test_series_mean_min_max_over_ranks_and_per_rank(store):
     assert store.metric_keys("r1") == ["train/loss"] and store.ranks("r1", "train/loss") == [0, 1]
 
 
-def test_buckets_keep_a_single_step_spike():
-    points = [{"step": s, "value": 1.0} for s in range(10_000)]
-    points[7_777]["value"] = 1000.0
-    out = bucketize(points, 50)
+def test_latest_attempt_wins_where_steps_were_replayed(store):
+    make_run(store)
+    store.log_metrics("r1", [("k", s, 0, 1.0, 0.0) for s in range(10)], attempt=0)
+    store.log_metrics("r1", [("k", s, 0, 2.0, 0.0) for s in range(6, 12)], attempt=1)  # resumed at step 6
+    pts = store.series("r1", "k", rank=0)
+    assert [p["step"] for p in pts] == list(range(12))
+    assert [p["value"] for p in pts] == [1.0] * 6 + [2.0] * 6
+
+
+def test_buckets_keep_a_single_step_spike(store):
+    make_run(store)
+    vals = np.ones(10_000)
+    vals[7_777] = 1000.0
+    store.points.append("r1", 0, 0, {"k": (np.arange(10_000), vals)})
+    out = store.buckets("r1", "k", 50, rank=0)
     assert len(out) == 50
-    assert max(p["max"] for p in out) == 1000.0
     spike = [p for p in out if p["max"] == 1000.0]
     assert len(spike) == 1 and spike[0]["step"] <= 7_777 <= spike[0]["last_step"]
     assert sum(p["count"] for p in out) == 10_000
     assert out[0]["first"] == 1.0 and out[-1]["last"] == 1.0
+    agg = store.buckets("r1", "k", 50)  # over ranks: same spike
+    assert max(p["max"] for p in agg) == 1000.0 and len(agg) == 50
 
 
-def test_buckets_no_op_when_small():
-    points = [{"step": s, "value": float(s)} for s in range(5)]
-    assert bucketize(points, 10) == points and bucketize(points, 0) == points
+def test_long_series_is_sealed_and_read_from_summaries(store):
+    """Past the raw-read limit, buckets come from block summaries of sealed chunks; spikes, NaNs
+    and the tail (not yet sealed) all stay visible."""
+    make_run(store)
+    n = series.RAW_READ_LIMIT + 3 * series.CHUNK + 123
+    steps = np.arange(n)
+    vals = np.sin(steps / 1000.0)
+    vals[123_456] = 50.0
+    vals[n - 5] = -50.0  # lands in the unsealed tail
+    vals[200_000] = np.nan
+    for lo in range(0, n, 50_000):  # several batches, like a live run
+        store.points.append("r1", 0, 0, {"k": (steps[lo : lo + 50_000], vals[lo : lo + 50_000])})
+    (sid, _, _, count), = store.points.find("r1", "k")
+    assert count == n
+    sealed = store.db.execute("SELECT COUNT(*) FROM chunks WHERE series_id = ? AND sealed = 1", (sid,)).fetchone()[0]
+    assert sealed == n // series.CHUNK
+    out = store.buckets("r1", "k", 1000, rank=0)
+    assert len(out) <= 1000 and sum(p["count"] for p in out) == n
+    assert max(p["max"] for p in out) == 50.0 and min(p["min"] for p in out) == -50.0
+    hit = [p for p in out if p["max"] == 50.0][0]
+    assert hit["step"] <= 123_456 <= hit["last_step"]
+    full = store.series("r1", "k", rank=0)  # full resolution on request
+    assert len(full) == n and full[123_456]["value"] == 50.0
+
+
+def test_summaries_match_raw_bucketing_when_aligned():
+    steps = np.arange(4 * series.BLOCK * 10)
+    vals = np.random.default_rng(0).normal(size=len(steps))
+    edges = series.bucket_edges(0, len(steps) - 1, 10)  # edges fall on block boundaries
+    a = series.bucket_points(series.Points(steps, vals), edges)
+    b = series.bucket_summaries(series.summarize(steps, vals), edges)
+    for k in ("min", "max", "first", "last", "count", "step", "last_step"):
+        assert np.array_equal(a[k], b[k]), k
+    assert np.allclose(a["sum"], b["sum"])
 
 
 def test_reader_sees_rows_while_another_connection_writes(tmp_path):
@@ -81,11 +126,11 @@ def test_reader_sees_rows_while_another_connection_writes(tmp_path):
     reader = Store(tmp_path)
     seen = []
     for _ in range(10_000):  # bounded
-        seen.append(len(reader.series("r1", "k")))
+        seen.append(len(reader.series("r1", "k", rank=0)) if reader.metric_keys("r1") else 0)
         if stop.is_set():
             break
     t.join(timeout=60)
-    assert len(reader.series("r1", "k")) == 200
+    assert len(reader.series("r1", "k", rank=0)) == 200
     assert seen == sorted(seen)  # monotone: a reader never sees a partial, shrinking state
     reader.close()
     writer.close()

@@ -1,0 +1,315 @@
+"""Columnar metric storage inside the store's SQLite file.
+
+One series per (run, key, rank, attempt). New points land as small "tail" rows (one per batch);
+once a series has CHUNK tail points they are merged into sealed chunks of CHUNK points, each
+carrying a summary of every BLOCK points (first/last step, first/last/min/max value, sum, count).
+A downsampled read of a long series then touches only the summaries, never the raw points, so
+every spike survives and a 10M-point series reads in milliseconds.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+import numpy as np
+
+CHUNK = 8192
+BLOCK = 64
+RAW_READ_LIMIT = 262_144  # below this many points, bucket the raw points exactly
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    tail_n INTEGER NOT NULL DEFAULT 0,
+    n INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (run_id, key, rank, attempt)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    series_id INTEGER NOT NULL,
+    sealed INTEGER NOT NULL,
+    step_lo INTEGER NOT NULL,
+    step_hi INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    steps BLOB NOT NULL,
+    vals BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_by_series ON chunks (series_id, sealed, step_lo);
+-- apart from the chunks: reading a summary must not walk the overflow pages of the raw points
+CREATE TABLE IF NOT EXISTS summaries (
+    series_id INTEGER NOT NULL,
+    step_lo INTEGER NOT NULL,
+    summary BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS summaries_by_series ON summaries (series_id, step_lo);
+"""
+
+# summary columns, one row per BLOCK points
+S_FIRST_STEP, S_LAST_STEP, S_FIRST, S_LAST, S_MIN, S_MAX, S_SUM, S_COUNT = range(8)
+
+
+@dataclass(frozen=True)
+class Points:
+    steps: np.ndarray  # int64, ascending
+    values: np.ndarray  # float64
+
+
+def summarize(steps: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """(ceil(n / BLOCK), 8) float64 summary of consecutive BLOCK-point blocks."""
+    starts = np.arange(0, len(vals), BLOCK)
+    ends = np.minimum(starts + BLOCK, len(vals)) - 1
+    out = np.empty((len(starts), 8), dtype=np.float64)
+    out[:, S_FIRST_STEP] = steps[starts]
+    out[:, S_LAST_STEP] = steps[ends]
+    out[:, S_FIRST] = vals[starts]
+    out[:, S_LAST] = vals[ends]
+    out[:, S_MIN] = np.fmin.reduceat(vals, starts)  # fmin: a NaN does not hide the real minimum
+    out[:, S_MAX] = np.fmax.reduceat(vals, starts)
+    finite = np.where(np.isfinite(vals), vals, 0.0)
+    out[:, S_SUM] = np.add.reduceat(finite, starts)
+    out[:, S_COUNT] = ends - starts + 1
+    return out
+
+
+class SeriesStore:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        db.executescript(SCHEMA)
+        self._ids: dict[tuple, int] = {}
+
+    def series_id(self, run_id: str, key: str, rank: int, attempt: int) -> int:
+        k = (run_id, key, rank, attempt)
+        sid = self._ids.get(k)
+        if sid is None:
+            self.db.execute("INSERT OR IGNORE INTO series (run_id, key, rank, attempt) VALUES (?, ?, ?, ?)", k)
+            sid = self.db.execute(
+                "SELECT id FROM series WHERE run_id = ? AND key = ? AND rank = ? AND attempt = ?", k
+            ).fetchone()[0]
+            self._ids[k] = sid
+        return sid
+
+    def append(self, run_id: str, rank: int, attempt: int, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
+        """Add points for many keys of one rank in one transaction. Returns the number stored."""
+        total = 0
+        full = []
+        self.db.execute("BEGIN")
+        try:
+            for key, (steps, vals) in data.items():
+                steps = np.ascontiguousarray(steps, dtype="<i8")
+                vals = np.ascontiguousarray(vals, dtype="<f8")
+                if len(steps) == 0:
+                    continue
+                sid = self.series_id(run_id, key, rank, attempt)
+                self.db.execute(
+                    "INSERT INTO chunks (series_id, sealed, step_lo, step_hi, n, steps, vals) VALUES (?, 0, ?, ?, ?, ?, ?)",
+                    (sid, int(steps.min()), int(steps.max()), len(steps), steps.tobytes(), vals.tobytes()),
+                )
+                tail = self.db.execute(
+                    "UPDATE series SET tail_n = tail_n + ?, n = n + ? WHERE id = ? RETURNING tail_n",
+                    (len(steps), len(steps), sid),
+                ).fetchone()[0]
+                if tail >= CHUNK:
+                    full.append(sid)
+                total += len(steps)
+            for sid in full:
+                self._seal(sid)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._ids.clear()
+            raise
+        return total
+
+    def _seal(self, sid: int) -> None:
+        """Merge a series' tail rows into sealed CHUNK-point chunks; a remainder stays as one tail row."""
+        rows = self.db.execute(
+            "SELECT rowid, steps, vals FROM chunks WHERE series_id = ? AND sealed = 0 ORDER BY rowid", (sid,)
+        ).fetchall()
+        steps = np.concatenate([np.frombuffer(r[1], dtype="<i8") for r in rows])
+        vals = np.concatenate([np.frombuffer(r[2], dtype="<f8") for r in rows])
+        order = np.argsort(steps, kind="stable")
+        steps, vals = steps[order], vals[order]
+        self.db.execute(
+            f"DELETE FROM chunks WHERE rowid IN ({','.join('?' * len(rows))})", [r[0] for r in rows]
+        )
+        cut = len(steps) // CHUNK * CHUNK
+        for lo in range(0, cut, CHUNK):
+            s, v = steps[lo : lo + CHUNK], vals[lo : lo + CHUNK]
+            self.db.execute(
+                "INSERT INTO chunks (series_id, sealed, step_lo, step_hi, n, steps, vals) VALUES (?, 1, ?, ?, ?, ?, ?)",
+                (sid, int(s[0]), int(s[-1]), len(s), s.tobytes(), v.tobytes()),
+            )
+            self.db.execute(
+                "INSERT INTO summaries (series_id, step_lo, summary) VALUES (?, ?, ?)",
+                (sid, int(s[0]), summarize(s, v).tobytes()),
+            )
+        rest_s, rest_v = steps[cut:], vals[cut:]
+        if len(rest_s):
+            self.db.execute(
+                "INSERT INTO chunks (series_id, sealed, step_lo, step_hi, n, steps, vals) VALUES (?, 0, ?, ?, ?, ?, ?)",
+                (sid, int(rest_s[0]), int(rest_s[-1]), len(rest_s), rest_s.tobytes(), rest_v.tobytes()),
+            )
+        self.db.execute("UPDATE series SET tail_n = ? WHERE id = ?", (len(rest_s), sid))
+
+    # --- reading ------------------------------------------------------------------------
+
+    def find(self, run_id: str, key: str) -> list[tuple[int, int, int, int]]:
+        """(series id, rank, attempt, n) for every series of a key."""
+        sql = "SELECT id, rank, attempt, n FROM series WHERE run_id = ? AND key = ? ORDER BY rank, attempt"
+        return self.db.execute(sql, (run_id, key)).fetchall()
+
+    def keys(self, run_id: str) -> list[str]:
+        sql = "SELECT DISTINCT key FROM series WHERE run_id = ? ORDER BY key"
+        return [r[0] for r in self.db.execute(sql, (run_id,))]
+
+    def read(self, sid: int, lo: int | None = None, hi: int | None = None) -> Points:
+        """Every point of a series (optionally steps lo..hi inclusive), sorted by step; when a step
+        was logged twice, the later write wins."""
+        lo = -(2**62) if lo is None else lo
+        hi = 2**62 if hi is None else hi
+        rows = self.db.execute(
+            "SELECT steps, vals FROM chunks WHERE series_id = ? AND step_hi >= ? AND step_lo <= ? ORDER BY sealed DESC, rowid",
+            (sid, lo, hi),
+        ).fetchall()
+        if not rows:
+            return Points(np.empty(0, np.int64), np.empty(0, np.float64))
+        steps = np.concatenate([np.frombuffer(r[0], dtype="<i8") for r in rows])
+        vals = np.concatenate([np.frombuffer(r[1], dtype="<f8") for r in rows])
+        keep = (steps >= lo) & (steps <= hi)
+        steps, vals = steps[keep], vals[keep]
+        order = np.argsort(steps, kind="stable")
+        steps, vals = steps[order], vals[order]
+        last = np.ones(len(steps), dtype=bool)
+        last[:-1] = steps[1:] != steps[:-1]  # keep the last write of a repeated step
+        return Points(steps[last], vals[last])
+
+    def block_summaries(self, sid: int) -> tuple[np.ndarray, Points]:
+        """Summaries of the sealed chunks, plus the raw tail points (not yet summarised)."""
+        rows = self.db.execute(
+            "SELECT summary FROM summaries WHERE series_id = ? ORDER BY step_lo", (sid,)
+        ).fetchall()
+        summ = (
+            np.concatenate([np.frombuffer(r[0], dtype="<f8").reshape(-1, 8) for r in rows])
+            if rows else np.empty((0, 8))
+        )
+        tail_rows = self.db.execute(
+            "SELECT steps, vals FROM chunks WHERE series_id = ? AND sealed = 0 ORDER BY rowid", (sid,)
+        ).fetchall()
+        if tail_rows:
+            ts = np.concatenate([np.frombuffer(r[0], dtype="<i8") for r in tail_rows])
+            tv = np.concatenate([np.frombuffer(r[1], dtype="<f8") for r in tail_rows])
+            order = np.argsort(ts, kind="stable")
+            tail = Points(ts[order], tv[order])
+        else:
+            tail = Points(np.empty(0, np.int64), np.empty(0, np.float64))
+        return summ, tail
+
+
+def bucket_edges(lo: int, hi: int, buckets: int) -> np.ndarray:
+    """buckets + 1 integer step edges covering lo..hi; bucket i is [edges[i], edges[i+1])."""
+    span = hi - lo + 1
+    buckets = max(1, min(buckets, span))
+    return lo + (np.arange(buckets + 1, dtype=np.int64) * span) // buckets
+
+
+def bucket_points(p: Points, edges: np.ndarray) -> dict[str, np.ndarray]:
+    """Exact per-bucket first/last/min/max/sum/count of raw points."""
+    return _reduce(np.searchsorted(edges, p.steps, side="right") - 1, len(edges) - 1,
+                   p.steps, p.steps, p.values, p.values, p.values, p.values,
+                   np.where(np.isfinite(p.values), p.values, 0.0), np.ones(len(p.steps)))
+
+
+def bucket_summaries(summ: np.ndarray, edges: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-bucket aggregates from block summaries; a block belongs to the bucket of its first step."""
+    idx = np.searchsorted(edges, summ[:, S_FIRST_STEP].astype(np.int64), side="right") - 1
+    return _reduce(idx, len(edges) - 1, summ[:, S_FIRST_STEP].astype(np.int64), summ[:, S_LAST_STEP].astype(np.int64),
+                   summ[:, S_FIRST], summ[:, S_LAST], summ[:, S_MIN], summ[:, S_MAX], summ[:, S_SUM], summ[:, S_COUNT])
+
+
+def _reduce(idx, nb, first_step, last_step, first, last, mn, mx, sm, cnt) -> dict[str, np.ndarray]:
+    idx = np.clip(idx, 0, nb - 1)
+    if len(idx) > 1 and np.any(idx[1:] < idx[:-1]):  # out-of-order input: group by bucket, keep order inside
+        order = np.argsort(idx, kind="stable")
+        idx, first_step, last_step, first, last, mn, mx, sm, cnt = (
+            a[order] for a in (idx, first_step, last_step, first, last, mn, mx, sm, cnt)
+        )
+    out = {
+        "count": np.zeros(nb),
+        "sum": np.zeros(nb),
+        "min": np.full(nb, np.inf),
+        "max": np.full(nb, -np.inf),
+        "step": np.full(nb, np.iinfo(np.int64).max),
+        "last_step": np.full(nb, np.iinfo(np.int64).min),
+        "first": np.full(nb, np.nan),
+        "last": np.full(nb, np.nan),
+    }
+    if len(idx) == 0:
+        return out
+    # idx is sorted, so each bucket is one contiguous run: reduceat per run, no per-element scatter
+    starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+    ends = np.r_[starts[1:], len(idx)] - 1
+    present = idx[starts]
+    out["count"][present] = np.add.reduceat(cnt, starts)
+    out["sum"][present] = np.add.reduceat(sm, starts)
+    out["min"][present] = np.fmin.reduceat(mn, starts)
+    out["max"][present] = np.fmax.reduceat(mx, starts)
+    out["step"][present] = first_step[starts]
+    out["last_step"][present] = last_step[ends]
+    out["first"][present] = first[starts]
+    out["last"][present] = last[ends]
+    return out
+
+
+def merge_buckets(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Combine per-bucket aggregates of consecutive pieces (e.g. sealed summaries + tail)."""
+    out = {k: v.copy() for k, v in parts[0].items()}
+    for p in parts[1:]:
+        out["count"] += p["count"]
+        out["sum"] += p["sum"]
+        out["min"] = np.fmin(out["min"], p["min"])
+        out["max"] = np.fmax(out["max"], p["max"])
+        out["step"] = np.minimum(out["step"], p["step"])
+        out["last_step"] = np.maximum(out["last_step"], p["last_step"])
+        take_first = np.isnan(out["first"])
+        out["first"] = np.where(take_first, p["first"], out["first"])
+        out["last"] = np.where(np.isnan(p["last"]), out["last"], p["last"])
+    return out
+
+
+def downsample(store: SeriesStore, sid: int, n_points: int, buckets: int) -> list[dict]:
+    """At most `buckets` points for one series, each with first/last/min/max and the mean."""
+    if n_points <= RAW_READ_LIMIT:
+        p = store.read(sid)
+        if len(p.steps) == 0:
+            return []
+        agg = bucket_points(p, bucket_edges(int(p.steps[0]), int(p.steps[-1]), buckets))
+    else:
+        summ, tail = store.block_summaries(sid)
+        lo = int(min(summ[0, S_FIRST_STEP], tail.steps[0] if len(tail.steps) else np.inf))
+        hi = int(max(summ[-1, S_LAST_STEP], tail.steps[-1] if len(tail.steps) else -np.inf))
+        edges = bucket_edges(lo, hi, buckets)
+        parts = [bucket_summaries(summ, edges)]
+        if len(tail.steps):
+            parts.append(bucket_points(tail, edges))
+        agg = merge_buckets(parts)
+    return to_rows(agg)
+
+
+def to_rows(agg: dict[str, np.ndarray]) -> list[dict]:
+    rows = []
+    for i in np.flatnonzero(agg["count"] > 0):
+        rows.append({
+            "step": int(agg["step"][i]),
+            "last_step": int(agg["last_step"][i]),
+            "value": float(agg["sum"][i] / agg["count"][i]),
+            "min": float(agg["min"][i]),
+            "max": float(agg["max"][i]),
+            "first": float(agg["first"][i]),
+            "last": float(agg["last"][i]),
+            "count": int(agg["count"][i]),
+        })
+    return rows
