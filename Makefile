@@ -6,7 +6,7 @@ ORCH := $(VENV)/bin/orchestrator
 STAMP := $(VENV)/.installed
 DEMO_DATA := .orchestrator/data/stdlib
 
-.PHONY: install demo test bench lint clean
+.PHONY: install sysdeps demo test bench lint clean
 
 install: $(STAMP)
 
@@ -24,7 +24,13 @@ $(DEMO_DATA)/index.json: | $(STAMP)
 demo: $(STAMP) $(DEMO_DATA)/index.json
 	$(ORCH) launch configs/demo.yaml
 
-test: $(STAMP)
+# Debian packages the tests start for real: prometheus (scrapes our endpoint).
+sysdeps:
+	@command -v prometheus >/dev/null 2>&1 || test -x /usr/bin/prometheus || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -9,16 +9,23 @@ import statistics
 
 import numpy as np
 
+from actors.prometheus_export import Exporter
 from orchestrator.store import Store
 
 
 class MetricsActor:
-    def __init__(self, run_id: str, store_root: str, attempt: int = 0):
+    def __init__(self, run_id: str, store_root: str, attempt: int = 0, *,
+                 prometheus_host: str | None = None, prometheus_port: int | None = None):
         self.run_id = run_id
         self.attempt = attempt
         self.store = Store(store_root)
         self.latest: dict[int, dict[str, tuple[int, float]]] = {}
         self.step_times: list[float] = []
+        self.exporter = Exporter(run_id, host=prometheus_host, port=prometheus_port)
+
+    def prometheus_address(self) -> str | None:
+        """host:port of the /metrics endpoint, or None when disabled."""
+        return self.exporter.address
 
     def log(self, rank: int, points: list[tuple[str, int, float, float]]) -> int:
         """points: (key, step, value, time) from one rank. Returns how many were stored."""
@@ -35,6 +42,12 @@ class MetricsActor:
             latest[key] = (step, value)
             if key == "train/step_time_s" and rank == 0:
                 self.step_times = (self.step_times + [value])[-50:]
+        p = self.progress()
+        self.exporter.update(
+            p.get("step", -1),
+            {k: v for k, v in p.items() if "/" in k},
+            {r: {k: v for k, (_, v) in vals.items()} for r, vals in self.latest.items()},
+        )
         return len(points)
 
     def progress(self) -> dict:
@@ -51,4 +64,5 @@ class MetricsActor:
         return out
 
     def close(self) -> None:
+        self.exporter.close()
         self.store.close()

@@ -16,9 +16,10 @@ pytestmark = pytest.mark.ray
 
 
 def test_launch_trains_and_tracks_both_ranks(tmp_path, home, tiny_data, ray_address):
-    cfg = tiny_config(tmp_path, tiny_data)
+    cfg = tiny_config(tmp_path, tiny_data, telemetry={"prometheus_port": 0})
     proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Prometheus metrics: http://127.0.0.1:" in proc.stdout
     assert "rendezvous done: 2 ranks" in proc.stdout and "backend gloo" in proc.stdout
     assert "orchestrator metrics" in proc.stdout  # tells the user where to look
 
