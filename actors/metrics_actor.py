@@ -28,27 +28,37 @@ class MetricsActor:
         return self.exporter.address
 
     def log(self, rank: int, points: list[tuple[str, int, float, float]]) -> int:
-        """points: (key, step, value, time) from one rank. Returns how many were stored."""
+        """Row-shaped points (key, step, value, time) from one rank. Returns how many were stored."""
         columns: dict[str, tuple[list[int], list[float]]] = {}
         for key, step, value, _ in points:
             steps, values = columns.setdefault(key, ([], []))
             steps.append(step)
             values.append(value)
-        self.store.points.append(
-            self.run_id, rank, self.attempt, {k: (np.array(s), np.array(v)) for k, (s, v) in columns.items()}
-        )
+        return self.log_columns(rank, None, {k: (np.array(s), np.array(v)) for k, (s, v) in columns.items()})
+
+    def log_columns(self, rank: int, seq: int | None, columns: dict, dropped: int = 0) -> int:
+        """One batch from a rank's MetricSender: {key: (steps, values)}. Applied once per seq."""
+        if dropped:
+            step = max((int(s[-1]) for s, _ in columns.values() if len(s)), default=0)
+            columns = {**columns, "telemetry/dropped_points": (np.array([step]), np.array([float(dropped)]))}
+        stored = self.store.points.append(self.run_id, rank, self.attempt, columns, seq=seq)
+        if stored:
+            self._remember(rank, columns)
+        return stored
+
+    def _remember(self, rank: int, columns: dict) -> None:
         latest = self.latest.setdefault(rank, {})
-        for key, step, value, _ in points:
-            latest[key] = (step, value)
-            if key == "train/step_time_s" and rank == 0:
-                self.step_times = (self.step_times + [value])[-50:]
+        for key, (steps, values) in columns.items():
+            if len(steps):
+                latest[key] = (int(steps[-1]), float(values[-1]))
+        if rank == 0 and "train/step_time_s" in columns:
+            self.step_times = (self.step_times + [float(v) for v in columns["train/step_time_s"][1]])[-50:]
         p = self.progress()
         self.exporter.update(
             p.get("step", -1),
             {k: v for k, v in p.items() if "/" in k},
             {r: {k: v for k, (_, v) in vals.items()} for r, vals in self.latest.items()},
         )
-        return len(points)
 
     def progress(self) -> dict:
         """The slowest rank's step and the mean of the ranks' latest values."""

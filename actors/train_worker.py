@@ -4,52 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from datetime import timedelta
 
+from actors.metric_sender import MetricSender
 from orchestrator.config import Backend, config_from_dict
 
 
-class MetricSender:
-    """Buffers a rank's metrics and ships them to the metrics actor in batches."""
-
-    def __init__(self, metrics_actor, rank: int, flush_every_s: float):
-        self.actor = metrics_actor
-        self.rank = rank
-        self.flush_every_s = flush_every_s
-        self.buffer: list[tuple[str, int, float, float]] = []
-        self.pending: list = []
-        self.last_flush = time.monotonic()
-
-    def __call__(self, step: int, metrics: dict[str, float]) -> None:
-        now = time.time()
-        self.buffer.extend((k, step, float(v), now) for k, v in metrics.items())
-        if time.monotonic() - self.last_flush >= self.flush_every_s:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.buffer:
-            self.pending.append(self.actor.log.remote(self.rank, self.buffer))
-            self.buffer = []
-        self.last_flush = time.monotonic()
-        if len(self.pending) > 8:  # bound what is in flight; surfaces store errors early
-            import ray
-
-            ray.get(self.pending[:-4])
-            self.pending = self.pending[-4:]
-
-    def close(self) -> None:
-        import ray
-
-        self.flush()
-        ray.get(self.pending)
-        self.pending = []
-
-
 class TrainWorker:
-    def __init__(self, config: dict, metrics_actor):
+    def __init__(self, config: dict, metrics_actor, checkpoint_coordinator=None):
         self.cfg = config_from_dict(config)
         self.metrics_actor = metrics_actor
+        self.checkpoint_coordinator = checkpoint_coordinator
         self.rank = -1
         self.device = None
 
@@ -112,10 +77,16 @@ class TrainWorker:
 
         from orchestrator.training import WorkerContext, train
 
-        sender = MetricSender(self.metrics_actor, self.rank, self.cfg.telemetry.flush_every_s)
+        sender = MetricSender(self.metrics_actor, self.rank, flush_every_s=self.cfg.telemetry.flush_every_s)
         ctx = WorkerContext(rank=self.rank, world_size=int(os.environ["WORLD_SIZE"]), device=self.device)
+        checkpointer = None
+        if self.checkpoint_coordinator is not None:
+            from checkpointing.worker import make_checkpointer
+
+            checkpointer = make_checkpointer(self.cfg, rank=self.rank, world_size=ctx.world_size,
+                                             coordinator=self.checkpoint_coordinator)
         try:
-            summary = train(self.cfg, ctx, sender)
+            summary = train(self.cfg, ctx, sender, checkpointer=checkpointer)
         finally:
             sender.close()
         if dist.is_initialized():

@@ -46,6 +46,14 @@ CREATE TABLE IF NOT EXISTS summaries (
     summary BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS summaries_by_series ON summaries (series_id, step_lo);
+-- the last batch applied per sender: a re-sent batch is recognised and skipped
+CREATE TABLE IF NOT EXISTS ingest (
+    run_id TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    PRIMARY KEY (run_id, rank, attempt)
+);
 """
 
 # summary columns, one row per BLOCK points
@@ -92,12 +100,26 @@ class SeriesStore:
             self._ids[k] = sid
         return sid
 
-    def append(self, run_id: str, rank: int, attempt: int, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
-        """Add points for many keys of one rank in one transaction. Returns the number stored."""
+    def append(self, run_id: str, rank: int, attempt: int, data: dict[str, tuple[np.ndarray, np.ndarray]],
+               *, seq: int | None = None) -> int:
+        """Add points for many keys of one rank in one transaction. Returns the number stored.
+        With `seq` (the sender's batch number), a batch already applied is skipped: 0 is returned."""
         total = 0
         full = []
         self.db.execute("BEGIN")
         try:
+            if seq is not None:
+                row = self.db.execute(
+                    "SELECT last_seq FROM ingest WHERE run_id = ? AND rank = ? AND attempt = ?", (run_id, rank, attempt)
+                ).fetchone()
+                if row is not None and seq <= row[0]:
+                    self.db.execute("COMMIT")
+                    return 0
+                self.db.execute(
+                    "INSERT INTO ingest (run_id, rank, attempt, last_seq) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (run_id, rank, attempt) DO UPDATE SET last_seq = excluded.last_seq",
+                    (run_id, rank, attempt, seq),
+                )
             for key, (steps, vals) in data.items():
                 steps = np.ascontiguousarray(steps, dtype="<i8")
                 vals = np.ascontiguousarray(vals, dtype="<f8")

@@ -1,0 +1,117 @@
+"""A rank's side of metrics: buffer on the training thread, ship from a background thread.
+
+`log` only appends to per-key lists, so thousands of keys per step cost the training thread
+microseconds. A flusher thread turns the buffers into numpy columns and sends them to the metrics
+actor with a per-rank sequence number; the actor applies each sequence number once, so a batch
+re-sent after a timeout or an actor restart never shows up twice. While the actor is unreachable,
+batches wait in a bounded queue; past the bound the oldest are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import numpy as np
+
+Columns = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+class MetricSender:
+    def __init__(self, metrics_actor, rank: int, *, flush_every_s: float = 1.0, max_pending_points: int = 5_000_000,
+                 send_timeout_s: float = 30.0, background: bool = True):
+        self.actor = metrics_actor
+        self.rank = rank
+        self.flush_every_s = flush_every_s
+        self.max_pending_points = max_pending_points
+        self.send_timeout_s = send_timeout_s
+        self.lock = threading.Lock()  # guards the buffer against the training thread
+        self.send_lock = threading.Lock()
+        self.buffer: dict[str, tuple[list[int], list[float]]] = {}
+        self.pending: collections.deque[tuple[int, Columns, int]] = collections.deque()  # (seq, columns, points)
+        self.pending_points = 0
+        self.seq = 0
+        self.sent_points = 0
+        self.dropped_points = 0
+        self.step = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metric-sender", daemon=True) if background else None
+        if self._thread:
+            self._thread.start()
+
+    # --- training thread ----------------------------------------------------------------
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.log(metrics, step=step)
+
+    def log(self, metrics: dict[str, float], *, step: int | None = None) -> None:
+        step = self.step if step is None else step
+        self.step = max(self.step, step)
+        with self.lock:
+            buf = self.buffer
+            for key, value in metrics.items():
+                col = buf.get(key)
+                if col is None:
+                    col = buf[key] = ([], [])
+                col[0].append(step)
+                col[1].append(float(value))
+
+    # --- background ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_every_s):
+            self.flush(wait=True)
+
+    def _take(self) -> None:
+        """Move the buffer into the pending queue as one numbered batch of numpy columns."""
+        with self.lock:
+            buf, self.buffer = self.buffer, {}
+        if not buf:
+            return
+        cols = {k: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64)) for k, (s, v) in buf.items()}
+        n = sum(len(s) for s, _ in cols.values())
+        self.seq += 1
+        self.pending.append((self.seq, cols, n))
+        self.pending_points += n
+        while self.pending_points > self.max_pending_points and len(self.pending) > 1:
+            _, _, dropped = self.pending.popleft()
+            self.pending_points -= dropped
+            self.dropped_points += dropped
+
+    def flush(self, *, wait: bool = True) -> bool:
+        """Send everything pending, oldest first. Returns False if the actor could not be reached
+        (the batches stay queued and are tried again on the next flush)."""
+        with self.send_lock:  # one sender at a time: the flusher thread, or an explicit flush/close
+            return self._send(wait)
+
+    def _send(self, wait: bool) -> bool:
+        import ray
+
+        self._take()
+        while self.pending:
+            seq, cols, n = self.pending[0]
+            ref = self.actor.log_columns.remote(self.rank, seq, cols, self.dropped_points)
+            if not wait:
+                return True
+            try:
+                ray.get(ref, timeout=self.send_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.RaySystemError):
+                return False
+            self.pending.popleft()
+            self.pending_points -= n
+            self.sent_points += n
+        return True
+
+    def close(self, *, attempts: int = 5, backoff_s: float = 1.0) -> None:
+        """Stop the flusher and deliver what is left, retrying a few times (bounded)."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=self.send_timeout_s + 5)
+        for i in range(attempts):
+            if self.flush(wait=True):
+                return
+            time.sleep(backoff_s * (2**i))
+        raise RuntimeError(
+            f"rank {self.rank}: could not deliver {self.pending_points} metric points to the metrics actor"
+        )
