@@ -7,6 +7,8 @@ import socket
 from datetime import timedelta
 
 from actors.metric_sender import MetricSender
+from actors.system_stats import SystemSampler
+from orchestrator import telemetry
 from orchestrator.config import Backend, config_from_dict
 
 
@@ -85,9 +87,13 @@ class TrainWorker:
 
             checkpointer = make_checkpointer(self.cfg, rank=self.rank, world_size=ctx.world_size,
                                              coordinator=self.checkpoint_coordinator)
+        telemetry.attach(sender)
+        sampler = SystemSampler(sender.log, self.cfg.telemetry.system_every_s).start()
         try:
             summary = train(self.cfg, ctx, sender, checkpointer=checkpointer)
         finally:
+            sampler.stop()
+            telemetry.attach(None)
             sender.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -87,6 +87,7 @@ class TrainConfig:
 class TelemetryConfig:
     flush_every_s: float = option(1.0, min=0.05, help="how often workers send metrics to the store")
     progress_every_s: float = option(5.0, min=0.1, help="how often the driver prints progress")
+    system_every_s: float = option(5.0, min=0, help="per-rank CPU/memory/disk/network/GPU sampling period; 0 disables")
     prometheus_port: int | None = option(
         None, min=0, max=65535, help="Prometheus /metrics endpoint: null = none, 0 = a free port, N = port N"
     )

@@ -141,9 +141,18 @@ def _run(cfg: Config, run_id: str, store: Store, h: RunHandles, out) -> dict:
     # STARTING: the metrics actor lives on the driver's node, next to the store file.
     here = ray.get_runtime_context().get_node_id()
     h.metrics = ray.remote(MetricsActor).options(
-        name=f"{cfg.run.name}:{run_id}:metrics", num_cpus=0,
+        name=f"{cfg.run.name}:{run_id}:metrics", num_cpus=0, max_restarts=-1,  # senders replay into the restarted actor
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-    ).remote(run_id, str(store.root))
+    ).remote(run_id, str(store.root), prometheus_host=cfg.telemetry.prometheus_host,
+             prometheus_port=cfg.telemetry.prometheus_port)
+    try:
+        prometheus = ray.get(h.metrics.prometheus_address.remote())
+    except ray.exceptions.RayActorError as e:
+        t = cfg.telemetry
+        raise UserError(f"telemetry.prometheus_port={t.prometheus_port}: cannot serve metrics on "
+                        f"{t.prometheus_host}: {str(e).strip().splitlines()[-1]}") from None
+    if prometheus:
+        out(f"Prometheus metrics: http://{prometheus}/metrics")
     from actors import checkpoint_coordinator
 
     h.checkpoints = checkpoint_coordinator.start(cfg, run_id, str(store.root), here)

@@ -69,7 +69,7 @@ def tiny_config(tmp_path: Path, data_uri: str, **sections) -> Path:
         "model": {"n_layer": 2, "n_head": 2, "d_model": 64},
         "optim": {"lr": 0.005, "warmup_steps": 5},
         "train": {"max_steps": 30, "eval_every": 10, "eval_batches": 2},
-        "telemetry": {"flush_every_s": 0.2, "progress_every_s": 1.0},
+        "telemetry": {"flush_every_s": 0.2, "progress_every_s": 1.0, "system_every_s": 0.5},
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)

@@ -28,7 +28,7 @@ def test_launch_trains_and_tracks_both_ranks(tmp_path, home, tiny_data, ray_addr
     assert run["id"] in proc.stdout
     keys = set(cli_json("metrics", run["id"], home=home)["keys"])
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s",
-            "eval/loss", "data/batch_fingerprint"} <= keys
+            "eval/loss", "data/batch_fingerprint", "sys/process_rss_bytes", "sys/cpu_percent"} <= keys
 
     for rank in (0, 1):
         pts = cli_json("metrics", run["id"], "--key", "train/loss", "--rank", str(rank), home=home)["points"]
@@ -44,6 +44,19 @@ def test_launch_trains_and_tracks_both_ranks(tmp_path, home, tiny_data, ray_addr
     assert show["config"]["scaling"]["num_workers"] == 2 and show["world_size"] == 2
     assert show["command"].startswith("orchestrator launch") and show["host"]
     assert show["summary"]["last_loss"] < show["summary"]["first_loss"]
+
+
+def test_user_code_logs_many_keys_per_step(tmp_path, home, tiny_data, ray_address):
+    """orchestrator.telemetry.log from inside the user's model: ~1,000 keys per step per rank."""
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 10, "eval_every": 0},
+                      model={"factory": "tests.user_models:logging_gpt", "kwargs": {"copies": 40}})
+    run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
+    (run,) = cli_json("runs", home=home)
+    layer_keys = [k for k in cli_json("metrics", run["id"], home=home)["keys"] if k.startswith("layers/")]
+    assert len(layer_keys) > 900
+    for rank in (0, 1):
+        pts = cli_json("metrics", run["id"], "--key", layer_keys[-1], "--rank", str(rank), home=home)["points"]
+        assert [p["step"] for p in pts] == list(range(10))
 
 
 def test_same_seed_same_losses(tmp_path, home, tiny_data, ray_address):
@@ -77,7 +90,7 @@ def test_too_many_cpus_fails_clearly_within_timeout(tmp_path, home, tiny_data):
 
 
 def test_worker_exception_marks_failed_and_shows_rank_traceback_once(tmp_path, home, tiny_data, ray_address):
-    cfg = tiny_config(tmp_path, tiny_data, model={"factory": "tests.faulty:failing_gpt",
+    cfg = tiny_config(tmp_path, tiny_data, model={"factory": "tests.user_models:failing_gpt",
                                                   "kwargs": {"fail_rank": 1, "fail_call": 4}})
     proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=240)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -85,7 +98,7 @@ def test_worker_exception_marks_failed_and_shows_rank_traceback_once(tmp_path, h
     assert last.startswith("orchestrator: error: rank 1 failed during training: RuntimeError")
     assert "injected failure on call 4" in last
     assert proc.stderr.count("injected failure on call 4") == 2  # once in the traceback, once in the summary
-    assert proc.stderr.count('tests/faulty.py", line') == 1
+    assert proc.stderr.count('tests/user_models.py", line') == 1
     assert "--- rank 1 traceback ---" in proc.stderr and "\x1b[" not in proc.stderr
     (run,) = cli_json("runs", home=home)
     assert run["status"] == "failed"

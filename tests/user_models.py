@@ -1,0 +1,53 @@
+"""Users' model factories for tests (imported inside Ray workers): one that fails on purpose,
+one that logs per-layer figures through orchestrator.telemetry."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from orchestrator import telemetry
+from orchestrator.gpt import GPT
+
+
+class FailsAtStep(GPT):
+    """A GPT whose forward raises on one rank after a few training calls."""
+
+    def __init__(self, *, fail_rank: int, fail_call: int, **kw):
+        super().__init__(**kw)
+        self.fail_rank, self.fail_call, self.calls = fail_rank, fail_call, 0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.fail_call and int(os.environ["RANK"]) == self.fail_rank:
+                raise RuntimeError(f"injected failure on call {self.calls}")
+        return super().forward(idx)
+
+
+def failing_gpt(*, vocab_size: int, block_size: int, fail_rank: int = 1, fail_call: int = 5):
+    return FailsAtStep(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32,
+                       fail_rank=fail_rank, fail_call=fail_call)
+
+
+class LogsPerLayer(GPT):
+    """Logs one figure per parameter tensor (x `copies`) on every training forward."""
+
+    def __init__(self, *, copies: int, **kw):
+        super().__init__(**kw)
+        self.copies = copies
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            figures = {}
+            for name, p in self.named_parameters():
+                norm = float(p.detach().norm())
+                for c in range(self.copies):
+                    figures[f"layers/{name}/norm{c}"] = norm
+            telemetry.log(figures)
+        return super().forward(idx)
+
+
+def logging_gpt(*, vocab_size: int, block_size: int, copies: int = 1):
+    return LogsPerLayer(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, d_model=32, copies=copies)
