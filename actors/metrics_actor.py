@@ -6,22 +6,29 @@ It also keeps each rank's latest values so the driver can show progress without 
 from __future__ import annotations
 
 import statistics
+import time
 
 import numpy as np
 
 from actors.prometheus_export import Exporter
+from actors.webhook import WebhookPoster
+from orchestrator.anomaly import AnomalyDetector
 from orchestrator.store import Store
 
 
 class MetricsActor:
     def __init__(self, run_id: str, store_root: str, attempt: int = 0, *,
-                 prometheus_host: str | None = None, prometheus_port: int | None = None):
+                 prometheus_host: str | None = None, prometheus_port: int | None = None,
+                 alert_webhook: str | None = None):
         self.run_id = run_id
         self.attempt = attempt
         self.store = Store(store_root)
         self.latest: dict[int, dict[str, tuple[int, float]]] = {}
         self.step_times: list[float] = []
         self.exporter = Exporter(run_id, host=prometheus_host, port=prometheus_port)
+        self.detector = AnomalyDetector()
+        self.new_alerts: list[dict] = []  # not yet shown by the driver
+        self.webhook = WebhookPoster(alert_webhook) if alert_webhook else None
 
     def prometheus_address(self) -> str | None:
         """host:port of the /metrics endpoint, or None when disabled."""
@@ -44,7 +51,23 @@ class MetricsActor:
         stored = self.store.points.append(self.run_id, rank, self.attempt, columns, seq=seq)
         if stored:
             self._remember(rank, columns)
+            for a in self.detector.observe(rank, columns):
+                self.alert(a.kind, a.severity, a.message, step=a.step, rank=a.rank, data=a.data)
         return stored
+
+    def alert(self, kind: str, severity: str, message: str, *, step: int | None = None, rank: int | None = None,
+              data: dict | None = None) -> None:
+        """Record an event: in the store, in the driver's live output, and at the webhook if set."""
+        self.store.add_event(self.run_id, kind=kind, severity=severity, message=message, step=step, rank=rank, data=data)
+        event = {"run": self.run_id, "kind": kind, "severity": severity, "message": message, "step": step,
+                 "rank": rank, "data": data or {}, "time": time.time()}
+        self.new_alerts.append(event)
+        if self.webhook:
+            self.webhook.post(event)
+
+    def take_alerts(self) -> list[dict]:
+        alerts, self.new_alerts = self.new_alerts, []
+        return alerts
 
     def _remember(self, rank: int, columns: dict) -> None:
         latest = self.latest.setdefault(rank, {})
@@ -74,5 +97,7 @@ class MetricsActor:
         return out
 
     def close(self) -> None:
+        if self.webhook:
+            self.webhook.close()
         self.exporter.close()
         self.store.close()

@@ -37,9 +37,36 @@ CREATE TABLE IF NOT EXISTS runs (
     command TEXT,
     world_size INTEGER,
     error TEXT,
-    summary TEXT
+    summary TEXT,
+    meta TEXT
 );
+CREATE TABLE IF NOT EXISTS tags (
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (run_id, key)
+);
+CREATE TABLE IF NOT EXISTS notes (
+    run_id TEXT NOT NULL,
+    time REAL NOT NULL,
+    text TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL,
+    time REAL NOT NULL,
+    step INTEGER,
+    rank INTEGER,
+    kind TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    message TEXT NOT NULL,
+    data TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, time);
 """
+RUN_COLUMNS = [
+    "id", "name", "status", "parent", "fork_step", "config", "created_at", "ended_at",
+    "git_commit", "host", "command", "world_size", "error", "summary", "meta",
+]
 
 
 def home() -> Path:
@@ -55,7 +82,15 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._migrate()
         self.points = SeriesStore(self.db)
+
+    def _migrate(self) -> None:
+        """Add columns that older stores lack (tables themselves are created IF NOT EXISTS)."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        for col in RUN_COLUMNS:
+            if col not in have:
+                self.db.execute(f"ALTER TABLE runs ADD COLUMN {col} TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -63,12 +98,58 @@ class Store:
     # --- runs ---------------------------------------------------------------------------
 
     def create_run(self, *, run_id: str, name: str, config: dict, git_commit: str | None, host: str,
-                   command: str, world_size: int, parent: str | None = None, fork_step: int | None = None) -> None:
+                   command: str, world_size: int, parent: str | None = None, fork_step: int | None = None,
+                   meta: dict | None = None, tags: dict[str, str] | None = None) -> None:
         self.db.execute(
-            "INSERT INTO runs (id, name, status, parent, fork_step, config, created_at, git_commit, host, command, world_size)"
-            " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)",
-            (run_id, name, parent, fork_step, json.dumps(config), time.time(), git_commit, host, command, world_size),
+            "INSERT INTO runs (id, name, status, parent, fork_step, config, created_at, git_commit, host, command,"
+            " world_size, meta) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, name, parent, fork_step, json.dumps(config), time.time(), git_commit, host, command, world_size,
+             json.dumps(meta or {})),
         )
+        for key, value in (tags or {}).items():
+            self.tag(run_id, key, value)
+
+    def update_meta(self, run_id: str, **fields) -> None:
+        """Merge fields into a run's metadata (e.g. worker hosts, known only after start)."""
+        row = self.db.execute("SELECT meta FROM runs WHERE id = ?", (run_id,)).fetchone()
+        meta = {**json.loads(row[0] or "{}"), **fields}
+        self.db.execute("UPDATE runs SET meta = ? WHERE id = ?", (json.dumps(meta), run_id))
+
+    def tag(self, run_id: str, key: str, value: str) -> None:
+        self.db.execute(
+            "INSERT INTO tags (run_id, key, value) VALUES (?, ?, ?) ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value",
+            (run_id, key, value),
+        )
+
+    def tags(self, run_id: str) -> dict[str, str]:
+        return dict(self.db.execute("SELECT key, value FROM tags WHERE run_id = ? ORDER BY key", (run_id,)).fetchall())
+
+    def add_note(self, run_id: str, text: str) -> None:
+        self.db.execute("INSERT INTO notes (run_id, time, text) VALUES (?, ?, ?)", (run_id, time.time(), text))
+
+    def notes(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT time, text FROM notes WHERE run_id = ? ORDER BY time", (run_id,)).fetchall()
+        return [{"time": t, "text": x} for t, x in rows]
+
+    # --- events (alerts, diagnoses) -----------------------------------------------------
+
+    def add_event(self, run_id: str, *, kind: str, severity: str, message: str, step: int | None = None,
+                  rank: int | None = None, data: dict | None = None) -> None:
+        self.db.execute(
+            "INSERT INTO events (run_id, time, step, rank, kind, severity, message, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, time.time(), step, rank, kind, severity, message, json.dumps(data or {})),
+        )
+
+    def events(self, run_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT time, step, rank, kind, severity, message, data FROM events WHERE run_id = ?"
+        args: tuple = (run_id,)
+        if kind:
+            sql, args = sql + " AND kind = ?", (run_id, kind)
+        rows = self.db.execute(sql + " ORDER BY time", args).fetchall()
+        return [
+            {"time": t, "step": s, "rank": r, "kind": k, "severity": sev, "message": m, "data": json.loads(d or "{}")}
+            for t, s, r, k, sev, m, d in rows
+        ]
 
     def finish_run(self, run_id: str, status: str, *, error: str | None = None, summary: dict | None = None) -> None:
         assert status in STATUSES, status
@@ -78,15 +159,16 @@ class Store:
         )
 
     def runs(self) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM runs ORDER BY created_at").fetchall()
+        rows = self.db.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY created_at").fetchall()
         return [self._run_row(r) for r in rows]
 
     def run(self, ref: str) -> dict[str, Any]:
         """A run by id, or by name when the name is unique (the latest run of that name otherwise)."""
-        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (ref,)).fetchone()
+        cols = ", ".join(RUN_COLUMNS)
+        row = self.db.execute(f"SELECT {cols} FROM runs WHERE id = ?", (ref,)).fetchone()
         if row is None:
             row = self.db.execute(
-                "SELECT * FROM runs WHERE name = ? ORDER BY created_at DESC LIMIT 1", (ref,)
+                f"SELECT {cols} FROM runs WHERE name = ? ORDER BY created_at DESC LIMIT 1", (ref,)
             ).fetchone()
         if row is None:
             known = [r["id"] for r in self.runs()[-5:]]
@@ -95,13 +177,11 @@ class Store:
         return self._run_row(row)
 
     def _run_row(self, row: tuple) -> dict[str, Any]:
-        cols = [
-            "id", "name", "status", "parent", "fork_step", "config", "created_at", "ended_at",
-            "git_commit", "host", "command", "world_size", "error", "summary",
-        ]
-        d = dict(zip(cols, row, strict=True))
+        d = dict(zip(RUN_COLUMNS, row, strict=True))
         d["config"] = json.loads(d["config"])
         d["summary"] = json.loads(d["summary"]) if d["summary"] else None
+        d["meta"] = json.loads(d["meta"]) if d["meta"] else {}
+        d["tags"] = self.tags(d["id"])
         return d
 
     # --- metrics ------------------------------------------------------------------------

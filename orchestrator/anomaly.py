@@ -1,0 +1,149 @@
+"""Anomaly detection on the metric stream: pure logic, fed batch by batch by the metrics actor.
+
+Signals (per rank, deduplicated across ranks so 64 ranks do not raise 64 alerts):
+  non_finite_loss      train/loss is NaN or inf
+  loss_spike           robust z-score of train/loss against a recent window (median / MAD)
+  grad_norm_explosion  train/grad_norm many times its recent median
+  throughput_drop      train/tokens_per_s below a fraction of its recent median, several steps running
+  straggler            a rank's recent step time well above the other ranks'
+  checkpoint_failed    a ckpt/failed point (the checkpoint writer logs one per failed checkpoint)
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Alert:
+    kind: str
+    severity: str  # "warning" | "error"
+    step: int
+    rank: int
+    message: str
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class Thresholds:
+    window: int = 50
+    min_history: int = 10
+    spike_z: float = 6.0
+    grad_ratio: float = 10.0
+    throughput_drop: float = 0.5
+    throughput_steps: int = 3
+    straggler_ratio: float = 1.5
+    straggler_checks: int = 5
+    cooldown_steps: int = 20
+
+
+class AnomalyDetector:
+    def __init__(self, thresholds: Thresholds | None = None):
+        self.t = thresholds or Thresholds()
+        self.history: dict[tuple[int, str], collections.deque] = {}
+        self.slow_steps: dict[int, int] = collections.defaultdict(int)
+        self.straggling: dict[int, int] = collections.defaultdict(int)
+        self.step_time: dict[int, collections.deque] = {}
+        self.last_alert: dict[str, int] = {}  # kind -> step of the last alert (any rank)
+
+    def observe(self, rank: int, columns: dict) -> list[Alert]:
+        """columns: {key: (steps, values)} from one rank, in step order."""
+        alerts: list[Alert] = []
+        for key, check in (("train/loss", self._loss), ("train/grad_norm", self._grad),
+                           ("train/tokens_per_s", self._throughput), ("ckpt/failed", self._ckpt)):
+            if key in columns:
+                steps, values = columns[key]
+                for s, v in zip(steps, values, strict=True):
+                    alert = check(rank, int(s), float(v))
+                    if alert and self._fresh(alert):
+                        alerts.append(alert)
+        if "train/step_time_s" in columns:
+            alert = self._straggler(rank, columns["train/step_time_s"])
+            if alert and self._fresh(alert):
+                alerts.append(alert)
+        return alerts
+
+    def _fresh(self, alert: Alert) -> bool:
+        """One alert per kind per cooldown window, whichever rank saw it first."""
+        last = self.last_alert.get(alert.kind)
+        if last is not None and abs(alert.step - last) < self.t.cooldown_steps:
+            return False
+        self.last_alert[alert.kind] = alert.step
+        return True
+
+    def _window(self, rank: int, key: str) -> collections.deque:
+        return self.history.setdefault((rank, key), collections.deque(maxlen=self.t.window))
+
+    def _loss(self, rank: int, step: int, value: float) -> Alert | None:
+        if not math.isfinite(value):
+            return Alert("non_finite_loss", "error", step, rank, f"train/loss is {value} at step {step} on rank {rank}")
+        hist = self._window(rank, "train/loss")
+        alert = None
+        if len(hist) >= self.t.min_history:
+            med = statistics.median(hist)
+            mad = statistics.median(abs(x - med) for x in hist)
+            z = (value - med) / (1.4826 * mad + 1e-12 + 1e-3 * abs(med))
+            if z > self.t.spike_z:
+                alert = Alert("loss_spike", "warning", step, rank,
+                              f"train/loss {value:.4g} at step {step} on rank {rank}: recent median {med:.4g}, z={z:.1f}",
+                              {"value": value, "median": med, "z": z})
+        hist.append(value)
+        return alert
+
+    def _grad(self, rank: int, step: int, value: float) -> Alert | None:
+        hist = self._window(rank, "train/grad_norm")
+        alert = None
+        if not math.isfinite(value):
+            alert = Alert("grad_norm_explosion", "error", step, rank, f"train/grad_norm is {value} at step {step} on rank {rank}")
+        elif len(hist) >= self.t.min_history:
+            med = statistics.median(hist)
+            if med > 0 and value > self.t.grad_ratio * med:
+                alert = Alert("grad_norm_explosion", "warning", step, rank,
+                              f"train/grad_norm {value:.4g} at step {step} on rank {rank}: {value / med:.0f}x the recent median {med:.4g}",
+                              {"value": value, "median": med})
+        if math.isfinite(value):
+            hist.append(value)
+        return alert
+
+    def _throughput(self, rank: int, step: int, value: float) -> Alert | None:
+        hist = self._window(rank, "train/tokens_per_s")
+        alert = None
+        if len(hist) >= self.t.min_history:
+            med = statistics.median(hist)
+            if value < self.t.throughput_drop * med:
+                self.slow_steps[rank] += 1
+                if self.slow_steps[rank] == self.t.throughput_steps:
+                    alert = Alert("throughput_drop", "warning", step, rank,
+                                  f"tokens/s {value:.4g} on rank {rank} for {self.t.throughput_steps} steps to {step}: "
+                                  f"below {self.t.throughput_drop:.0%} of the recent median {med:.4g}",
+                                  {"value": value, "median": med})
+                return alert  # slow steps do not drag the baseline down
+            self.slow_steps[rank] = 0
+        hist.append(value)
+        return alert
+
+    def _ckpt(self, rank: int, step: int, value: float) -> Alert | None:
+        if value > 0:
+            return Alert("checkpoint_failed", "error", step, rank, f"checkpoint at step {step} failed on rank {rank}")
+        return None
+
+    def _straggler(self, rank: int, column) -> Alert | None:
+        steps, values = column
+        times = self.step_time.setdefault(rank, collections.deque(maxlen=self.t.window))
+        times.extend(float(v) for v in values)
+        others = [statistics.median(d) for r, d in self.step_time.items() if r != rank and len(d) >= self.t.min_history]
+        if len(times) < self.t.min_history or not others:
+            return None
+        mine, typical = statistics.median(times), statistics.median(others)
+        if typical > 0 and mine > self.t.straggler_ratio * typical:
+            self.straggling[rank] += 1
+            if self.straggling[rank] == self.t.straggler_checks:
+                return Alert("straggler", "warning", int(steps[-1]), rank,
+                             f"rank {rank} takes {mine:.3g} s/step, {mine / typical:.1f}x the other ranks' {typical:.3g}",
+                             {"rank_step_time_s": mine, "typical_step_time_s": typical})
+        else:
+            self.straggling[rank] = 0
+        return None
