@@ -4,18 +4,15 @@ goes to a crash log in the store, never to the user's terminal."""
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import shlex
 import sys
 import time
 import traceback
 
+from orchestrator import run_views
 from orchestrator.errors import UserError
-
-
-def out(*args, **kwargs) -> None:
-    print(*args, **kwargs, flush=True)
+from orchestrator.run_views import out, table
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,11 +30,28 @@ def build_parser() -> Parser:
     launch.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local cluster)")
 
     runs = sub.add_parser("runs", help="list runs in the tracking store")
+    runs.add_argument("--status", choices=["running", "completed", "failed", "interrupted"])
+    runs.add_argument("--tag", action="append", default=[], metavar="key[=value]", help="only runs with this tag")
+    runs.add_argument("--where", action="append", default=[], metavar="config.path=value",
+                      help="only runs whose resolved config has this value, e.g. optim.lr=0.001")
     runs.add_argument("--json", action="store_true")
 
     show = sub.add_parser("show", help="one run's status, config and summary")
     show.add_argument("run")
     show.add_argument("--json", action="store_true")
+
+    compare = sub.add_parser("compare", help="runs side by side: config differences, final and best metrics")
+    compare.add_argument("runs", nargs="+", metavar="RUN")
+    compare.add_argument("--key", action="append", help="metric to compare (repeatable; default: loss, eval loss, tokens/s)")
+    compare.add_argument("--json", action="store_true")
+
+    tag = sub.add_parser("tag", help="set tags on a run")
+    tag.add_argument("run")
+    tag.add_argument("tags", nargs="+", metavar="key=value")
+
+    note = sub.add_parser("note", help="add a note to a run")
+    note.add_argument("run")
+    note.add_argument("text")
 
     metrics = sub.add_parser("metrics", help="a metric's points (min/max kept when bucketed), or the run's keys")
     metrics.add_argument("run")
@@ -105,115 +119,6 @@ def cmd_launch(args, argv) -> int:
 
 
 
-def _when(ts: float | None) -> str:
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def _duration(run: dict) -> str:
-    from orchestrator.progress import fmt_duration
-
-    end = run["ended_at"] or time.time()
-    return fmt_duration(end - run["created_at"])
-
-
-def cmd_runs(args, argv) -> int:
-    from orchestrator.store import Store
-
-    runs = Store().runs()
-    if args.json:
-        keys = ("id", "name", "status", "parent", "fork_step", "created_at", "ended_at", "world_size", "git_commit")
-        out(json.dumps([{k: r[k] for k in keys} for r in runs], indent=1))
-        return 0
-    if not runs:
-        out("no runs yet (start one with `orchestrator launch CONFIG.yaml`)")
-        return 0
-    rows = [("ID", "NAME", "STATUS", "STARTED", "DURATION", "LOSS")]
-    for r in runs:
-        loss = (r["summary"] or {}).get("last_loss")
-        rows.append((r["id"], r["name"], r["status"], _when(r["created_at"]), _duration(r), f"{loss:.4f}" if loss else "-"))
-    _table(rows)
-    return 0
-
-
-def _table(rows: list[tuple]) -> None:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        out("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-
-
-def cmd_show(args, argv) -> int:
-    import yaml
-
-    from orchestrator.store import Store
-
-    store = Store()
-    run = store.run(args.run)
-    keys = store.metric_keys(run["id"])
-    if args.json:
-        out(json.dumps({**run, "metric_keys": keys}, indent=1))
-        return 0
-    fields = [
-        ("run", run["id"]), ("name", run["name"]), ("status", run["status"]),
-        ("started", _when(run["created_at"])), ("ended", _when(run["ended_at"])), ("duration", _duration(run)),
-        ("workers", run["world_size"]), ("host", run["host"]), ("git commit", run["git_commit"] or "-"),
-        ("command", run["command"] or "-"),
-    ]
-    if run["parent"]:
-        fields.append(("forked from", f"{run['parent']} at step {run['fork_step']}"))
-    for name, value in fields:
-        out(f"{name:>12}: {value}")
-    if run["error"]:
-        out(f"{'error':>12}: {run['error']}")
-    for k, v in (run["summary"] or {}).items():
-        out(f"{k:>12}: {v:.4g}" if isinstance(v, float) else f"{k:>12}: {v}")
-    out(f"{'metrics':>12}: {', '.join(keys) or '-'}")
-    out("config:")
-    out("  " + yaml.safe_dump(run["config"], sort_keys=False).rstrip().replace("\n", "\n  "))
-    return 0
-
-
-SPARK = "▁▂▃▄▅▆▇█"
-
-
-def cmd_metrics(args, argv) -> int:
-    from orchestrator.store import Store
-
-    store = Store()
-    run = store.run(args.run)
-    keys = store.metric_keys(run["id"])
-    if args.key is None:
-        out(json.dumps({"keys": keys}) if args.json else "\n".join(keys) or "(no metrics yet)")
-        return 0
-    if args.key not in keys:
-        import difflib
-
-        close = difflib.get_close_matches(args.key, keys, n=1)
-        hint = f"; did you mean {close[0]}?" if close else f" (keys: {', '.join(keys) or 'none yet'})"
-        raise UserError(f"run {run['id']} has no metric {args.key!r}{hint}")
-    if args.rank is not None and args.rank not in store.ranks(run["id"], args.key):
-        raise UserError(f"metric {args.key} has no rank {args.rank} (ranks: {store.ranks(run['id'], args.key)})")
-    if args.buckets is not None and args.buckets < 1:
-        raise UserError(f"--buckets must be at least 1, got {args.buckets}")
-    buckets = args.buckets if args.buckets is not None else (0 if args.json else 40)
-    if buckets:
-        points = store.buckets(run["id"], args.key, buckets, rank=args.rank)
-    else:
-        points = store.series(run["id"], args.key, rank=args.rank)
-    if args.json:
-        out(json.dumps({"run": run["id"], "key": args.key, "rank": args.rank, "points": points}))
-        return 0
-    values = [p["value"] for p in points]
-    if values:
-        lo, hi = min(p.get("min", p["value"]) for p in points), max(p.get("max", p["value"]) for p in points)
-        span = (hi - lo) or 1.0
-        out(f"{args.key}  {''.join(SPARK[int((v - lo) / span * 7)] for v in values)}  [{lo:.4g} .. {hi:.4g}]")
-    rows = [("STEP", "VALUE", "MIN", "MAX")]
-    for p in points:
-        rows.append((p["step"], f"{p['value']:.6g}", f"{p.get('min', p['value']):.6g}", f"{p.get('max', p['value']):.6g}"))
-    _table(rows)
-    return 0
-
-
 def cmd_checkpoints(args, argv) -> int:
     from checkpointing.report import checkpoint_report, report_rows
 
@@ -225,7 +130,7 @@ def cmd_checkpoints(args, argv) -> int:
     if report["location_error"]:
         out(f"(cannot read the destination: {report['location_error']})")
     if report["checkpoints"]:
-        _table(report_rows(report))
+        table(report_rows(report))
     else:
         out("no checkpoints yet")
     return 0
@@ -240,8 +145,11 @@ def cmd_data(args, argv) -> int:
     return 0
 
 
-COMMANDS = {"launch": cmd_launch, "runs": cmd_runs, "show": cmd_show, "metrics": cmd_metrics, "data": cmd_data,
-            "checkpoints": cmd_checkpoints}
+COMMANDS = {
+    "launch": cmd_launch, "data": cmd_data, "checkpoints": cmd_checkpoints,
+    "runs": run_views.cmd_runs, "show": run_views.cmd_show, "metrics": run_views.cmd_metrics,
+    "compare": run_views.cmd_compare, "tag": run_views.cmd_tag, "note": run_views.cmd_note,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -92,6 +92,7 @@ class TelemetryConfig:
         None, min=0, max=65535, help="Prometheus /metrics endpoint: null = none, 0 = a free port, N = port N"
     )
     prometheus_host: str = option("127.0.0.1", help="interface for the Prometheus endpoint")
+    alert_webhook: str | None = option(None, help="URL that receives every alert as a JSON POST (retried with backoff)")
 
 
 @dataclass

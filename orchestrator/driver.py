@@ -10,12 +10,11 @@ import secrets
 import signal
 import socket
 import statistics
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
 
-from orchestrator import cluster
+from orchestrator import cluster, provenance
 from orchestrator.config import Config, redact
 from orchestrator.errors import UserError
 from orchestrator.progress import Progress, fmt_duration
@@ -40,14 +39,6 @@ def new_run_id(name: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:40]
     return f"{safe}-{stamp}-{secrets.token_hex(2)}"
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _raise_interrupt(signum, frame):
@@ -89,9 +80,11 @@ def launch(cfg: Config, *, address: str | None = None, command: str = "", out=pr
     s = cfg.scaling
     out(f"run {run_id}: {s.num_workers} workers x {cluster._fmt(cluster.bundle_for(s.cpus_per_worker, s.gpus_per_worker))}, "
         f"{cfg.train.max_steps} steps, store {store.path}")
+    meta = provenance.collect(cfg)
     store.create_run(
-        run_id=run_id, name=cfg.run.name, config=redact(cfg.to_dict()), git_commit=git_commit(),
-        host=socket.gethostname(), command=command, world_size=s.num_workers,
+        run_id=run_id, name=cfg.run.name, config=redact(cfg.to_dict()), git_commit=meta["git"]["commit"],
+        host=socket.gethostname(), command=command, world_size=s.num_workers, meta=meta,
+        tags=dict(t.split("=", 1) if "=" in t else (t, "") for t in cfg.run.tags),
     )
     handles = RunHandles()
     try:
@@ -144,7 +137,7 @@ def _run(cfg: Config, run_id: str, store: Store, h: RunHandles, out) -> dict:
         name=f"{cfg.run.name}:{run_id}:metrics", num_cpus=0, max_restarts=-1,  # senders replay into the restarted actor
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
     ).remote(run_id, str(store.root), prometheus_host=cfg.telemetry.prometheus_host,
-             prometheus_port=cfg.telemetry.prometheus_port)
+             prometheus_port=cfg.telemetry.prometheus_port, alert_webhook=cfg.telemetry.alert_webhook)
     try:
         prometheus = ray.get(h.metrics.prometheus_address.remote())
     except ray.exceptions.RayActorError as e:
@@ -168,6 +161,7 @@ def _run(cfg: Config, run_id: str, store: Store, h: RunHandles, out) -> dict:
         ).remote(cfg.to_dict(), h.metrics, h.checkpoints)
         h.workers.append(worker)
     infos = _gather([w.node_info.remote() for w in h.workers], "start")
+    store.update_meta(run_id, workers=[{"rank": r, **info} for r, info in enumerate(infos)])
     master_addr = infos[0]["ip"]
     master_port = _gather([h.workers[0].free_port.remote()], "start")[0]
     setups = []
@@ -190,17 +184,24 @@ def _run(cfg: Config, run_id: str, store: Store, h: RunHandles, out) -> dict:
         done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
         for ref in done:
             _gather([ref], "training", ranks=[refs.index(ref)])
-        if progress.due():
-            try:
+        try:
+            _show_alerts(ray.get(h.metrics.take_alerts.remote(), timeout=5), out)
+            if progress.due():
                 progress.show(ray.get(h.metrics.progress.remote(), timeout=5))
-            except ray.exceptions.GetTimeoutError:
-                pass
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            pass  # the metrics actor is restarting; ranks keep their batches until it is back
     summaries = ray.get(refs)
+    _show_alerts(ray.get(h.metrics.take_alerts.remote()), out)
     progress.show(ray.get(h.metrics.progress.remote()), final=True)
     summary = dict(summaries[0])
     summary["wall_time_s"] = time.time() - t0
     summary["step_time_s_median"] = statistics.median([x["train_time_s"] / x["steps"] for x in summaries])
     return summary
+
+
+def _show_alerts(alerts: list[dict], out) -> None:
+    for a in alerts:
+        out(f"ALERT {a['severity']} {a['kind']}: {a['message']}")
 
 
 def _gather(refs: list, phase: str, ranks: list[int] | None = None) -> list:

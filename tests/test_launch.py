@@ -44,6 +44,11 @@ def test_launch_trains_and_tracks_both_ranks(tmp_path, home, tiny_data, ray_addr
     assert show["config"]["scaling"]["num_workers"] == 2 and show["world_size"] == 2
     assert show["command"].startswith("orchestrator launch") and show["host"]
     assert show["summary"]["last_loss"] < show["summary"]["first_loss"]
+    meta = show["meta"]  # what it takes to reproduce the run
+    assert meta["versions"]["torch"].startswith("2.") and meta["versions"]["ray"] and meta["seed"] == 1
+    assert len(meta["dataset"]["index_sha256"]) == 64
+    assert sorted(w["rank"] for w in meta["workers"]) == [0, 1] and all(w["hostname"] for w in meta["workers"])
+    assert "commit" in meta["git"]
 
 
 def test_user_code_logs_many_keys_per_step(tmp_path, home, tiny_data, ray_address):
