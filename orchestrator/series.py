@@ -209,6 +209,10 @@ class SeriesStore:
         last[:-1] = steps[1:] != steps[:-1]  # keep the last write of a repeated step
         return Points(steps[last], vals[last])
 
+    def span(self, sid: int) -> tuple[int, int] | None:
+        lo, hi = self.db.execute("SELECT MIN(step_lo), MAX(step_hi) FROM chunks WHERE series_id = ?", (sid,)).fetchone()
+        return None if lo is None else (lo, hi)
+
     def block_summaries(self, sid: int) -> tuple[np.ndarray, Points]:
         """Summaries of the sealed chunks, plus the raw tail points (not yet summarised)."""
         rows = self.db.execute(
@@ -302,23 +306,27 @@ def merge_buckets(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return out
 
 
-def downsample(store: SeriesStore, sid: int, n_points: int, buckets: int) -> list[dict]:
-    """At most `buckets` points for one series, each with first/last/min/max and the mean."""
+def aggregate(store: SeriesStore, sid: int, n_points: int, edges: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-bucket first/last/min/max/sum/count of one series: exact from the raw points for short
+    series, from the block summaries (plus the raw tail) for long ones."""
     if n_points <= RAW_READ_LIMIT:
-        p = store.read(sid)
-        if len(p.steps) == 0:
-            return []
-        agg = bucket_points(p, bucket_edges(int(p.steps[0]), int(p.steps[-1]), buckets))
-    else:
-        summ, tail = store.block_summaries(sid)
-        lo = int(min(summ[0, S_FIRST_STEP], tail.steps[0] if len(tail.steps) else np.inf))
-        hi = int(max(summ[-1, S_LAST_STEP], tail.steps[-1] if len(tail.steps) else -np.inf))
-        edges = bucket_edges(lo, hi, buckets)
-        parts = [bucket_summaries(summ, edges)]
-        if len(tail.steps):
-            parts.append(bucket_points(tail, edges))
-        agg = merge_buckets(parts)
-    return to_rows(agg)
+        return bucket_points(store.read(sid), edges)
+    summ, tail = store.block_summaries(sid)
+    parts = [bucket_summaries(summ, edges)]
+    if len(tail.steps):
+        parts.append(bucket_points(tail, edges))
+    return merge_buckets(parts)
+
+
+def downsample(store: SeriesStore, sids: list[tuple[int, int]], buckets: int) -> list[dict]:
+    """At most `buckets` points over one or more series (e.g. every rank of a key), sharing bucket
+    edges; each point keeps the mean, min, max, first and last of its bucket."""
+    spans = [store.span(sid) for sid, _ in sids]
+    spans = [sp for sp in spans if sp is not None]
+    if not spans:
+        return []
+    edges = bucket_edges(min(lo for lo, _ in spans), max(hi for _, hi in spans), buckets)
+    return to_rows(merge_buckets([aggregate(store, sid, n, edges) for sid, n in sids]))
 
 
 def to_rows(agg: dict[str, np.ndarray]) -> list[dict]:

@@ -245,12 +245,11 @@ class Store:
 
     def buckets(self, run_id: str, key: str, buckets: int, *, rank: int | None = None) -> list[dict[str, Any]]:
         """At most `buckets` points, each keeping its bucket's first/last/min/max so spikes stay visible."""
-        found = self.points.find(run_id, key)
+        found = [f for f in self.points.find(run_id, key) if rank is None or f[1] == rank]
+        if len({r for _, r, _, _ in found}) == len(found):  # one attempt per rank: straight from summaries
+            return downsample(self.points, [(sid, n) for sid, _, _, n in found], buckets)
+        # attempts overlap (steps replayed after a restore): resolve per step first, then bucket
         if rank is not None:
-            found = [f for f in found if f[1] == rank]
-            if len(found) == 1:  # the fast path: summaries of sealed chunks
-                sid, _, _, n = found[0]
-                return downsample(self.points, sid, n, buckets)
             p = self.rank_points(run_id, key, rank)
             steps, mean, lo, hi = p.steps, p.values, p.values, p.values
         else:
