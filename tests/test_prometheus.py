@@ -107,3 +107,17 @@ def test_no_endpoint_by_default(tmp_path):
     actor = MetricsActor("r", str(tmp_path))
     assert actor.prometheus_address() is None
     actor.close()
+
+
+def test_grafana_dashboard_queries_only_metrics_we_export():
+    import re
+    from pathlib import Path
+
+    from actors.prometheus_export import RANK_GAUGES, RUN_GAUGES
+
+    exported = {"orchestrator_step", "orchestrator_gpu_utilization_percent"}
+    exported |= {name for name, _ in RUN_GAUGES.values()} | {name for name, _ in RANK_GAUGES.values()}
+    dash = json.loads((Path(__file__).resolve().parent.parent / "docs/grafana/orchestrator-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"orchestrator_[a-z_]+", e)}
+    assert used == exported  # every panel has data, every gauge has a panel
