@@ -62,7 +62,25 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT
 );
 CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, time);
+CREATE TABLE IF NOT EXISTS attempts (
+    run_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    resumed_from_step INTEGER,
+    ended_at REAL,
+    status TEXT,
+    cause TEXT,
+    message TEXT,
+    rank INTEGER,
+    node TEXT,
+    failed_step INTEGER,
+    steps_lost INTEGER,
+    recovery_s REAL,
+    PRIMARY KEY (run_id, attempt)
+);
 """
+ATTEMPT_COLUMNS = ["attempt", "started_at", "resumed_from_step", "ended_at", "status", "cause", "message", "rank",
+                   "node", "failed_step", "steps_lost", "recovery_s"]
 RUN_COLUMNS = [
     "id", "name", "status", "parent", "fork_step", "config", "created_at", "ended_at",
     "git_commit", "host", "command", "world_size", "error", "summary", "meta",
@@ -131,6 +149,33 @@ class Store:
         rows = self.db.execute("SELECT time, text FROM notes WHERE run_id = ? ORDER BY time", (run_id,)).fetchall()
         return [{"time": t, "text": x} for t, x in rows]
 
+    # --- attempts (one per start of the worker group) ------------------------------------
+
+    def start_attempt(self, run_id: str, attempt: int, *, resumed_from_step: int | None) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO attempts (run_id, attempt, started_at, resumed_from_step) VALUES (?, ?, ?, ?)",
+            (run_id, attempt, time.time(), resumed_from_step),
+        )
+
+    def end_attempt(self, run_id: str, attempt: int, status: str, **fields) -> None:
+        """status: completed | failed | interrupted; fields: cause, message, rank, node, failed_step, steps_lost."""
+        cols = ["ended_at", "status", *fields]
+        self.db.execute(
+            f"UPDATE attempts SET {', '.join(c + ' = ?' for c in cols)} WHERE run_id = ? AND attempt = ?",
+            (time.time(), status, *fields.values(), run_id, attempt),
+        )
+
+    def set_recovery(self, run_id: str, attempt: int, recovery_s: float) -> None:
+        """Seconds from the previous attempt's failure to this attempt's first completed step."""
+        self.db.execute("UPDATE attempts SET recovery_s = ? WHERE run_id = ? AND attempt = ?",
+                        (recovery_s, run_id, attempt))
+
+    def attempts(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM attempts WHERE run_id = ? ORDER BY attempt", (run_id,)
+        ).fetchall()
+        return [dict(zip(ATTEMPT_COLUMNS, r, strict=True)) for r in rows]
+
     # --- events (alerts, diagnoses) -----------------------------------------------------
 
     def add_event(self, run_id: str, *, kind: str, severity: str, message: str, step: int | None = None,
@@ -196,16 +241,34 @@ class Store:
         for rank, data in grouped.items():
             self.points.append(run_id, rank, attempt, {k: (np.array(s), np.array(v)) for k, (s, v) in data.items()})
 
+    def lineage(self, run_id: str) -> list[tuple[str, int | None]]:
+        """(run id, steps below which its points count) from the oldest ancestor to this run: a fork
+        at step N inherits its parent's steps < N, a fork of a fork chains on."""
+        chain: list[tuple[str, int | None]] = [(run_id, None)]
+        seen = {run_id}
+        row = self.db.execute("SELECT parent, fork_step FROM runs WHERE id = ?", (run_id,)).fetchone()
+        while row is not None and row[0] is not None and row[0] not in seen:
+            parent, fork_step = row
+            chain.insert(0, (parent, fork_step))
+            seen.add(parent)
+            row = self.db.execute("SELECT parent, fork_step FROM runs WHERE id = ?", (parent,)).fetchone()
+        return chain
+
     def metric_keys(self, run_id: str) -> list[str]:
-        return self.points.keys(run_id)
+        return sorted({k for rid, _ in self.lineage(run_id) for k in self.points.keys(rid)})
 
     def ranks(self, run_id: str, key: str) -> list[int]:
-        return sorted({rank for _, rank, _, _ in self.points.find(run_id, key)})
+        return sorted({rank for rid, _ in self.lineage(run_id) for _, rank, _, _ in self.points.find(rid, key)})
 
     def rank_points(self, run_id: str, key: str, rank: int) -> Points:
-        """One rank's points; where attempts overlap (steps replayed after a restore) the latest wins."""
-        found = [(sid, attempt) for sid, r, attempt, _ in self.points.find(run_id, key) if r == rank]
-        parts = [self.points.read(sid) for sid, _ in sorted(found, key=lambda x: x[1])]
+        """One rank's points, inherited history included; where attempts overlap (steps replayed
+        after a restore) the latest attempt wins."""
+        parts = []
+        for rid, upto in self.lineage(run_id):
+            found = [(sid, attempt) for sid, r, attempt, _ in self.points.find(rid, key) if r == rank]
+            for sid, _ in sorted(found, key=lambda x: x[1]):
+                p = self.points.read(sid, hi=None if upto is None else upto - 1)
+                parts.append(p)
         if len(parts) == 1:
             return parts[0]
         if not parts:
@@ -246,9 +309,10 @@ class Store:
     def buckets(self, run_id: str, key: str, buckets: int, *, rank: int | None = None) -> list[dict[str, Any]]:
         """At most `buckets` points, each keeping its bucket's first/last/min/max so spikes stay visible."""
         found = [f for f in self.points.find(run_id, key) if rank is None or f[1] == rank]
-        if len({r for _, r, _, _ in found}) == len(found):  # one attempt per rank: straight from summaries
+        own = len(self.lineage(run_id)) == 1
+        if own and len({r for _, r, _, _ in found}) == len(found):  # one attempt per rank: from summaries
             return downsample(self.points, [(sid, n) for sid, _, _, n in found], buckets)
-        # attempts overlap (steps replayed after a restore): resolve per step first, then bucket
+        # inherited history, or attempts that overlap: resolve each step first, then bucket
         if rank is not None:
             p = self.rank_points(run_id, key, rank)
             steps, mean, lo, hi = p.steps, p.values, p.values, p.values

@@ -134,3 +134,34 @@ def test_reader_sees_rows_while_another_connection_writes(tmp_path):
     assert seen == sorted(seen)  # monotone: a reader never sees a partial, shrinking state
     reader.close()
     writer.close()
+
+
+def test_fork_of_a_fork_inherits_history_up_to_each_fork_step(store):
+    make_run(store, "a")
+    store.create_run(run_id="b", name="b", config={}, git_commit=None, host="h", command="c", world_size=2,
+                     parent="a", fork_step=30)
+    store.create_run(run_id="c", name="c", config={}, git_commit=None, host="h", command="c", world_size=2,
+                     parent="b", fork_step=50)
+    store.points.append("a", 0, 0, {"loss": (np.arange(0, 100), np.full(100, 1.0))})
+    store.points.append("b", 0, 0, {"loss": (np.arange(30, 80), np.full(50, 2.0)), "only_b": (np.arange(30, 31), np.ones(1))})
+    store.points.append("c", 0, 0, {"loss": (np.arange(50, 60), np.full(10, 3.0))})
+    assert store.lineage("c") == [("a", 30), ("b", 50), ("c", None)]
+    pts = store.series("c", "loss", rank=0)
+    assert [p["step"] for p in pts] == list(range(60))
+    assert [p["value"] for p in pts] == [1.0] * 30 + [2.0] * 20 + [3.0] * 10  # nothing of a past 30, of b past 50
+    assert "only_b" in store.metric_keys("c") and store.ranks("c", "loss") == [0]
+    assert len(store.buckets("c", "loss", 6, rank=0)) == 6
+    assert [p["value"] for p in store.series("a", "loss", rank=0)][-1] == 1.0  # the parent is untouched
+
+
+def test_attempts_are_recorded(store):
+    make_run(store)
+    store.start_attempt("r1", 0, resumed_from_step=None)
+    store.end_attempt("r1", 0, "failed", cause="died", message="rank 1 died", rank=1, node="n1", failed_step=17,
+                      steps_lost=7)
+    store.start_attempt("r1", 1, resumed_from_step=10)
+    store.set_recovery("r1", 1, 4.5)
+    store.end_attempt("r1", 1, "completed")
+    a0, a1 = store.attempts("r1")
+    assert (a0["status"], a0["cause"], a0["rank"], a0["failed_step"], a0["steps_lost"]) == ("failed", "died", 1, 17, 7)
+    assert (a1["status"], a1["resumed_from_step"], a1["recovery_s"]) == ("completed", 10, 4.5)
