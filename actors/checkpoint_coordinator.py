@@ -66,3 +66,21 @@ class CheckpointCoordinator:
 
     def history(self) -> list[dict[str, Any]]:
         return list(self.outcomes)
+
+
+def start(cfg, run_id: str, store_root: str, node_id: str):
+    """Check the destination, then start the run's coordinator (no CPU) on the driver's node,
+    next to the store file it records into. Returns the actor handle."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from checkpointing.storage import check_destination, resolve_uri
+
+    c = cfg.checkpoint
+    uri = resolve_uri(c.uri, run_id, store_root)
+    check_destination(uri, c.storage_options)
+    return ray.remote(CheckpointCoordinator).options(
+        name=f"{cfg.run.name}:{run_id}:checkpoints", num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+    ).remote(run_id, uri, cfg.scaling.num_workers, max_concurrent_writes=c.max_concurrent_writes,
+             per_node_writes=c.per_node_writes, slot_lease_s=c.slot_lease_s, store_root=str(store_root))

@@ -30,6 +30,12 @@ class MetricsActor:
         self.new_alerts: list[dict] = []  # not yet shown by the driver
         self.webhook = WebhookPoster(alert_webhook) if alert_webhook else None
 
+    def set_attempt(self, attempt: int) -> None:
+        """A new worker group: its points are stored as a new attempt; progress starts afresh."""
+        self.attempt = attempt
+        self.latest = {}
+        self.step_times = []
+
     def prometheus_address(self) -> str | None:
         """host:port of the /metrics endpoint, or None when disabled."""
         return self.exporter.address

@@ -74,7 +74,10 @@ class TrainWorker:
             )
         return backend.value
 
-    def train(self) -> dict:
+    def train(self, restore_step: int | None = None, restore_uri: str | None = None, skipped: list[int] = ()) -> dict:
+        """Run the training loop; with `restore_step`, from the newest committed checkpoint at or
+        below it that verifies (every rank reads every file, so all reach the same verdict), in
+        the run's own checkpoint location or `restore_uri` (a fork's parent's)."""
         import torch.distributed as dist
 
         from orchestrator.training import WorkerContext, train
@@ -87,10 +90,11 @@ class TrainWorker:
 
             checkpointer = make_checkpointer(self.cfg, rank=self.rank, world_size=ctx.world_size,
                                              coordinator=self.checkpoint_coordinator)
+        loaded = self._load(checkpointer, restore_step, restore_uri) if restore_step is not None else None
         telemetry.attach(sender)
         sampler = SystemSampler(sender.log, self.cfg.telemetry.system_every_s).start()
         try:
-            summary = train(self.cfg, ctx, sender, checkpointer=checkpointer)
+            summary = train(self.cfg, ctx, sender, checkpointer=checkpointer, restore=loaded, skipped=list(skipped))
         finally:
             sampler.stop()
             telemetry.attach(None)
@@ -98,3 +102,27 @@ class TrainWorker:
         if dist.is_initialized():
             dist.destroy_process_group()
         return summary
+
+    def _load(self, checkpointer, restore_step: int, restore_uri: str | None):
+        import torch
+        import torch.distributed as dist
+
+        from checkpointing.loader import load_latest
+
+        if restore_uri is not None:
+            where = restore_uri
+            loaded = load_latest(restore_uri, rank=self.rank, max_step=restore_step,
+                                 storage_options=self.cfg.checkpoint.storage_options)
+        elif checkpointer is not None:
+            where = checkpointer.root
+            loaded = load_latest(checkpointer.root, rank=self.rank, max_step=restore_step, fs=checkpointer.fs)
+        else:
+            raise RuntimeError("restoring needs the checkpoint coordinator")
+        if loaded is None:
+            raise RuntimeError(f"no checkpoint at or below step {restore_step} verifies in {where}")
+        if dist.is_initialized():  # every rank must resume from the same step
+            steps = torch.tensor([loaded.step, -loaded.step], dtype=torch.int64)
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+            if steps[0] != -steps[1]:
+                raise RuntimeError(f"ranks disagree on the checkpoint to resume from ({-int(steps[1])}..{int(steps[0])})")
+        return loaded

@@ -69,10 +69,10 @@ def join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
 
 
-def read_index(uri: str) -> Index:
+def read_index(uri: str, *, storage_options: dict | None = None) -> Index:
     path = join(uri, INDEX_NAME)
     try:
-        with fsspec.open(path, "r") as f:
+        with fsspec.open(path, "r", **(storage_options or {})) as f:
             doc = json.load(f)
     except FileNotFoundError:
         raise DataError(

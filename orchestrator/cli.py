@@ -29,6 +29,18 @@ def build_parser() -> Parser:
     launch.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     launch.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local cluster)")
 
+    resume = sub.add_parser("resume", help="continue a run from its latest good checkpoint (same run id)")
+    resume.add_argument("run")
+    resume.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. train.max_steps=2000")
+    resume.add_argument("--address", help="Ray cluster address")
+
+    fork = sub.add_parser("fork", help="a new run from a run's checkpoint at step N, inheriting its history")
+    fork.add_argument("run")
+    fork.add_argument("--step", type=int, required=True, help="a step with a committed checkpoint")
+    fork.add_argument("overrides", nargs="*", metavar="key.path=value")
+    fork.add_argument("--name", help="name of the new run")
+    fork.add_argument("--address", help="Ray cluster address")
+
     runs = sub.add_parser("runs", help="list runs in the tracking store")
     runs.add_argument("--status", choices=["running", "completed", "failed", "interrupted"])
     runs.add_argument("--tag", action="append", default=[], metavar="key[=value]", help="only runs with this tag")
@@ -65,6 +77,11 @@ def build_parser() -> Parser:
     ckpts.add_argument("--verify", action="store_true", help="re-read every file and check its sha256")
     ckpts.add_argument("--json", action="store_true")
 
+    ui = sub.add_parser("ui", help="serve the web UI for the tracking store")
+    ui.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; others need --token)")
+    ui.add_argument("--port", type=int, default=8080, help="port (0 = a free one)")
+    ui.add_argument("--token", help="access token, required when --host is not loopback")
+
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     prep = data_sub.add_parser("prepare", help="turn text files into byte-token shards")
@@ -87,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except UserError as e:
         cause = e.__cause__
-        if cause is not None and type(cause).__name__ == "_WorkerTraceback":
+        if cause is not None and type(cause).__name__ == "WorkerTraceback":
             print(str(cause), file=sys.stderr)  # the worker's own traceback, shown once
         print(f"orchestrator: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -136,6 +153,28 @@ def cmd_checkpoints(args, argv) -> int:
     return 0
 
 
+def cmd_resume(args, argv) -> int:
+    from orchestrator.driver import resume
+
+    resume(args.run, args.overrides, address=args.address, out=out)
+    return 0
+
+
+def cmd_fork(args, argv) -> int:
+    from orchestrator.driver import fork
+
+    fork(args.run, args.step, args.overrides, name=args.name, address=args.address,
+         command=shlex.join(["orchestrator", *argv]), out=out)
+    return 0
+
+
+def cmd_ui(args, argv) -> int:
+    from orchestrator.ui.server import serve
+
+    serve(host=args.host, port=args.port, token=args.token, out=out)
+    return 0
+
+
 def cmd_data(args, argv) -> int:
     from dataloading.prepare import prepare
 
@@ -146,7 +185,8 @@ def cmd_data(args, argv) -> int:
 
 
 COMMANDS = {
-    "launch": cmd_launch, "data": cmd_data, "checkpoints": cmd_checkpoints,
+    "launch": cmd_launch, "resume": cmd_resume, "fork": cmd_fork, "data": cmd_data,
+    "checkpoints": cmd_checkpoints, "ui": cmd_ui,
     "runs": run_views.cmd_runs, "show": run_views.cmd_show, "metrics": run_views.cmd_metrics,
     "compare": run_views.cmd_compare, "tag": run_views.cmd_tag, "note": run_views.cmd_note,
 }

@@ -83,6 +83,18 @@ class TrainConfig:
     deterministic: bool = option(True, help="torch.use_deterministic_algorithms")
 
 
+class OnNonFinite(str, Enum):
+    FAIL = "fail"  # stop the run with a clear error
+    ROLLBACK = "rollback"  # restore the last checkpoint and skip the offending batch
+
+
+@dataclass
+class FaultToleranceConfig:
+    max_restarts: int = option(3, min=0, help="restarts of the worker group before the run fails")
+    backoff_s: float = option(1.0, min=0, help="first restart delay; doubles per restart (with jitter), capped at 30 s")
+    on_nonfinite: OnNonFinite = option(OnNonFinite.FAIL, help="a NaN/inf training loss: fail, or roll back and skip the batch")
+
+
 @dataclass
 class TelemetryConfig:
     flush_every_s: float = option(1.0, min=0.05, help="how often workers send metrics to the store")
@@ -106,6 +118,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def to_dict(self) -> dict[str, Any]:

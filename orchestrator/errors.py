@@ -19,3 +19,15 @@ class ResourceError(UserError):
     """The cluster cannot provide what the run asked for."""
 
     exit_code = 3
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised in a worker when the training loss is NaN or inf (fault_tolerance.on_nonfinite)."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"train/loss is {value} at step {step}")
+        self.step = step
+        self.value = value
+
+    def __reduce__(self):  # crosses process boundaries (Ray) intact
+        return (NonFiniteLoss, (self.step, self.value))

@@ -127,6 +127,13 @@ class Store:
         for key, value in (tags or {}).items():
             self.tag(run_id, key, value)
 
+    def reopen_run(self, run_id: str, *, config: dict) -> None:
+        """A resumed run is running again, with the config it resumes under."""
+        self.db.execute(
+            "UPDATE runs SET status = 'running', ended_at = NULL, error = NULL, config = ? WHERE id = ?",
+            (json.dumps(config), run_id),
+        )
+
     def update_meta(self, run_id: str, **fields) -> None:
         """Merge fields into a run's metadata (e.g. worker hosts, known only after start)."""
         row = self.db.execute("SELECT meta FROM runs WHERE id = ?", (run_id,)).fetchone()

@@ -18,9 +18,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataloading.dataset import TokenDataset
 from dataloading.sampler import GlobalSampler, batch_fingerprint
+from orchestrator import telemetry
 from orchestrator.config import Config
-from orchestrator.errors import DataError
+from orchestrator.errors import DataError, NonFiniteLoss
 from orchestrator.gpt import build_model
+from orchestrator.restore import restore_state
 
 LogFn = Callable[[int, dict[str, float]], None]
 
@@ -63,13 +65,13 @@ def loss_of(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def open_data(cfg: Config) -> tuple[TokenDataset, TokenDataset | None]:
-    train = TokenDataset(cfg.data.uri, "train")
+    train = TokenDataset.from_config(cfg.data, "train")  # remote shards go through the node cache
     if len(train) < cfg.data.global_batch_size:
         raise DataError(
             f"{cfg.data.uri}: train split has {len(train)} sequences, fewer than one global batch "
             f"(data.global_batch_size={cfg.data.global_batch_size})"
         )
-    val = TokenDataset(cfg.data.uri, "val") if "val" in train.index.splits else None
+    val = TokenDataset.from_config(cfg.data, "val") if "val" in train.index.splits else None
     return train, val
 
 
@@ -90,25 +92,43 @@ def evaluate(model, val: TokenDataset, cfg: Config, ctx: WorkerContext) -> float
     return float(total[0] / total[1])
 
 
-def train(cfg: Config, ctx: WorkerContext, log: LogFn) -> dict:
-    """Train from step 0 to train.max_steps; returns a summary for the driver."""
+def data_index(step: int, skipped: list[int]) -> int:
+    """The global batch optimizer step `step` trains on when the batches in `skipped` are left
+    out (batches that gave a non-finite loss, with fault_tolerance.on_nonfinite=rollback)."""
+    d = step
+    for k in sorted(skipped):
+        if k <= d:
+            d += 1
+    return d
+
+
+def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restore=None,
+          skipped: list[int] = ()) -> dict:
+    """Train to train.max_steps, from step 0 or from `restore` (a loaded checkpoint); returns a
+    summary for the driver."""
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     train_data, val_data = open_data(cfg)
     seq_len = train_data.seq_len
     model = build_model(cfg.model, vocab_size=train_data.index.vocab_size, block_size=seq_len - 1).to(ctx.device)
     ddp = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world_size > 1 else model
     optimizer = make_optimizer(model, cfg)
-    sampler = GlobalSampler(len(train_data), cfg.data.global_batch_size, cfg.run.seed)
+    sampler = train_data.sampler(cfg.data, seed=cfg.run.seed)  # data.shuffle etc.; prefetches remote shards
     torch.manual_seed(cfg.run.seed * 1000 + ctx.rank + 1)  # per-rank stream for dropout
+    start = 0
+    if restore is not None:
+        start = restore_state(restore, model=model, optimizer=optimizer, sampler=sampler, seed=cfg.run.seed,
+                              rank=ctx.rank, world_size=ctx.world_size, data_step=lambda s: data_index(s, skipped))
 
     tokens_per_step = cfg.data.global_batch_size * (seq_len - 1)
     first_loss = last_loss = eval_loss = None
     started = last = time.perf_counter()
-    for step in range(cfg.train.max_steps):
+    for step in range(start, cfg.train.max_steps):
+        telemetry.set_step(step)
+        batch_index = data_index(step, skipped)
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids = sampler.local_batch(step, ctx.rank, ctx.world_size)
+        ids = sampler.local_batch(batch_index, ctx.rank, ctx.world_size)
         batch = train_data.batch(ids).to(ctx.device, non_blocking=True)
 
         loss = loss_of(ddp, batch)
@@ -116,9 +136,11 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn) -> dict:
         loss.backward()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):  # before the update: the weights stay as they were
+            raise NonFiniteLoss(batch_index, loss_value)
         optimizer.step()
 
-        loss_value = loss.item()
         now = time.perf_counter()
         step_time, last = now - last, now
         metrics = {
@@ -129,7 +151,7 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn) -> dict:
             "train/tokens_per_s": tokens_per_step / step_time,
         }
         if ctx.rank == 0:
-            metrics["data/batch_fingerprint"] = float(batch_fingerprint(sampler.global_batch(step)))
+            metrics["data/batch_fingerprint"] = float(batch_fingerprint(sampler.global_batch(batch_index)))
         is_last = step == cfg.train.max_steps - 1
         if val_data is not None and cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or is_last):
             eval_loss = evaluate(ddp, val_data, cfg, ctx)
@@ -137,10 +159,17 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn) -> dict:
                 metrics["eval/loss"] = eval_loss
             last = time.perf_counter()  # eval time is not step time
         log(step, metrics)
+        if checkpointer is not None and checkpointer.due(step + 1, is_last):  # step + 1 optimizer steps done
+            next_batch = data_index(step + 1, skipped)
+            checkpointer.save(step + 1, model=model, optimizer=optimizer, sampler_state=sampler.state_dict(next_batch),
+                              metrics=metrics, log=log)
         first_loss = loss_value if first_loss is None else first_loss
         last_loss = loss_value
+    if checkpointer is not None:
+        checkpointer.close(log)  # waits for the last upload and its commit
     return {
-        "steps": cfg.train.max_steps,
+        "steps": cfg.train.max_steps - start,
+        "start_step": start,
         "first_loss": first_loss,
         "last_loss": last_loss,
         "eval_loss": eval_loss,

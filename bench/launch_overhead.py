@@ -1,0 +1,293 @@
+"""Per-step time of `orchestrator launch` vs a bare torch DDP loop, side by side in one run.
+
+A: a bare loop a user would write: torch.multiprocessing.spawn, gloo over tcp://127.0.0.1,
+   the same GPT, data, sampler, AdamW, LR schedule and clipping as configs/demo.yaml.
+B: our real launch path: `orchestrator launch configs/demo.yaml` in a subprocess (embedded Ray,
+   placement group, actors, metrics actor, store); step times are read back with
+   `orchestrator metrics --json`.
+
+Runs alternate A B B A A B ... so machine noise and drift hit both alike; we report medians.
+Both time a step the same way (time between consecutive step ends) and skip the first --warmup
+steps. The loss curves are compared too: same seed and data should give the same losses.
+
+Prints progress to stderr and one JSON object on the last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# --- A: the bare torch DDP loop --------------------------------------------------------------
+
+
+def lr_at(step: int, o, total: int) -> float:
+    """Linear warmup, then cosine to lr * min_lr_ratio (the schedule our docs describe)."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    floor = o.lr * o.min_lr_ratio
+    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def bare_worker(rank: int, world: int, port: int, cfg, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn import functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dataloading.dataset import TokenDataset
+    from dataloading.sampler import GlobalSampler
+    from orchestrator.gpt import build_model
+
+    torch.set_num_threads(cfg.scaling.torch_threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
+    data = TokenDataset(cfg.data.uri, "train")
+    vocab = json.loads(Path(cfg.data.uri, "index.json").read_text())["vocab_size"]
+    seq_len = data.batch([0]).shape[1]
+    model = build_model(cfg.model, vocab_size=vocab, block_size=seq_len - 1)
+    ddp = DDP(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=o.lr, betas=(o.beta1, o.beta2),
+    )
+    sampler = GlobalSampler(len(data), cfg.data.global_batch_size, cfg.run.seed)
+    torch.manual_seed(cfg.run.seed * 1000 + rank + 1)  # per-rank dropout stream, as ours
+    clip = o.grad_clip if o.grad_clip > 0 else float("inf")
+
+    steps, warmup = cfg.train.max_steps, min(10, cfg.train.max_steps - 1)
+    losses, times = [], []
+    last = time.perf_counter()
+    for step in range(steps):
+        if step == warmup:
+            cpu0 = time.process_time()  # this rank's CPU per step: a figure other tenants barely move
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, o, steps)
+        batch = data.batch(sampler.local_batch(step, rank, world))
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = ddp(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        losses.append(loss.item())
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    cpu_per_step = (time.process_time() - cpu0) / (steps - warmup)
+    dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"loss": losses, "step_time_s": times,
+                                                             "cpu_s_per_step": cpu_per_step}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_bare(cfg, world: int, tmp: Path) -> dict:
+    import torch.multiprocessing as mp
+
+    out_dir = Path(tempfile.mkdtemp(prefix="bare-", dir=tmp))
+    # Same transport as our workers use on a loopback cluster (they set it in TrainWorker.setup).
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    t0 = time.perf_counter()
+    mp.spawn(bare_worker, args=(world, free_port(), cfg, str(out_dir)), nprocs=world, join=True)
+    wall = time.perf_counter() - t0
+    ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+    return {"wall_s": wall, "step_time_s": [r["step_time_s"] for r in ranks], "loss": ranks[0]["loss"]}
+
+
+# --- B: our launch path ------------------------------------------------------------------------
+
+
+def cli_json(args: list[str], env: dict) -> object:
+    cmd = [str(BIN / "orchestrator"), *args, "--json"]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"bench: `{' '.join(cmd)}` failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def run_ours(config: str, overrides: list[str], name: str, world: int, home: Path) -> dict:
+    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
+    env.pop("RAY_ADDRESS", None)  # always the embedded cluster, like `make demo`
+    cmd = [str(BIN / "orchestrator"), "launch", config, *overrides, f"run.name={name}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"bench: `{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    run_id = next(r["id"] for r in cli_json(["runs"], env) if r["name"] == name)
+
+    def series(key: str, rank: int) -> list[float]:
+        points = cli_json(["metrics", run_id, "--key", key, "--rank", str(rank)], env)["points"]
+        return [p["value"] for p in sorted(points, key=lambda p: p["step"])]
+
+    return {
+        "wall_s": wall,
+        "run_id": run_id,
+        "step_time_s": [series("train/step_time_s", r) for r in range(world)],
+        "loss": series("train/loss", 0),
+    }
+
+
+# --- the comparison ----------------------------------------------------------------------------
+
+
+def ensure_data(uri: Path) -> None:
+    if (uri / "index.json").exists():
+        return
+    stdlib = sysconfig.get_paths()["stdlib"]
+    log(f"preparing demo data from {stdlib} into {uri}")
+    subprocess.run([str(BIN / "orchestrator"), "data", "prepare", stdlib, "--out", str(uri), "--include", "*.py"],
+                   cwd=ROOT, check=True, stdout=sys.stderr)
+
+
+def machine() -> dict:
+    import ray
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gb": round(mem / 2**20, 1),
+            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
+
+
+def git_state() -> dict:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty_files": len(git("status", "--porcelain").splitlines())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/demo.yaml", help="recipe both sides train (relative to the repo)")
+    p.add_argument("--steps", type=int, default=100, help="training steps per run")
+    p.add_argument("--repeats", type=int, default=5, help="runs of each side, alternated")
+    p.add_argument("--warmup", type=int, default=10, help="leading steps left out of the step-time medians")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (stores, per-rank JSON)")
+    args = p.parse_args()
+    if args.steps <= args.warmup + 1:
+        p.error(f"--steps={args.steps} must exceed --warmup={args.warmup} + 1")
+
+    from orchestrator.config import load_config
+
+    cfg0 = load_config(ROOT / args.config)
+    data_uri = (ROOT / cfg0.data.uri).resolve()
+    ensure_data(data_uri)
+    overrides = [f"train.max_steps={args.steps}", "train.eval_every=0", "cluster.dashboard=false",
+                 f"data.uri={data_uri}"]
+    cfg = load_config(ROOT / args.config, overrides)  # the bare loop gets exactly what ours resolves
+    world = cfg.scaling.num_workers
+    tmp = Path(tempfile.mkdtemp(prefix="bench-launch-"))
+    log(f"{args.repeats} x (bare, ours), {args.steps} steps, {world} ranks, warmup {args.warmup}; tmp {tmp}")
+    def quantile(times: list[float], q: float) -> float:
+        kept = sorted(times[args.warmup:])
+        return kept[min(len(kept) - 1, int(q * len(kept)))]
+
+    results: dict[str, list[dict]] = {"bare": [], "ours": []}
+    try:
+        for i in range(args.repeats):
+            for side in ("bare", "ours") if i % 2 == 0 else ("ours", "bare"):
+                load = os.getloadavg()[0]
+                if side == "bare":
+                    r = run_bare(cfg, world, tmp)
+                else:
+                    r = run_ours(args.config, overrides, f"bench-{i}", world, tmp / "home")
+                r["median_step_s"] = [statistics.median(t[args.warmup:]) for t in r["step_time_s"]]
+                r["p10_step_s"] = quantile(r["step_time_s"][0], 0.1)
+                r["loadavg"] = load
+                results[side].append(r)
+                log(f"repeat {i + 1}/{args.repeats} {side:4s}: median step "
+                    + " ".join(f"r{k}={m * 1e3:.1f}ms" for k, m in enumerate(r["median_step_s"]))
+                    + f", wall {r['wall_s']:.1f}s, last loss {r['loss'][-1]:.4f}, load {load:.1f}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def side_summary(runs: list[dict]) -> dict:
+        return {
+            "median_step_s_rank0": [r["median_step_s"][0] for r in runs],
+            "median_step_s_rank1": [r["median_step_s"][1] for r in runs] if world > 1 else [],
+            "median_step_s": statistics.median(r["median_step_s"][0] for r in runs),
+            "p10_step_s": statistics.median(r["p10_step_s"] for r in runs),
+            "wall_s": [r["wall_s"] for r in runs],
+            "median_wall_s": statistics.median(r["wall_s"] for r in runs),
+            "loadavg_at_start": [r["loadavg"] for r in runs],
+        }
+
+    bare, ours = side_summary(results["bare"]), side_summary(results["ours"])
+    ratio = ours["median_step_s"] / bare["median_step_s"]
+    # Paired per repeat too: each ours run against the bare run next to it.
+    paired = [o / b for o, b in zip(ours["median_step_s_rank0"], bare["median_step_s_rank0"], strict=True)]
+
+    def max_diff(a: list[float], b: list[float]) -> float:
+        return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+    pairs = list(zip(results["ours"], results["bare"], strict=True))
+    loss = {
+        # rank 0's train/loss, ours vs the bare run of the same repeat
+        "ours_vs_bare_max_abs": max(max_diff(o["loss"], b["loss"]) for o, b in pairs),
+        # nonzero here means the code under test changed during the bench, not nondeterminism
+        "across_repeats_max_abs": max(max_diff(r["loss"], results["bare"][0]["loss"]) for r in results["bare"]),
+        "first_last_loss": [results["bare"][-1]["loss"][0], results["bare"][-1]["loss"][-1]],
+    }
+    summary = {
+        "bench": "launch_overhead",
+        "config": args.config,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "world_size": world,
+        "bare": bare,
+        "ours": ours,
+        "ratio": ratio,
+        "ratio_paired": paired,
+        "ratio_paired_median": statistics.median(paired),
+        "ratio_p10": ours["p10_step_s"] / bare["p10_step_s"],  # fast steps: less hit by other tenants
+        "target_ratio": 1.03,
+        "within_target": ratio <= 1.03,
+        "loss": loss,
+        "git": git_state(),
+        "machine": machine(),
+    }
+    log(f"ratio ours/bare = {ratio:.3f} (paired {', '.join(f'{x:.3f}' for x in paired)}; "
+        f"p10 {summary['ratio_p10']:.3f}); loss max |diff| ours vs bare = {loss['ours_vs_bare_max_abs']:.3g}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

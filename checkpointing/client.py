@@ -1,0 +1,36 @@
+"""How a rank talks to the coordinator: directly (tests, one process) or through a Ray handle.
+
+The writer only sees `call(method, *args, **kwargs)`, so it never imports Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LocalClient:
+    """Calls a coordinator object in this process. Thread-safe enough for tests: every
+    coordinator method is a few dict operations, guarded by one lock."""
+
+    def __init__(self, coordinator):
+        import threading
+
+        self.coordinator = coordinator
+        self.lock = threading.Lock()
+
+    def call(self, method: str, *args, **kwargs) -> Any:
+        with self.lock:
+            return getattr(self.coordinator, method)(*args, **kwargs)
+
+
+class RayClient:
+    """Calls the coordinator actor and waits for the answer (every method returns at once)."""
+
+    def __init__(self, handle, timeout_s: float = 60.0):
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def call(self, method: str, *args, **kwargs) -> Any:
+        import ray
+
+        return ray.get(getattr(self.handle, method).remote(*args, **kwargs), timeout=self.timeout_s)

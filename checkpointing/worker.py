@@ -1,0 +1,21 @@
+"""Building a rank's Checkpointer inside a Ray worker, from the coordinator handle."""
+
+from __future__ import annotations
+
+from checkpointing.client import RayClient
+from checkpointing.storage import open_fs
+from checkpointing.writer import Checkpointer
+
+
+def make_checkpointer(cfg, *, rank: int, world_size: int, coordinator) -> Checkpointer:
+    """cfg: the run's Config; coordinator: the CheckpointCoordinator actor handle."""
+    import ray
+
+    from orchestrator.config import redact
+
+    client = RayClient(coordinator)
+    info = client.call("info")
+    fs, root = open_fs(info["uri"], cfg.checkpoint.storage_options)
+    return Checkpointer(fs=fs, root=root, client=client, rank=rank, world_size=world_size, run_id=info["run_id"],
+                        config=redact(cfg.to_dict()), cfg=cfg.checkpoint,
+                        node=ray.get_runtime_context().get_node_id())

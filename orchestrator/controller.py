@@ -1,0 +1,274 @@
+"""The control loop of one run: start a worker group, watch it, and on failure decide (through
+the restart policy) whether to rebuild it from the latest committed checkpoint.
+
+States: RESERVING -> STARTING -> TRAINING -> (RESTARTING -> RESERVING ...) -> DONE | FAILED.
+The run-level actors (metrics, checkpoint coordinator) live across attempts; the worker group
+and its placement group are rebuilt for each attempt.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from orchestrator import cluster
+from orchestrator.config import Config, OnNonFinite
+from orchestrator.errors import NonFiniteLoss, UserError
+from orchestrator.policy import Decision, Failure, FailureKind, RestartPolicy
+from orchestrator.progress import Progress
+from orchestrator.store import Store
+
+
+class RunFailed(UserError):
+    """The run cannot go on; the message names the rank, the worker's traceback is kept."""
+
+    exit_code = 1
+
+
+class WorkerTraceback(Exception):
+    """Carries a worker's traceback text as the cause of a RunFailed, shown once by the CLI."""
+
+
+class GroupFailed(Exception):
+    def __init__(self, failure: Failure):
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+@dataclass
+class Handles:
+    placement: cluster.Placement | None = None
+    metrics: object = None
+    checkpoints: object = None
+    workers: list = field(default_factory=list)
+
+
+class Controller:
+    def __init__(self, cfg: Config, run_id: str, store: Store, h: Handles, out, *, first_attempt: int = 0,
+                 restore: int | str | None = None, source_uri: str | None = None):
+        """restore: None (fresh start), "latest" (resume), or a step (a fork: that checkpoint of the
+        parent's, at `source_uri`, until this run has committed one of its own)."""
+        self.cfg, self.run_id, self.store, self.h, self.out = cfg, run_id, store, h, out
+        self.first_attempt = first_attempt
+        self.restore = restore
+        self.source = (source_uri, restore) if source_uri is not None else None
+        ft = cfg.fault_tolerance
+        self.policy = RestartPolicy(max_restarts=ft.max_restarts, backoff_s=ft.backoff_s)
+        self.last_step = -1  # last step every rank completed, as the metrics actor saw it
+        self.skipped: list[int] = []  # global batches left out after a non-finite loss (on_nonfinite=rollback)
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self, start_run_actors) -> dict:
+        """start_run_actors(): creates h.metrics and h.checkpoints (once per run)."""
+        t0 = time.time()
+        restarts, attempt, failed_at, restore = 0, self.first_attempt, None, self.restore
+        while True:
+            self._reserve()
+            if self.h.metrics is None:
+                start_run_actors()
+            source_uri, step0 = self._restore_from(restore)
+            self.store.start_attempt(self.run_id, attempt, resumed_from_step=step0)
+            import ray
+
+            ray.get(self.h.metrics.set_attempt.remote(attempt))
+            try:
+                summary = self._attempt(attempt, step0, source_uri, failed_at)
+            except GroupFailed as g:
+                f = g.failure
+                lost = max(0, self.last_step + 1 - (step0 or 0))
+                self.store.end_attempt(self.run_id, attempt, "failed", cause=f.kind.value, message=f.message,
+                                       rank=f.rank, node=f.node_id, failed_step=self.last_step, steps_lost=lost)
+                self.store.add_event(self.run_id, kind=f"failure_{f.kind.value}", severity="error", message=f.message,
+                                     step=self.last_step, rank=f.rank, data={"attempt": attempt, **f.data})
+                self._stop_group()
+                decision = self.policy.decide(f, restarts)
+                if f.kind is FailureKind.NON_FINITE:
+                    if self.cfg.fault_tolerance.on_nonfinite is OnNonFinite.FAIL:
+                        decision = Decision.RAISE
+                    elif f.data.get("batch") is not None:
+                        self.skipped.append(f.data["batch"])
+                        self.out(f"skipping global batch {f.data['batch']} (non-finite loss) after the rollback")
+                if decision is Decision.RAISE:
+                    cause = WorkerTraceback(f.traceback) if f.traceback else None
+                    why = "" if f.kind is FailureKind.USER_ERROR else (
+                        f" (after {restarts} restart{'s' if restarts != 1 else ''}; fault_tolerance.max_restarts="
+                        f"{self.policy.max_restarts})" if restarts else "")
+                    raise RunFailed(f.message + why) from cause
+                restarts += 1
+                delay = self.policy.delay_s(restarts - 1)
+                self.out(f"RESTART {restarts}/{self.policy.max_restarts}: {f.message}; "
+                         f"restoring the latest checkpoint in {delay:.1f}s")
+                time.sleep(delay)
+                attempt, failed_at, restore = attempt + 1, time.time(), "latest"
+                self.last_step = -1
+                continue
+            self.store.end_attempt(self.run_id, attempt, "completed")
+            summary["wall_time_s"] = time.time() - t0
+            summary["restarts"] = restarts
+            return summary
+
+    def _reserve(self) -> None:
+        if self.h.placement is not None:
+            return
+        s = self.cfg.scaling
+        self.h.placement = cluster.reserve(run_id=self.run_id, num_workers=s.num_workers, cpus=s.cpus_per_worker,
+                                           gpus=s.gpus_per_worker, timeout_s=s.start_timeout_s)
+
+    def _restore_from(self, restore: int | str | None) -> tuple[str | None, int | None]:
+        """(checkpoint location, step) the next attempt starts from; (None, None) is step 0."""
+        if restore is None:
+            return None, None
+        import ray
+
+        from checkpointing.loader import scan
+        from checkpointing.storage import open_fs
+
+        uri = ray.get(self.h.checkpoints.info.remote())["uri"]
+        fs, root = open_fs(uri, self.cfg.checkpoint.storage_options)
+        committed = scan(fs, root).committed
+        if restore == "latest" and committed:
+            return None, committed[-1]  # None: the run's own location, which the workers know
+        if self.source is not None:  # a fork with no checkpoint of its own yet
+            return self.source
+        if restore == "latest":
+            return None, None  # nothing committed yet: start over from step 0
+        raise UserError(f"no committed checkpoint at step {restore} in {uri} "
+                        f"(steps with one: {', '.join(map(str, committed)) or 'none'})")
+
+    # --- one attempt --------------------------------------------------------------------
+
+    def _attempt(self, attempt: int, step0: int | None, source_uri: str | None, failed_at: float | None) -> dict:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from actors.train_worker import TrainWorker
+
+        t0 = time.time()
+        s, h = self.cfg.scaling, self.h
+        ranks = cluster.assign_ranks(h.placement.bundle_nodes)
+        by_rank = sorted(range(s.num_workers), key=lambda b: ranks[b]["rank"])
+        h.workers = [
+            ray.remote(TrainWorker).options(
+                name=f"{self.cfg.run.name}:{self.run_id}:rank{ranks[b]['rank']}" + (f":a{attempt}" if attempt else ""),
+                num_cpus=s.cpus_per_worker,
+                num_gpus=s.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(h.placement.pg, placement_group_bundle_index=b),
+            ).remote(self.cfg.to_dict(), h.metrics, h.checkpoints)
+            for b in by_rank
+        ]
+        self.nodes = [ranks[b]["node_id"] for b in by_rank]
+        infos = self._gather([w.node_info.remote() for w in h.workers], "start")
+        self.store.update_meta(self.run_id, workers=[{"rank": r, **info} for r, info in enumerate(infos)])
+        master_addr = infos[0]["ip"]
+        master_port = self._gather([h.workers[0].free_port.remote()], "start")[0]
+        setups = [
+            w.setup.remote(rank=ranks[b]["rank"], local_rank=ranks[b]["local_rank"], world_size=s.num_workers,
+                           local_world_size=ranks[b]["local_world_size"], node_rank=ranks[b]["node_rank"],
+                           master_addr=master_addr, master_port=master_port)
+            for w, b in zip(h.workers, by_rank, strict=True)
+        ]
+        backends = self._gather(setups, "rendezvous")
+        n_nodes = len({i["node_id"] for i in infos})
+        resumed = f", resuming at step {step0}" if step0 is not None else ""
+        self.out(f"rendezvous done: {s.num_workers} ranks on {n_nodes} node(s), backend {backends[0]}, "
+                 f"master {master_addr}:{master_port} ({time.time() - t0:.1f}s){resumed}")
+        refs = [w.train.remote(restore_step=step0, restore_uri=source_uri, skipped=self.skipped) for w in h.workers]
+        self._watch(refs, step0, failed_at, attempt)
+        summaries = self._gather(refs, "training")
+        summary = dict(summaries[0])
+        summary["step_time_s_median"] = statistics.median([x["train_time_s"] / max(1, x["steps"]) for x in summaries])
+        return summary
+
+    def _watch(self, refs: list, step0: int | None, failed_at: float | None, attempt: int) -> None:
+        import ray
+
+        progress = Progress(self.cfg.train.max_steps, self.cfg.telemetry.progress_every_s, self.out)
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            for ref in done:
+                self._gather([ref], "training", ranks=[refs.index(ref)])
+            try:
+                for a in ray.get(self.h.metrics.take_alerts.remote(), timeout=5):
+                    self.out(f"ALERT {a['severity']} {a['kind']}: {a['message']}")
+                p = ray.get(self.h.metrics.progress.remote(), timeout=5)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                continue  # the metrics actor is restarting; ranks keep their batches until it is back
+            self.last_step = max(self.last_step, p.get("step", -1))
+            if failed_at is not None and self.last_step >= (step0 or 0):
+                self.store.set_recovery(self.run_id, attempt, time.time() - failed_at)
+                self.out(f"recovered: step {self.last_step + 1} done {time.time() - failed_at:.1f}s after the failure")
+                failed_at = None
+            if progress.due():
+                progress.show(p)
+        for a in ray.get(self.h.metrics.take_alerts.remote()):
+            self.out(f"ALERT {a['severity']} {a['kind']}: {a['message']}")
+        progress.show(ray.get(self.h.metrics.progress.remote()), final=True)
+
+    # --- failures -----------------------------------------------------------------------
+
+    def _gather(self, refs: list, phase: str, ranks: list[int] | None = None) -> list:
+        """ray.get, with a failure turned into GroupFailed naming the rank, its node and the cause."""
+        import ray
+
+        ranks = ranks if ranks is not None else list(range(len(refs)))
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            rank = self._failed_rank(refs, ranks)
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            lines = str(cause).strip().splitlines()
+            kind, data = FailureKind.EXCEPTION, {}
+            if isinstance(cause, UserError):
+                kind = FailureKind.USER_ERROR
+            elif isinstance(cause, NonFiniteLoss):
+                kind = FailureKind.NON_FINITE
+                data = {"batch": cause.step, "value": cause.value}
+            tb = f"--- rank {rank} traceback ---\n" + re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+            msg = f"rank {rank} failed during {phase}: {type(cause).__name__}: {lines[-1] if lines else ''}"
+            raise GroupFailed(Failure(kind, msg, rank=rank, node_id=self._node(rank), traceback=tb, data=data)) from None
+        except ray.exceptions.RayActorError as e:
+            rank = self._failed_rank(refs, ranks)
+            node = self._node(rank)
+            alive = node is None or node in cluster.node_ips()
+            kind = FailureKind.DIED if alive else FailureKind.NODE_LOST
+            what = "died (process killed or out of memory)" if alive else f"was lost with its node {node}"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GroupFailed(Failure(kind, f"rank {rank} {what} during {phase}: {first}", rank=rank,
+                                      node_id=node)) from None
+
+    def _node(self, rank: int | None) -> str | None:
+        nodes = getattr(self, "nodes", [])
+        return nodes[rank] if rank is not None and 0 <= rank < len(nodes) else None
+
+    @staticmethod
+    def _failed_rank(refs: list, ranks: list[int]) -> int | None:
+        import ray
+
+        for ref, rank in zip(refs, ranks, strict=True):
+            try:
+                ray.get(ref, timeout=0)
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError):
+                return rank
+            except ray.exceptions.GetTimeoutError:
+                continue
+        return None
+
+    def _stop_group(self) -> None:
+        """Kill the worker group and give back its resources; run-level actors stay."""
+        import ray
+
+        for w in self.h.workers:
+            try:
+                ray.kill(w)
+            except Exception:
+                pass
+        self.h.workers = []
+        if self.h.checkpoints is not None:
+            for r in range(self.cfg.scaling.num_workers):
+                self.h.checkpoints.release_rank.remote(r)  # slots of killed writers
+        cluster.release(self.h.placement)  # a lost node's bundles cannot come back; reserve afresh
+        self.h.placement = None
