@@ -30,6 +30,15 @@ class CheckpointCoordinator:
     def info(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "uri": self.uri, "world_size": self.world_size}
 
+    def join(self, rank: int) -> dict[str, Any]:
+        """A rank starts (again, after a restart): drop what an earlier incarnation of it left
+        behind, its slots and its reports for uncommitted steps, so a new commit never mixes
+        attempts. Returns info()."""
+        self.slots.release_rank(rank)
+        for reports in self.reports.values():
+            reports.pop(rank, None)
+        return self.info()
+
     # --- slots ------------------------------------------------------------------------------
 
     def acquire(self, rank: int, node: str) -> int | None:
@@ -70,7 +79,8 @@ class CheckpointCoordinator:
 
 def start(cfg, run_id: str, store_root: str, node_id: str):
     """Check the destination, then start the run's coordinator (no CPU) on the driver's node,
-    next to the store file it records into. Returns the actor handle."""
+    next to the store file it records into. Returns the actor handle. (Failed checkpoints become
+    alerts through the `ckpt/failed` metric the writer logs.)"""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -50,7 +50,7 @@ def lr_at(step: int, o, total: int) -> float:
     return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def bare_worker(rank: int, world: int, port: int, cfg, out_dir: str) -> None:
+def bare_worker(rank: int, world: int, port: int, cfg, warmup: int, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
     from torch.nn import functional as F
@@ -82,7 +82,7 @@ def bare_worker(rank: int, world: int, port: int, cfg, out_dir: str) -> None:
     torch.manual_seed(cfg.run.seed * 1000 + rank + 1)  # per-rank dropout stream, as ours
     clip = o.grad_clip if o.grad_clip > 0 else float("inf")
 
-    steps, warmup = cfg.train.max_steps, min(10, cfg.train.max_steps - 1)
+    steps = cfg.train.max_steps
     losses, times = [], []
     last = time.perf_counter()
     for step in range(steps):
@@ -105,7 +105,8 @@ def bare_worker(rank: int, world: int, port: int, cfg, out_dir: str) -> None:
     cpu_per_step = (time.process_time() - cpu0) / (steps - warmup)
     dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"loss": losses, "step_time_s": times,
-                                                             "cpu_s_per_step": cpu_per_step}))
+                                                             "cpu_s_per_step": cpu_per_step,
+                                                             "cpu_s_total": time.process_time()}))
 
 
 def free_port() -> int:
@@ -114,17 +115,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_bare(cfg, world: int, tmp: Path) -> dict:
+def run_bare(cfg, world: int, warmup: int, tmp: Path) -> dict:
     import torch.multiprocessing as mp
 
     out_dir = Path(tempfile.mkdtemp(prefix="bare-", dir=tmp))
     # Same transport as our workers use on a loopback cluster (they set it in TrainWorker.setup).
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     t0 = time.perf_counter()
-    mp.spawn(bare_worker, args=(world, free_port(), cfg, str(out_dir)), nprocs=world, join=True)
+    mp.spawn(bare_worker, args=(world, free_port(), cfg, warmup, str(out_dir)), nprocs=world, join=True)
     wall = time.perf_counter() - t0
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
-    return {"wall_s": wall, "step_time_s": [r["step_time_s"] for r in ranks], "loss": ranks[0]["loss"]}
+    return {"wall_s": wall, "step_time_s": [r["step_time_s"] for r in ranks], "loss": ranks[0]["loss"],
+            "cpu_s_per_step": [r["cpu_s_per_step"] for r in ranks], "cpu_s_total": [r["cpu_s_total"] for r in ranks]}
 
 
 # --- B: our launch path ------------------------------------------------------------------------
@@ -143,10 +145,13 @@ def run_ours(config: str, overrides: list[str], name: str, world: int, home: Pat
     env.pop("RAY_ADDRESS", None)  # always the embedded cluster, like `make demo`
     cmd = [str(BIN / "orchestrator"), "launch", config, *overrides, f"run.name={name}"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"bench: `{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        cpu = sample_cpu(proc)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            err.seek(0)
+            sys.exit(f"bench: `{' '.join(cmd)}` failed ({proc.returncode}):\n{err.read()[-2000:]}")
     run_id = next(r["id"] for r in cli_json(["runs"], env) if r["name"] == name)
 
     def series(key: str, rank: int) -> list[float]:
@@ -158,7 +163,34 @@ def run_ours(config: str, overrides: list[str], name: str, world: int, home: Pat
         "run_id": run_id,
         "step_time_s": [series("train/step_time_s", r) for r in range(world)],
         "loss": series("train/loss", 0),
+        "cpu_s_total": cpu,
     }
+
+
+def sample_cpu(proc: subprocess.Popen) -> dict:
+    """Wait for `proc`, sampling the CPU seconds of it and its descendants (Ray's raylet, GCS,
+    agents, actors). Returns lifetime totals: the train workers, and everything else."""
+    import psutil  # a Ray dependency
+
+    seen: dict[int, tuple[str, float]] = {}
+    while proc.poll() is None:
+        try:
+            procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.Error:
+            procs = []
+        for p in procs:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    kind = "train_workers" if "TrainWorker" in " ".join(p.cmdline()) else "other"
+                seen[p.pid] = (kind, t.user + t.system)
+            except psutil.Error:
+                pass
+        time.sleep(1.0)
+    totals = {"train_workers": 0.0, "other": 0.0}
+    for kind, cpu in seen.values():
+        totals[kind] += cpu
+    return totals
 
 
 # --- the comparison ----------------------------------------------------------------------------
@@ -224,7 +256,7 @@ def main() -> None:
             for side in ("bare", "ours") if i % 2 == 0 else ("ours", "bare"):
                 load = os.getloadavg()[0]
                 if side == "bare":
-                    r = run_bare(cfg, world, tmp)
+                    r = run_bare(cfg, world, args.warmup, tmp)
                 else:
                     r = run_ours(args.config, overrides, f"bench-{i}", world, tmp / "home")
                 r["median_step_s"] = [statistics.median(t[args.warmup:]) for t in r["step_time_s"]]
@@ -247,7 +279,12 @@ def main() -> None:
             "wall_s": [r["wall_s"] for r in runs],
             "median_wall_s": statistics.median(r["wall_s"] for r in runs),
             "loadavg_at_start": [r["loadavg"] for r in runs],
+            # lifetime CPU seconds (startup included): bare per rank; ours train workers vs the rest
+            "cpu_s_total": [r["cpu_s_total"] for r in runs],
         }
+
+    # CPU seconds per step of each bare rank (process_time): how much work one step is, whatever the load.
+    bare_cpu = statistics.median(c for r in results["bare"] for c in r["cpu_s_per_step"])
 
     bare, ours = side_summary(results["bare"]), side_summary(results["ours"])
     ratio = ours["median_step_s"] / bare["median_step_s"]
@@ -278,6 +315,7 @@ def main() -> None:
         "ratio_paired": paired,
         "ratio_paired_median": statistics.median(paired),
         "ratio_p10": ours["p10_step_s"] / bare["p10_step_s"],  # fast steps: less hit by other tenants
+        "bare_cpu_s_per_step": bare_cpu,
         "target_ratio": 1.03,
         "within_target": ratio <= 1.03,
         "loss": loss,

@@ -14,7 +14,7 @@ def make_checkpointer(cfg, *, rank: int, world_size: int, coordinator) -> Checkp
     from orchestrator.config import redact
 
     client = RayClient(coordinator)
-    info = client.call("info")
+    info = client.call("join", rank)  # also clears what this rank left behind before a restart
     fs, root = open_fs(info["uri"], cfg.checkpoint.storage_options)
     return Checkpointer(fs=fs, root=root, client=client, rank=rank, world_size=world_size, run_id=info["run_id"],
                         config=redact(cfg.to_dict()), cfg=cfg.checkpoint,

@@ -21,6 +21,7 @@ import os
 import queue
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from dataloading.index import Shard, join
 from orchestrator.errors import DataError
 
 CHUNK = 4 << 20
+STALE_TMP_S = 3600
 
 
 def default_cache_dir() -> str:
@@ -110,13 +112,17 @@ class ShardCache:
 
     def _make_room(self, incoming: int) -> None:
         with file_lock(self.root / ".evict.lock"):
-            files = [p for p in self.root.glob("*/**/*") if p.is_file() and p.suffix == ".bin"]
             stats = {}
-            for p in files:
+            now = time.time()
+            for p in self.root.glob("*/**/*"):
                 try:
-                    stats[p] = p.stat()
+                    st = p.stat()
                 except FileNotFoundError:
                     continue
+                if ".bin.tmp" in p.name and now - st.st_mtime > STALE_TMP_S:
+                    p.unlink(missing_ok=True)  # left by a rank that died mid-download
+                elif p.suffix == ".bin" and p.is_file():
+                    stats[p] = st
             total = sum(s.st_size for s in stats.values()) + incoming
             with self._mutex:
                 needed = set(self._needed)

@@ -94,10 +94,21 @@ def build_parser() -> Parser:
     return p
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Like parse_args, but key.path=value overrides may also follow options (`fork R --step 8 a.b=1`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(argv)
         return COMMANDS[args.command](args, argv) or 0
     except KeyboardInterrupt:
         print("orchestrator: interrupted", file=sys.stderr)

@@ -78,7 +78,8 @@ class Controller:
                 summary = self._attempt(attempt, step0, source_uri, failed_at)
             except GroupFailed as g:
                 f = g.failure
-                lost = max(0, self.last_step + 1 - (step0 or 0))
+                _, resume_at = self._restore_from("latest")  # where a restart would pick up
+                lost = max(0, self.last_step + 1 - (resume_at or 0))
                 self.store.end_attempt(self.run_id, attempt, "failed", cause=f.kind.value, message=f.message,
                                        rank=f.rank, node=f.node_id, failed_step=self.last_step, steps_lost=lost)
                 self.store.add_event(self.run_id, kind=f"failure_{f.kind.value}", severity="error", message=f.message,

@@ -42,7 +42,7 @@ def preflight(cfg: Config) -> None:
         raise ConfigError("data.uri: required; point it at a dataset made by `orchestrator data prepare`")
     from dataloading.index import read_index
 
-    index = read_index(cfg.data.uri)
+    index = read_index(cfg.data.uri, storage_options=cfg.data.storage_options)
     n = index.num_sequences("train")
     if n < cfg.data.global_batch_size:
         raise UserError(

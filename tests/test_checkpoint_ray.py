@@ -69,6 +69,10 @@ def test_launch_to_s3_survives_a_checkpoint_the_store_refuses(tmp_path, home, ti
     rows = cli_json("checkpoints", run_id, home=home)["checkpoints"]
     assert [(r["step"], r["status"]) for r in rows] == [(5, "committed"), (10, "failed"), (12, "committed")]
     assert "reduce your request rate" in rows[1]["error"]
+    from orchestrator.store import Store
+
+    alerts = Store(home).events(run_id, "checkpoint_failed")  # from the writer's ckpt/failed metric
+    assert alerts and all(a["step"] == 9 for a in alerts)  # metric steps are loop indices: step 10 = index 9
     assert proxy.state.served["503"] >= 3  # the first try and both retries of at least one file
     fs, root = s3_server.open_s3(f"s3://{bucket}/runs/tiny", options)
     assert load_latest(root, fs=fs, rank=1).step == 12

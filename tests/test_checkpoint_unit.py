@@ -306,3 +306,12 @@ def test_report_lists_committed_failed_and_corrupt(tmp_path):
     assert checkpoint_report("run-1", store=store)["checkpoints"][2]["status"] == "corrupt"  # recorded
     table = report_rows(checked)
     assert table[0][:2] == ("STEP", "STATUS") and len(table) == 4
+
+
+def test_a_restarted_rank_does_not_leave_stale_reports_or_slots():
+    coord = CheckpointCoordinator("run-1", "x", 2, max_concurrent_writes=1, per_node_writes=1, slot_lease_s=600)
+    assert coord.acquire(1, "n") is not None  # rank 1 dies holding the only slot...
+    coord.report(10, 1, {"files": [{"name": "rank_00001.pt"}], "blocked_s": 0, "upload_s": 0})
+    assert coord.join(1)["run_id"] == "run-1"  # ...and its next incarnation joins
+    assert coord.shards(10) == {} and coord.acquire(0, "n") is not None
+

@@ -96,7 +96,8 @@ def test_too_many_cpus_fails_clearly_within_timeout(tmp_path, home, tiny_data):
 
 def test_worker_exception_marks_failed_and_shows_rank_traceback_once(tmp_path, home, tiny_data, ray_address):
     cfg = tiny_config(tmp_path, tiny_data, model={"factory": "tests.user_models:failing_gpt",
-                                                  "kwargs": {"fail_rank": 1, "fail_call": 4}})
+                                                  "kwargs": {"fail_rank": 1, "fail_call": 4}},
+                      fault_tolerance={"max_restarts": 0})
     proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=240)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]

@@ -199,3 +199,14 @@ def test_a_dataset_rewritten_at_the_same_uri_is_not_served_stale(memory_shards, 
     new = Shard(shards[2].name, 10, 1000, hashlib.sha256(blob).hexdigest())
     assert cache.get(uri, new).read_bytes() == blob != old
     assert cache.downloads == 2
+
+
+def test_downloads_left_by_a_dead_rank_are_cleaned_up(memory_shards, tmp_path):
+    uri, shards = memory_shards
+    cache = ShardCache(tmp_path)
+    dead = cache.local_path(uri, shards[0]).with_name("x.00000.bin.tmp999.1")
+    dead.parent.mkdir(parents=True)
+    dead.write_bytes(b"partial")
+    os.utime(dead, (0, 0))  # long ago
+    cache.get(uri, shards[1])
+    assert not dead.exists()

@@ -142,7 +142,7 @@ def _finite(row: dict) -> dict:
 
 
 def quick_stats(store, run_id: str, key: str, found: list[tuple[int, int, int, int]]) -> dict:
-    """last / best (min) / mean of a run's own series of `key`, mean over ranks per step.
+    """last / best / mean of a run's own series of `key`, mean over ranks per step.
     Very long series use the lowest rank's block summaries instead of reading every point."""
     if not found:
         return {}
@@ -152,7 +152,7 @@ def quick_stats(store, run_id: str, key: str, found: list[tuple[int, int, int, i
         means = summ[:, 6] / np.maximum(summ[:, 7], 1)
         vals = np.concatenate([means, tail.values])
         last = tail.values[-1] if len(tail.values) else summ[-1, 3]
-        return _clean({"last": last, "best": np.nanmin(vals), "mean": np.nanmean(vals)})
+        return _clean({"last": last, "best": _best(key, vals), "mean": np.nanmean(vals)})
     per_rank: dict[int, Points] = {}
     for sid, r, _attempt, _n in found:  # later attempts win where steps repeat
         p = store.points.read(sid)
@@ -167,7 +167,14 @@ def quick_stats(store, run_id: str, key: str, found: list[tuple[int, int, int, i
         return {}
     uniq, inv = np.unique(steps, return_inverse=True)
     mean = np.bincount(inv, weights=vals) / np.bincount(inv)
-    return _clean({"last": mean[-1], "best": np.nanmin(mean), "mean": np.nanmean(mean), "last_step": uniq[-1]})
+    return {**_clean({"last": mean[-1], "best": _best(key, mean), "mean": np.nanmean(mean)}), "last_step": int(uniq[-1])}
+
+
+def _best(key: str, vals: np.ndarray) -> float:
+    """The minimum for a loss, the maximum for throughput or accuracy (as `orchestrator compare`)."""
+    if np.isnan(vals).all():
+        return float("nan")
+    return np.nanmax(vals) if "tokens" in key or "acc" in key else np.nanmin(vals)
 
 
 def _clean(d: dict) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import math
 import threading
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,6 +63,8 @@ class Handler(BaseHTTPRequestHandler):
                                   "text/plain")
             if query.get("token"):
                 set_cookie = f"{COOKIE}={self.server.token}; HttpOnly; SameSite=Strict; Path=/"
+        if url.path == "/favicon.ico":  # none: say so without an error in the console
+            return self._send(204, b"", "image/x-icon")
         if url.path.startswith("/api/"):
             return self._api(url.path[len("/api/"):], query)
         return self._static(url.path, set_cookie)
@@ -85,7 +88,10 @@ class Handler(BaseHTTPRequestHandler):
             body, code = {"error": str(e)}, 404
         except (UserError, ValueError) as e:
             body, code = {"error": str(e)}, 400
-        data = json.dumps(body, allow_nan=False, default=str).encode()
+        try:
+            data = json.dumps(body, allow_nan=False, default=str).encode()
+        except ValueError:  # a NaN/inf somewhere (an alert about a NaN loss): JSON has no such numbers
+            data = json.dumps(_finite(body), allow_nan=False, default=str).encode()
         self._send(code, data, "application/json", cache="no-store")
 
     def _static(self, path: str, set_cookie: str | None) -> None:
@@ -106,6 +112,16 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Set-Cookie", cookie)
         self.end_headers()
         self.wfile.write(body)
+
+
+def _finite(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
 
 
 class UIServer(ThreadingHTTPServer):

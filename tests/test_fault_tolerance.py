@@ -1,0 +1,162 @@
+"""Fault tolerance on a real local Ray cluster: workers SIGKILLed at random steps recover on their
+own and end bit for bit where an uninterrupted run ends; resume and fork through the CLI."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
+
+pytestmark = pytest.mark.ray
+
+FT = {"max_restarts": 5, "backoff_s": 0.2}
+
+
+def final_weights(home, run_id):
+    from checkpointing.loader import load_latest
+
+    report = cli_json("checkpoints", run_id, home=home)
+    loaded = load_latest(report["uri"])
+    assert loaded is not None
+    return loaded.step, loaded.model
+
+
+def losses(home, run_id, rank=0):
+    pts = cli_json("metrics", run_id, "--key", "train/loss", "--rank", str(rank), home=home)["points"]
+    return [(p["step"], p["value"]) for p in pts]
+
+
+def wait_for_step(home, run_id, step, deadline):
+    while time.monotonic() < deadline:
+        keys = cli_json("metrics", run_id, home=home)["keys"]
+        if "train/loss" in keys:
+            pts = losses(home, run_id)
+            if pts and pts[-1][0] >= step:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"run never reached step {step}")
+
+
+def test_sigkilled_workers_recover_bit_exact(tmp_path, home, tiny_data, ray_address):
+    steps = 40
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": steps, "eval_every": 0},
+                      checkpoint={"every_steps": 5}, fault_tolerance=FT, model={"dropout": 0.1})
+    # the reference: the same seed and world size, never interrupted
+    run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
+    reference = cli_json("runs", home=home)[-1]["id"]
+
+    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
+    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rng = random.Random(7)
+    kills = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(cli_json("runs", home=home)) < 2:
+            time.sleep(0.2)
+        chaos = cli_json("runs", home=home)[-1]["id"]
+        for kill_step in sorted(rng.sample(range(6, steps - 6), 2)):  # two kills, bounded
+            wait_for_step(home, chaos, kill_step, deadline)
+            workers = cli_json("show", chaos, home=home)["meta"]["workers"]
+            victim = rng.choice(workers)
+            os.kill(victim["pid"], signal.SIGKILL)  # a worker process our test cluster started
+            kills.append((kill_step, victim["rank"]))
+            time.sleep(3)  # let the controller notice before looking for the next step
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    assert out.count("RESTART") == 2 and "recovered" in out
+
+    attempts = cli_json("show", chaos, home=home)
+    assert attempts["status"] == "completed"
+    # bit-exact: same parameters at the end, same loss at every step
+    ref_step, ref_model = final_weights(home, reference)
+    got_step, got_model = final_weights(home, chaos)
+    assert ref_step == got_step == steps
+    assert ref_model.keys() == got_model.keys()
+    assert all(torch.equal(ref_model[k], got_model[k]) for k in ref_model)
+    assert losses(home, chaos) == losses(home, reference)
+    assert losses(home, chaos, rank=1) == losses(home, reference, rank=1)
+
+
+def test_attempts_recorded_with_cause_rank_and_steps_lost(tmp_path, home, tiny_data, ray_address):
+    """A rank that raises on every attempt: restarts are bounded, each attempt is recorded."""
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 40, "eval_every": 0},
+                      checkpoint={"every_steps": 2}, fault_tolerance={"max_restarts": 2, "backoff_s": 0.1},
+                      model={"factory": "tests.user_models:failing_gpt", "kwargs": {"fail_rank": 1, "fail_call": 12}})
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "(after 2 restarts; fault_tolerance.max_restarts=2)" in proc.stderr.strip().splitlines()[-1]
+    run = cli_json("runs", home=home)[-1]
+    from orchestrator.store import Store
+
+    attempts = Store(home).attempts(run["id"])
+    assert [a["status"] for a in attempts] == ["failed"] * 3
+    assert all(a["cause"] == "exception" and a["rank"] == 1 for a in attempts)
+    # each attempt fails 11 steps after it starts; it resumes from a checkpoint of the one before
+    assert attempts[0]["resumed_from_step"] is None and attempts[0]["failed_step"] >= 8
+    assert 2 <= attempts[1]["resumed_from_step"] <= 11 and attempts[2]["resumed_from_step"] > attempts[1]["resumed_from_step"]
+    assert all(a["steps_lost"] is not None and a["steps_lost"] >= 0 for a in attempts)
+
+
+def test_resume_extends_a_completed_run(tmp_path, home, tiny_data, ray_address):
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 12, "eval_every": 0}, checkpoint={"every_steps": 4})
+    run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
+    run_id = cli_json("runs", home=home)[-1]["id"]
+    proc = run_cli("resume", run_id, "train.max_steps=20", "--address", ray_address, home=home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resuming at step 12" in proc.stdout
+    runs = cli_json("runs", home=home)
+    assert len(runs) == 1 and runs[0]["status"] == "completed"
+    assert [s for s, _ in losses(home, run_id)] == list(range(20))
+    assert cli_json("show", run_id, home=home)["config"]["train"]["max_steps"] == 20
+
+
+def test_fork_and_fork_of_fork_inherit_history(tmp_path, home, tiny_data, ray_address):
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 12, "eval_every": 0}, checkpoint={"every_steps": 4})
+    run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
+    parent = cli_json("runs", home=home)[-1]["id"]
+    proc = run_cli("fork", parent, "--step", "8", "optim.lr=0.001", "--name", "child", "--address", ray_address,
+                   home=home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    child = [r for r in cli_json("runs", home=home) if r["name"] == "child"][0]
+    assert (child["parent"], child["fork_step"]) == (parent, 8)
+    parent_losses, child_losses = losses(home, parent), losses(home, child["id"])
+    assert [s for s, _ in child_losses] == list(range(12))
+    assert child_losses[:8] == parent_losses[:8]  # inherited, not copied
+    assert child_losses[8:] != parent_losses[8:]  # its own steps, with its own lr
+
+    proc = run_cli("fork", child["id"], "--step", "12", "train.max_steps=14", "--name", "grandchild",
+                   "--address", ray_address, home=home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    grand = [r for r in cli_json("runs", home=home) if r["name"] == "grandchild"][0]
+    assert (grand["parent"], grand["fork_step"]) == (child["id"], 12)
+    assert losses(home, grand["id"])[:12] == child_losses
+    assert [s for s, _ in losses(home, grand["id"])] == list(range(14))
+
+
+def test_resume_and_fork_bad_input_is_one_line(tmp_path, home, tiny_data, ray_address):
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 8, "eval_every": 0}, checkpoint={"every_steps": 4})
+    run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
+    run_id = cli_json("runs", home=home)[-1]["id"]
+    cases = [
+        (["fork", run_id, "--step", "5"], "no committed checkpoint at step 5 (steps with one: 4, 8)"),
+        (["fork", run_id, "--step", "4", "model.d_model=128"], "model.d_model=128 differs from the checkpoint's 64"),
+        (["resume", "no-such-run"], "no run 'no-such-run'"),
+        (["fork", run_id, "--step", "4", "optim.lrr=1"], "did you mean optim.lr"),
+    ]
+    for argv, expected in cases:
+        proc = run_cli(*argv, home=home)
+        assert proc.returncode == 2, (argv, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (argv, lines)
+    assert len(cli_json("runs", home=home)) == 1  # nothing was started
