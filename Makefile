@@ -24,11 +24,16 @@ $(DEMO_DATA)/index.json: | $(STAMP)
 demo: $(STAMP) $(DEMO_DATA)/index.json
 	$(ORCH) launch configs/demo.yaml
 
-# Debian packages the tests start for real: prometheus (scrapes our endpoint).
+# Debian packages the tests start for real: prometheus (scrapes our endpoint), chromium and
+# chromium-driver (the web UI's browser tests drive it through Playwright; no browser download).
+SYSDEPS := prometheus chromium chromium-driver
 sysdeps:
-	@command -v prometheus >/dev/null 2>&1 || test -x /usr/bin/prometheus || { \
+	@missing=""; for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  echo "installing Debian packages:$$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests

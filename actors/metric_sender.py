@@ -35,6 +35,7 @@ class MetricSender:
         self.sent_points = 0
         self.dropped_points = 0
         self.step = 0
+        self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metric-sender", daemon=True) if background else None
         if self._thread:
@@ -96,7 +97,8 @@ class MetricSender:
                 return True
             try:
                 ray.get(ref, timeout=self.send_timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.RaySystemError):
+            except Exception as e:  # actor gone or restarting, a timeout, a store error: keep it, retry later
+                self.last_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 return False
             self.pending.popleft()
             self.pending_points -= n
@@ -114,4 +116,5 @@ class MetricSender:
             time.sleep(backoff_s * (2**i))
         raise RuntimeError(
             f"rank {self.rank}: could not deliver {self.pending_points} metric points to the metrics actor"
+            f" (last error: {self.last_error})"
         )

@@ -1,8 +1,10 @@
-"""Our GlobalSampler vs torch.utils.data.DistributedSampler, side by side in one run.
+"""Our GlobalSampler vs torch.utils.data.DistributedSampler and mosaicml-streaming, side by side.
 
 For each dataset size N and implementation, a fresh subprocess (so peak memory is its own):
   resume_ms      time from "resume at sample N/2" to having this rank's first batch in hand
-                 (torch has no resume: a user builds the iterator and skips ahead)
+                 (torch has no resume: a user builds the iterator and skips ahead; streaming
+                 builds the epoch's sample arrangement from `sample_in_epoch`, which its local
+                 rank 0 does and shares with the node's ranks)
   batch_us       median cost of each following rank batch
   ids_per_s      rank ids per second at the median batch cost
   peak_rss_mb    peak resident memory above the interpreter baseline (VmHWM - VmRSS at start)
@@ -10,6 +12,16 @@ Both libraries are warmed up on a tiny instance first, so resume_ms is the algor
 Plus a shuffle-quality table at N = 10**6 against torch.randperm: |corr(position, id)| (0 = no
 trend), the median |id difference| of neighbouring samples over N (locality; ~0.29 for an ideal
 shuffle), and how many 10**4-sequence blocks a batch of 1000 touches (what the node cache holds).
+
+mosaicml-streaming (a bench-only extra: `pip install --no-deps mosaicml-streaming`) is measured
+through the two public pieces that decide a rank's sample ids, exactly as its `random` batching
+combines them: `streaming.base.partition.get_partitions` (algo "relaxed") over
+`streaming.base.shuffle.get_shuffle` (algo "py1e"), with its defaults for one node of 8 ranks
+(1 canonical node, shuffle block 4,000,000) and shards of 100,000 samples (our block size). Both
+are numpy-only; the `streaming` package's own `__init__` imports its whole dataset stack
+(transformers, torchvision, ...), which cannot be installed next to this CPU torch, so the two
+subpackages are loaded under a bare parent package. Without mosaicml-streaming its rows are
+skipped with a one-line message.
 
     .venv/bin/python bench/data_sampler.py [--repeats 5] [--quick]
 
@@ -28,6 +40,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 GLOBAL_BATCH, WORLD, RANK, BATCHES = 4096, 8, 3, 100  # 100 batches fit after N/2 at N = 10**6
 
 
@@ -39,6 +53,38 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
+STREAMING_SHARD, STREAMING_BLOCK = 100_000, 4_000_000  # shard size = our block size; its default block
+
+
+def streaming_pieces():
+    """(get_partitions, get_shuffle) from mosaicml-streaming, or ImportError saying why not."""
+    import importlib.util
+    import types
+
+    spec = sys.modules["streaming"].__spec__ if "streaming" in sys.modules else importlib.util.find_spec("streaming")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("mosaicml-streaming is not installed (pip install --no-deps mosaicml-streaming)")
+    root = spec.submodule_search_locations[0]
+    for name, path in (("streaming", root), ("streaming.base", os.path.join(root, "base"))):
+        if name not in sys.modules:  # a bare package: its __init__ would import the dataset stack
+            module = types.ModuleType(name)
+            module.__path__, module.__spec__ = [path], spec if name == "streaming" else None
+            sys.modules[name] = module
+    from streaming.base.partition import get_partitions
+    from streaming.base.shuffle import get_shuffle
+
+    return get_partitions, get_shuffle
+
+
+def streaming_ids(n: int, world: int, batch: int, drop_first: int, *, shard: int, block: int) -> np.ndarray:
+    """streaming's sample ids for the rest of epoch 0 from `drop_first` on: (world, batches, batch),
+    the partition mapped through the shuffle as its `generate_work_random_batching` does."""
+    get_partitions, get_shuffle = streaming_pieces()
+    part = get_partitions("relaxed", n, 1, 1, world, 1, batch, drop_first)  # (node, rank, worker, batches, batch)
+    shuffle = get_shuffle("py1e", np.full(n // shard, shard, np.int64), 1, 0, 0, block)
+    return np.where(part != -1, shuffle[part], -1)[0, :, 0]
+
+
 class _Len:
     def __init__(self, n: int):
         self.n = n
@@ -48,7 +94,6 @@ class _Len:
 
 
 def case(impl: str, n: int) -> dict:
-    import numpy as np
     import torch
 
     from dataloading.sampler import GlobalSampler
@@ -75,6 +120,19 @@ def case(impl: str, n: int) -> dict:
             batch = list(itertools.islice(it, per_rank))
             times.append(time.perf_counter() - t)
         assert len(first) == len(batch) == per_rank
+    elif impl == "streaming-py1e":
+        streaming_ids(10**4, 2, 4, 0, shard=1000, block=2000)  # warm up (imports, first calls)
+        base = _rss_kb("VmRSS")
+        t0 = time.perf_counter()
+        rank_ids = streaming_ids(n, WORLD, per_rank, start_step * GLOBAL_BATCH, shard=STREAMING_SHARD,
+                                 block=STREAMING_BLOCK)[RANK]
+        first = rank_ids[0].copy()
+        resume = time.perf_counter() - t0
+        for k in range(1, BATCHES + 1):
+            t = time.perf_counter()
+            batch = rank_ids[k].copy()
+            times.append(time.perf_counter() - t)
+        assert len(first) == len(batch) == per_rank and first.min() >= 0
     else:
         mode = {"ours-global": "global", "ours-block": "block"}[impl]
         state = GlobalSampler(n, GLOBAL_BATCH, 0, mode=mode, block_size=100_000).state_dict(start_step)
@@ -87,7 +145,7 @@ def case(impl: str, n: int) -> dict:
             batch = sampler.local_batch(step + k, RANK, WORLD)
             times.append(time.perf_counter() - t)
         assert len(first) == len(batch) == per_rank
-    del np, torch
+    del torch
     med = statistics.median(times)
     return {
         "resume_ms": resume * 1e3,
@@ -99,7 +157,6 @@ def case(impl: str, n: int) -> dict:
 
 def quality() -> dict:
     """Shuffle quality at N = 10**6, one epoch, against torch.randperm."""
-    import numpy as np
     import torch
 
     from dataloading.sampler import GlobalSampler
@@ -122,6 +179,13 @@ def quality() -> dict:
     for w in (1, 4, 16):
         s = GlobalSampler(n, b, 0, mode="block", block_size=10_000, window_blocks=w)
         out[f"ours-block(10k x {w})"] = stats(np.concatenate([s.global_batch(k) for k in range(n // b)]), 10_000)
+    try:
+        streaming_pieces()
+    except ImportError:
+        return out
+    for block in (STREAMING_BLOCK, 1 << 18):  # its default here, and its smallest default
+        ids = streaming_ids(n, 1, b, 0, shard=10_000, block=block).reshape(-1)
+        out[f"streaming-py1e(10k shards, block {block})"] = stats(ids, 10_000)
     return out
 
 
@@ -148,6 +212,11 @@ def main() -> None:
         return
     plan = [("torch", n) for n in (10**6, 10**7)]  # 10**8 needs ~4 GB and minutes: a list of N ints
     plan += [(impl, n) for impl in ("ours-global", "ours-block") for n in (10**6, 10**8, 10**9, 10**10)]
+    try:
+        streaming_pieces()
+        plan += [("streaming-py1e", n) for n in (10**6, 10**8)]  # O(N) arrays: 10**9 needs tens of GB
+    except ImportError as e:
+        print(f"streaming: skipped ({e})", flush=True)
     if a.quick:
         plan = [(impl, n) for impl, n in plan if n <= 10**6]
     results: dict = {}
@@ -155,11 +224,11 @@ def main() -> None:
         runs = [run_child(["--case", impl, str(n)]) for _ in range(a.repeats)]
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         results[f"{impl} N=1e{len(str(n)) - 1}"] = med
-        print(f"{impl:12s} N=1e{len(str(n)) - 1:<3d} resume {med['resume_ms']:10.3f} ms  batch {med['batch_us']:9.1f} us  "
+        print(f"{impl:14s} N=1e{len(str(n)) - 1:<3d} resume {med['resume_ms']:10.3f} ms  batch {med['batch_us']:9.1f} us  "
               f"{med['ids_per_s'] / 1e6:7.2f} M ids/s  peak +{med['peak_rss_mb']:8.1f} MB", flush=True)
     q = run_child(["--quality"])
     for name, row in q.items():
-        print(f"quality {name:22s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
+        print(f"quality {name:42s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
     summary = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
         "global_batch": GLOBAL_BATCH, "world": WORLD, "repeats": a.repeats,

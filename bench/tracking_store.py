@@ -396,7 +396,7 @@ def main() -> None:
                 r = mlflow_async(ml, sub)
                 res["mlflow_async"].append(r)
                 log(f"rep {rep + 1}/{args.repeats} mlflow log_metrics(synchronous=False): {r['pps']:,.0f} points/s "
-                    f"({r['points']:,} points in {r['seconds']:.2f}s)")
+                    f"({r['points']:,} points in {r['seconds']:.2f}s, log loop {r['log_loop_s']:.2f}s)")
         ray.shutdown()
 
         ingest = {"points_ours": n, "points_mlflow": args.mlflow_steps * args.keys if ml else None}
@@ -404,6 +404,8 @@ def main() -> None:
             if rs:
                 ingest[f"{k}_pps"] = med([r["pps"] for r in rs])
                 ingest[f"{k}_pps_all"] = [round(r["pps"]) for r in rs]
+        if res["mlflow_async"]:
+            ingest["mlflow_async_log_loop_s"] = med([r["log_loop_s"] for r in res["mlflow_async"]])
         for where in ("driver", "task"):
             ingest[f"ours_actor_{where}_log_loop_s"] = med([r["log_loop_s"] for r in res[f"ours_actor_{where}"]])
             ingest[f"ours_actor_{where}_batches"] = med([r["batches"] for r in res[f"ours_actor_{where}"]])

@@ -219,7 +219,7 @@ class Checkpointer:
             if self.clock() > deadline:
                 missing = sorted(set(range(self.world_size)) - set(shards))
                 return self._fail(result, f"ranks {missing} did not report within {self.cfg.commit_timeout_s:g}s")
-            self.sleep(min(self.poll_s * 1.5 ** min(attempt, 10), 0.5))
+            self.sleep(min(self.poll_s * 1.5 ** min(attempt, 10), 0.1))  # one poller per run: keep it prompt
         else:
             return self._fail(result, "gave up waiting for the ranks' reports")
         files = [f for s in shards.values() for f in s["files"]]

@@ -13,10 +13,11 @@ the digit's radix by multiply-shift rather than division.
 
 Speed: a round's hash depends on one digit only, which takes a < 2**17 or b < 2**17 values when
 n < ~1.7e10. From the second call on, such a permutation evaluates each round's hash once for
-every digit value into a table (the same numbers, so the same order) and then costs three numpy
-calls per round (gather, add, gather from a "mod radix" table) instead of eleven. The tables hold
-5 (a + b) int64 values: 80 KB at n = 10**8, 8 MB at n = 10**10, at most 10.5 MB; they cost one
-hashing pass over them (~10 ms at n = 10**10) and are not built for one-off calls (resume).
+every digit value into a table (the same numbers, so the same order) and then costs three or four
+numpy calls per round (gather, add, then a gather from a "mod radix" table for radices up to 2**14
+or a wrap-around minimum above) instead of eleven. The tables hold at most 5 (a + b) int64 values:
+~0.8 MB at n = 10**8, 4.8 MB at n = 10**10, at most 6.3 MB; building them is one hashing pass
+(a few ms at n = 10**10), skipped for one-off calls such as the first batch after a resume.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 ROUNDS = 6
 TABLE_MAX_RADIX = 1 << 17  # per-round hash tables when both radices are at most this
+MOD_TABLE_MAX_RADIX = 1 << 14  # and "mod radix" tables too when both are at most this
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _S1 = np.uint64(29)
@@ -112,20 +114,25 @@ class Permutation:
         return hi
 
     def _build_tables(self) -> None:
-        """Each round's hash of every value of the digit it reads, and x -> x mod radix over
-        [0, 2 radix) for the digit it updates: exactly the numbers `_encrypt` computes."""
+        """Each round's hash of every value of the digit it reads: exactly the numbers
+        `_encrypt` computes. For small radices also x -> x mod radix over [0, 2 radix) for the
+        digit a round updates (a gather beats arithmetic while the tables stay in cache); for
+        large ones the hash table holds hash - radix and the sum is wrapped arithmetically."""
         a, b = self._ia, self._ib
-        mod_a = np.arange(2 * a, dtype=np.int64)
-        mod_a[a:] -= a
-        mod_b = np.arange(2 * b, dtype=np.int64)
-        mod_b[b:] -= b
-        digits_a, digits_b = np.arange(a, dtype=np.uint64), np.arange(b, dtype=np.uint64)
+        small = max(a, b) <= MOD_TABLE_MAX_RADIX
+        mods = []
+        for r in (a, b):
+            mod = np.arange(2 * r, dtype=np.int64)
+            mod[r:] -= r
+            mods.append(mod if small else None)
+        digits = np.arange(b, dtype=np.uint64), np.arange(a, dtype=np.uint64)
+        radices = (self.a, self.b)
         tables = []
-        for i, k in enumerate(self.keys):
-            if i % 2 == 0:  # hi += hash(lo) mod a
-                tables.append((_hash(digits_b, k, self.a).view(np.int64), mod_a))
-            else:  # lo += hash(hi) mod b
-                tables.append((_hash(digits_a, k, self.b).view(np.int64), mod_b))
+        for i, k in enumerate(self.keys):  # even rounds: hi += hash(lo) mod a; odd: lo += hash(hi) mod b
+            table = _hash(digits[i % 2], k, radices[i % 2]).view(np.int64)
+            if not small:
+                table -= (a, b)[i % 2]
+            tables.append((table, mods[i % 2]))
         self._tables = tables
 
     def _encrypt_tables(self, x: np.ndarray) -> np.ndarray:
@@ -134,15 +141,20 @@ class Permutation:
         hi = x // b
         lo = hi * b
         np.subtract(x, lo, out=lo)
+        radices = (self.a, self.b)
         for i, (table, mod) in enumerate(self._tables):
+            read, write = (lo, hi) if i % 2 == 0 else (hi, lo)
+            s = table.take(read)
+            s += write
+            if mod is not None:
+                s = mod.take(s)
+            else:  # s = digit + hash - radix in [-radix, radix): add radix back where negative
+                u = s.view(np.uint64)
+                np.minimum(u, u + radices[i % 2], out=u)  # negative s: u + radix wraps to s + radix
             if i % 2 == 0:
-                s = table.take(lo)
-                s += hi
-                hi = mod.take(s)
+                hi = s
             else:
-                s = table.take(hi)
-                s += lo
-                lo = mod.take(s)
+                lo = s
         hi *= b
         hi += lo
         return hi

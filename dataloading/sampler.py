@@ -41,6 +41,10 @@ class GlobalOrder:
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         return self.perm(positions)
 
+    def span(self, first: int, count: int) -> np.ndarray:
+        """Ids at positions first, ..., first + count - 1 (what a rank's batch asks for)."""
+        return self.perm.span(first, count)
+
 
 class BlockOrder:
     """Block shuffle: permuted blocks, then a permutation within each window of blocks."""
@@ -55,7 +59,7 @@ class BlockOrder:
         self.short_slot = int(self.blocks.inverse([self.nb - 1])[0]) if self.short else self.nb
         # a block order of <= 65536 blocks is cheaper to look up than to recompute (<= 512 KB, ~3 ms once)
         self._table = self.blocks(np.arange(self.nb)) if self.nb <= TABLE_BLOCKS else None
-        self._windows: dict[int, Permutation] = {}
+        self._windows: dict[int, tuple[Permutation, int, int, np.ndarray | None]] = {}
 
     def block_at(self, slots: np.ndarray) -> np.ndarray:
         """Block id at each shuffled slot."""
@@ -74,16 +78,38 @@ class BlockOrder:
         slot = np.where(p < t * bs, p // bs, np.where(p < (t + 1) * bs - self.short, t, (p + self.short) // bs))
         return slot, p - self.slot_start(slot)
 
-    def window_perm(self, window: int) -> Permutation:
-        perm = self._windows.get(window)
-        if perm is None:
-            start = int(self.slot_start(window * self.w))
-            end = int(self.slot_start(min((window + 1) * self.w, self.nb)))
+    def _window(self, window: int) -> tuple[Permutation, int, int, np.ndarray | None]:
+        """(permutation, first position, end position, delta) of a window. Where the window's
+        j-th slot holds local positions [j*bs, (j+1)*bs) (every window but the one holding the
+        short block followed by more slots), id = local + delta[local // bs]; else delta is None."""
+        got = self._windows.get(window)
+        if got is None:
+            first_slot = window * self.w
+            end_slot = min(first_slot + self.w, self.nb)
+            start, end = int(self.slot_start(first_slot)), int(self.slot_start(end_slot))
             perm = Permutation(end - start, round_keys("window", self.seed, self.epoch, window))
+            delta = None
+            if end_slot - 1 <= self.short_slot or first_slot > self.short_slot:
+                slots = np.arange(first_slot, end_slot, dtype=np.int64)
+                delta = self.block_at(slots) * self.bs - self.slot_start(slots) + start
             if len(self._windows) > 64:  # a batch spans one or two windows; keep the dict small
                 self._windows.clear()
-            self._windows[window] = perm
-        return perm
+            got = self._windows[window] = (perm, start, end, delta)
+        return got
+
+    def window_perm(self, window: int) -> Permutation:
+        return self._window(window)[0]
+
+    def _window_at(self, p: int) -> int:
+        """Window of one position (integer arithmetic, no arrays)."""
+        t, bs = self.short_slot, self.bs
+        if p < t * bs:
+            slot = p // bs
+        elif p < (t + 1) * bs - self.short:
+            slot = t
+        else:
+            slot = (p + self.short) // bs
+        return slot // self.w
 
     def window_blocks_of(self, window: int) -> np.ndarray:
         """Block ids (in shuffled order) of window `window`, empty past the end."""
@@ -109,6 +135,27 @@ class BlockOrder:
                 mixed[sel] = start + self.window_perm(int(w))(positions[sel] - start)
         slot, offset = self.locate(mixed)
         return self.block_at(slot) * self.bs + offset
+
+    def span(self, first: int, count: int) -> np.ndarray:
+        """Ids at positions first, ..., first + count - 1, window by window: `self(arange)`
+        without re-deriving every position's window and block."""
+        if first < 0 or count < 0 or first + count > self.n:
+            raise IndexError(f"positions [{first}, {first + count}) out of range [0, {self.n})")
+        if count == 0:
+            return np.empty(0, dtype=np.int64)
+        parts = []
+        for window in range(self._window_at(first), self._window_at(first + count - 1) + 1):
+            perm, start, end, delta = self._window(window)
+            lo, hi = max(first, start), min(first + count, end)
+            local = perm.span(lo - start, hi - lo)
+            if delta is not None:
+                ids = delta.take(local // self.bs)
+                ids += local
+            else:
+                slot, offset = self.locate(local + start)
+                ids = self.block_at(slot) * self.bs + offset
+            parts.append(ids)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def check_world_size(global_batch_size: int, world_size: int) -> None:
@@ -177,8 +224,7 @@ class GlobalSampler:
         if step < 0:
             raise IndexError(f"step must be >= 0, got {step}")
         epoch, k = divmod(step, self.batches_per_epoch)
-        first = k * self.global_batch_size + start
-        return self.order(epoch)(np.arange(first, first + count, dtype=np.int64))
+        return self.order(epoch).span(k * self.global_batch_size + start, count)
 
     def global_batch(self, step: int) -> np.ndarray:
         """The sequence ids of global batch `step` (0-based, counting across epochs), as int64."""

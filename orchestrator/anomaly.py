@@ -30,11 +30,11 @@ class Alert:
 @dataclass
 class Thresholds:
     window: int = 50
-    min_history: int = 10
+    min_history: int = 20  # early training is noisy: judge against a settled window
     spike_z: float = 6.0
     grad_ratio: float = 10.0
     throughput_drop: float = 0.5
-    throughput_steps: int = 3
+    throughput_steps: int = 5
     straggler_ratio: float = 1.5
     straggler_checks: int = 5
     cooldown_steps: int = 20

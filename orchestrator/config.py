@@ -41,6 +41,9 @@ class ScalingConfig:
     gpus_per_worker: float = option(0.0, min=0, help="GPUs per worker; > 0 selects NCCL with backend auto")
     start_timeout_s: float = option(60.0, min=0, help="give up reserving resources after this long")
     torch_threads: int = option(1, min=1, help="torch intra-op threads per worker")
+    min_workers: int | None = option(
+        None, min=1, help="elastic: after losing workers, go on with as few as this (sizes dividing the global batch)"
+    )
 
 
 @dataclass
@@ -176,6 +179,9 @@ def validate(cfg: Config) -> None:
             f"data.global_batch_size={cfg.data.global_batch_size} must be divisible by "
             f"scaling.num_workers={cfg.scaling.num_workers}"
         )
+    if cfg.scaling.min_workers is not None and cfg.scaling.min_workers > cfg.scaling.num_workers:
+        raise ConfigError(f"scaling.min_workers={cfg.scaling.min_workers} is above scaling.num_workers="
+                          f"{cfg.scaling.num_workers}")
     if cfg.scaling.cpus_per_worker <= 0 and cfg.scaling.gpus_per_worker <= 0:
         raise ConfigError("scaling.cpus_per_worker and scaling.gpus_per_worker are both 0; a worker needs one of them")
     if cfg.model.factory is not None and ":" not in cfg.model.factory:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from orchestrator import cluster
 from orchestrator.config import Config, OnNonFinite
-from orchestrator.errors import NonFiniteLoss, UserError
+from orchestrator.errors import NonFiniteLoss, ResourceError, UserError
 from orchestrator.policy import Decision, Failure, FailureKind, RestartPolicy
 from orchestrator.progress import Progress
 from orchestrator.store import Store
@@ -57,6 +57,7 @@ class Controller:
         ft = cfg.fault_tolerance
         self.policy = RestartPolicy(max_restarts=ft.max_restarts, backoff_s=ft.backoff_s)
         self.last_step = -1  # last step every rank completed, as the metrics actor saw it
+        self.world = cfg.scaling.num_workers  # the current group's size (smaller while elastic)
         self.skipped: list[int] = []  # global batches left out after a non-finite loss (on_nonfinite=rollback)
 
     # --- the loop -----------------------------------------------------------------------
@@ -78,11 +79,15 @@ class Controller:
                 summary = self._attempt(attempt, step0, source_uri, failed_at)
             except GroupFailed as g:
                 f = g.failure
+                self._refresh_last_step()
                 _, resume_at = self._restore_from("latest")  # where a restart would pick up
                 lost = max(0, self.last_step + 1 - (resume_at or 0))
-                self.store.end_attempt(self.run_id, attempt, "failed", cause=f.kind.value, message=f.message,
-                                       rank=f.rank, node=f.node_id, failed_step=self.last_step, steps_lost=lost)
-                self.store.add_event(self.run_id, kind=f"failure_{f.kind.value}", severity="error", message=f.message,
+                planned = f.kind is FailureKind.RESIZE
+                self.store.end_attempt(self.run_id, attempt, "resized" if planned else "failed", cause=f.kind.value,
+                                       message=f.message, rank=f.rank, node=f.node_id, failed_step=self.last_step,
+                                       steps_lost=lost)
+                self.store.add_event(self.run_id, kind=f.kind.value if planned else f"failure_{f.kind.value}",
+                                     severity="info" if planned else "error", message=f.message,
                                      step=self.last_step, rank=f.rank, data={"attempt": attempt, **f.data})
                 self._stop_group()
                 decision = self.policy.decide(f, restarts)
@@ -98,11 +103,14 @@ class Controller:
                         f" (after {restarts} restart{'s' if restarts != 1 else ''}; fault_tolerance.max_restarts="
                         f"{self.policy.max_restarts})" if restarts else "")
                     raise RunFailed(f.message + why) from cause
-                restarts += 1
-                delay = self.policy.delay_s(restarts - 1)
-                self.out(f"RESTART {restarts}/{self.policy.max_restarts}: {f.message}; "
-                         f"restoring the latest checkpoint in {delay:.1f}s")
-                time.sleep(delay)
+                if f.kind is FailureKind.RESIZE:
+                    self.out(f"RESIZE: {f.message}")
+                else:
+                    restarts += 1
+                    delay = self.policy.delay_s(restarts - 1)
+                    self.out(f"RESTART {restarts}/{self.policy.max_restarts}: {f.message}; "
+                             f"restoring the latest checkpoint in {delay:.1f}s")
+                    time.sleep(delay)
                 attempt, failed_at, restore = attempt + 1, time.time(), "latest"
                 self.last_step = -1
                 continue
@@ -112,11 +120,35 @@ class Controller:
             return summary
 
     def _reserve(self) -> None:
+        """A placement group for the whole group, or (elastic, scaling.min_workers) for the largest
+        size that fits now and divides the global batch, so the data order stays the same."""
         if self.h.placement is not None:
             return
-        s = self.cfg.scaling
-        self.h.placement = cluster.reserve(run_id=self.run_id, num_workers=s.num_workers, cpus=s.cpus_per_worker,
-                                           gpus=s.gpus_per_worker, timeout_s=s.start_timeout_s)
+        s, batch = self.cfg.scaling, self.cfg.data.global_batch_size
+        sizes = [s.num_workers]
+        if s.min_workers is not None:
+            sizes = [n for n in range(s.num_workers, s.min_workers - 1, -1) if batch % n == 0]
+        if len(sizes) == 1:
+            self.h.placement = cluster.reserve(run_id=self.run_id, num_workers=sizes[0], cpus=s.cpus_per_worker,
+                                               gpus=s.gpus_per_worker, timeout_s=s.start_timeout_s)
+            self.world = sizes[0]
+            return
+        deadline = time.monotonic() + s.start_timeout_s
+        while True:
+            for n in sizes:
+                try:
+                    self.h.placement = cluster.reserve(run_id=self.run_id, num_workers=n, cpus=s.cpus_per_worker,
+                                                       gpus=s.gpus_per_worker, timeout_s=2.0)
+                except ResourceError as e:
+                    last_error = e
+                    continue
+                self.world = n
+                if n < s.num_workers:
+                    self.out(f"elastic: {n} of {s.num_workers} workers fit now; going on with {n} "
+                             f"(global batch {batch} stays, {batch // n} per rank)")
+                return
+            if time.monotonic() >= deadline:
+                raise ResourceError(f"{last_error} (elastic: tried {', '.join(map(str, sizes))} workers)")
 
     def _restore_from(self, restore: int | str | None) -> tuple[str | None, int | None]:
         """(checkpoint location, step) the next attempt starts from; (None, None) is step 0."""
@@ -150,7 +182,7 @@ class Controller:
         t0 = time.time()
         s, h = self.cfg.scaling, self.h
         ranks = cluster.assign_ranks(h.placement.bundle_nodes)
-        by_rank = sorted(range(s.num_workers), key=lambda b: ranks[b]["rank"])
+        by_rank = sorted(range(self.world), key=lambda b: ranks[b]["rank"])
         h.workers = [
             ray.remote(TrainWorker).options(
                 name=f"{self.cfg.run.name}:{self.run_id}:rank{ranks[b]['rank']}" + (f":a{attempt}" if attempt else ""),
@@ -166,7 +198,7 @@ class Controller:
         master_addr = infos[0]["ip"]
         master_port = self._gather([h.workers[0].free_port.remote()], "start")[0]
         setups = [
-            w.setup.remote(rank=ranks[b]["rank"], local_rank=ranks[b]["local_rank"], world_size=s.num_workers,
+            w.setup.remote(rank=ranks[b]["rank"], local_rank=ranks[b]["local_rank"], world_size=self.world,
                            local_world_size=ranks[b]["local_world_size"], node_rank=ranks[b]["node_rank"],
                            master_addr=master_addr, master_port=master_port)
             for w, b in zip(h.workers, by_rank, strict=True)
@@ -174,7 +206,7 @@ class Controller:
         backends = self._gather(setups, "rendezvous")
         n_nodes = len({i["node_id"] for i in infos})
         resumed = f", resuming at step {step0}" if step0 is not None else ""
-        self.out(f"rendezvous done: {s.num_workers} ranks on {n_nodes} node(s), backend {backends[0]}, "
+        self.out(f"rendezvous done: {self.world} ranks on {n_nodes} node(s), backend {backends[0]}, "
                  f"master {master_addr}:{master_port} ({time.time() - t0:.1f}s){resumed}")
         refs = [w.train.remote(restore_step=step0, restore_uri=source_uri, skipped=self.skipped) for w in h.workers]
         self._watch(refs, step0, failed_at, attempt)
@@ -205,9 +237,44 @@ class Controller:
                 failed_at = None
             if progress.due():
                 progress.show(p)
+            self._maybe_grow()
         for a in ray.get(self.h.metrics.take_alerts.remote()):
             self.out(f"ALERT {a['severity']} {a['kind']}: {a['message']}")
         progress.show(ray.get(self.h.metrics.progress.remote()), final=True)
+
+    def _refresh_last_step(self, settle_s: float = 1.0) -> None:
+        """After a failure: the ranks' last batches of metrics land within a flush interval."""
+        import ray
+
+        time.sleep(min(settle_s, 2 * self.cfg.telemetry.flush_every_s))
+        try:
+            self.last_step = max(self.last_step, ray.get(self.h.metrics.progress.remote(), timeout=5).get("step", -1))
+        except Exception:  # the metrics actor is restarting: keep what we saw last
+            pass
+
+    def _maybe_grow(self) -> None:
+        """While elastic and short of workers: once capacity for the full group is back, restart
+        at the next committed checkpoint (so no step is lost) with every worker."""
+        s = self.cfg.scaling
+        if self.world >= s.num_workers or time.monotonic() < getattr(self, "next_grow_check", 0):
+            return
+        self.next_grow_check = time.monotonic() + 2.0
+        import ray
+
+        free = ray.available_resources()
+        missing = s.num_workers - self.world
+        if free.get("CPU", 0) < missing * s.cpus_per_worker or free.get("GPU", 0) < missing * s.gpus_per_worker:
+            self.grow_after = None
+            return
+        _, latest = self._restore_from("latest")
+        latest = latest or 0
+        if getattr(self, "grow_after", None) is None:
+            self.grow_after = latest
+            self.out(f"elastic: capacity for {s.num_workers} workers is back; regrowing at the next checkpoint")
+        elif latest > self.grow_after:
+            self.grow_after = None
+            raise GroupFailed(Failure(FailureKind.RESIZE, f"regrowing from {self.world} to {s.num_workers} workers "
+                                      f"at the checkpoint of step {latest}", step=latest))
 
     # --- failures -----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ class FailureKind(str, Enum):
     NON_FINITE = "non_finite_loss"
     HANG = "hang"  # the watchdog declared a stall
     USER_ERROR = "user_error"  # bad config or data: restarting cannot help
+    RESIZE = "resize"  # planned: capacity came back, regrow the group at a checkpoint
 
 
 class Decision(str, Enum):
@@ -42,6 +43,8 @@ class RestartPolicy:
     def decide(self, failure: Failure, restarts_done: int) -> Decision:
         if failure.kind is FailureKind.USER_ERROR:
             return Decision.RAISE
+        if failure.kind is FailureKind.RESIZE:
+            return Decision.RESTART  # not a failure: never counted against max_restarts
         return Decision.RESTART if restarts_done < self.max_restarts else Decision.RAISE
 
     def delay_s(self, restarts_done: int, rng: random.Random | None = None) -> float:

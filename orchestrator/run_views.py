@@ -163,17 +163,21 @@ def cmd_metrics(args, argv) -> int:
     if args.json:
         out(json.dumps({"run": run["id"], "key": args.key, "rank": args.rank, "points": points}))
         return 0
-    finite = [p for p in points if math.isfinite(p["value"])]
+    def ok(v) -> bool:
+        return v is not None and math.isfinite(v)
+
+    finite = [p for p in points if ok(p["value"])]
     if finite:
         lo = min(p.get("min", p["value"]) for p in finite)
         hi = max(p.get("max", p["value"]) for p in finite)
+        lo, hi = (lo, hi) if ok(lo) and ok(hi) else (min(p["value"] for p in finite), max(p["value"] for p in finite))
         span = (hi - lo) or 1.0
-        spark = "".join(SPARK[min(7, max(0, int((p["value"] - lo) / span * 7)))] if math.isfinite(p["value"]) else "!"
+        spark = "".join(SPARK[min(7, max(0, int((p["value"] - lo) / span * 7)))] if ok(p["value"]) else "!"
                         for p in points)
         out(f"{args.key}  {spark}  [{lo:.4g} .. {hi:.4g}]")
     rows = [("STEP", "VALUE", "MIN", "MAX")]
     for p in points:
-        rows.append((p["step"], f"{p['value']:.6g}", f"{p.get('min', p['value']):.6g}", f"{p.get('max', p['value']):.6g}"))
+        rows.append((p["step"], _g(p["value"]), _g(p.get("min", p["value"])), _g(p.get("max", p["value"]))))
     table(rows)
     return 0
 
@@ -215,6 +219,10 @@ def cmd_compare(args, argv) -> int:
     else:
         out("\nsame config")
     return 0
+
+
+def _g(v) -> str:
+    return "-" if v is None else f"{v:.6g}"
 
 
 def _num(v) -> str:

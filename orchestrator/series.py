@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS ingest (
 """
 
 # summary columns, one row per BLOCK points
-S_FIRST_STEP, S_LAST_STEP, S_FIRST, S_LAST, S_MIN, S_MAX, S_SUM, S_COUNT = range(8)
+S_FIRST_STEP, S_LAST_STEP, S_FIRST, S_LAST, S_MIN, S_MAX, S_SUM, S_COUNT, S_FINITE = range(9)
+S_COLS = 9
 
 
 @dataclass(frozen=True)
@@ -67,19 +68,20 @@ class Points:
 
 
 def summarize(steps: np.ndarray, vals: np.ndarray) -> np.ndarray:
-    """(ceil(n / BLOCK), 8) float64 summary of consecutive BLOCK-point blocks."""
+    """(ceil(n / BLOCK), S_COLS) float64 summary of consecutive BLOCK-point blocks."""
     starts = np.arange(0, len(vals), BLOCK)
     ends = np.minimum(starts + BLOCK, len(vals)) - 1
-    out = np.empty((len(starts), 8), dtype=np.float64)
+    out = np.empty((len(starts), S_COLS), dtype=np.float64)
     out[:, S_FIRST_STEP] = steps[starts]
     out[:, S_LAST_STEP] = steps[ends]
     out[:, S_FIRST] = vals[starts]
     out[:, S_LAST] = vals[ends]
     out[:, S_MIN] = np.fmin.reduceat(vals, starts)  # fmin: a NaN does not hide the real minimum
     out[:, S_MAX] = np.fmax.reduceat(vals, starts)
-    finite = np.where(np.isfinite(vals), vals, 0.0)
-    out[:, S_SUM] = np.add.reduceat(finite, starts)
+    ok = np.isfinite(vals)
+    out[:, S_SUM] = np.add.reduceat(np.where(ok, vals, 0.0), starts)  # the mean is over finite values only
     out[:, S_COUNT] = ends - starts + 1
+    out[:, S_FINITE] = np.add.reduceat(ok.astype(np.float64), starts)
     return out
 
 
@@ -106,7 +108,9 @@ class SeriesStore:
         With `seq` (the sender's batch number), a batch already applied is skipped: 0 is returned."""
         total = 0
         full = []
-        self.db.execute("BEGIN")
+        # IMMEDIATE: take the write lock up front; a deferred transaction that reads first cannot
+        # wait for another writer (SQLite answers "database is locked" at once instead)
+        self.db.execute("BEGIN IMMEDIATE")
         try:
             if seq is not None:
                 row = self.db.execute(
@@ -219,8 +223,8 @@ class SeriesStore:
             "SELECT summary FROM summaries WHERE series_id = ? ORDER BY step_lo", (sid,)
         ).fetchall()
         summ = (
-            np.concatenate([np.frombuffer(r[0], dtype="<f8").reshape(-1, 8) for r in rows])
-            if rows else np.empty((0, 8))
+            np.concatenate([np.frombuffer(r[0], dtype="<f8").reshape(-1, S_COLS) for r in rows])
+            if rows else np.empty((0, S_COLS))
         )
         tail_rows = self.db.execute(
             "SELECT steps, vals FROM chunks WHERE series_id = ? AND sealed = 0 ORDER BY rowid", (sid,)
@@ -244,27 +248,30 @@ def bucket_edges(lo: int, hi: int, buckets: int) -> np.ndarray:
 
 def bucket_points(p: Points, edges: np.ndarray) -> dict[str, np.ndarray]:
     """Exact per-bucket first/last/min/max/sum/count of raw points."""
+    ok = np.isfinite(p.values)
     return _reduce(np.searchsorted(edges, p.steps, side="right") - 1, len(edges) - 1,
                    p.steps, p.steps, p.values, p.values, p.values, p.values,
-                   np.where(np.isfinite(p.values), p.values, 0.0), np.ones(len(p.steps)))
+                   np.where(ok, p.values, 0.0), np.ones(len(p.steps)), ok.astype(np.float64))
 
 
 def bucket_summaries(summ: np.ndarray, edges: np.ndarray) -> dict[str, np.ndarray]:
     """Per-bucket aggregates from block summaries; a block belongs to the bucket of its first step."""
     idx = np.searchsorted(edges, summ[:, S_FIRST_STEP].astype(np.int64), side="right") - 1
     return _reduce(idx, len(edges) - 1, summ[:, S_FIRST_STEP].astype(np.int64), summ[:, S_LAST_STEP].astype(np.int64),
-                   summ[:, S_FIRST], summ[:, S_LAST], summ[:, S_MIN], summ[:, S_MAX], summ[:, S_SUM], summ[:, S_COUNT])
+                   summ[:, S_FIRST], summ[:, S_LAST], summ[:, S_MIN], summ[:, S_MAX], summ[:, S_SUM], summ[:, S_COUNT],
+                   summ[:, S_FINITE])
 
 
-def _reduce(idx, nb, first_step, last_step, first, last, mn, mx, sm, cnt) -> dict[str, np.ndarray]:
+def _reduce(idx, nb, first_step, last_step, first, last, mn, mx, sm, cnt, fin) -> dict[str, np.ndarray]:
     idx = np.clip(idx, 0, nb - 1)
     if len(idx) > 1 and np.any(idx[1:] < idx[:-1]):  # out-of-order input: group by bucket, keep order inside
         order = np.argsort(idx, kind="stable")
-        idx, first_step, last_step, first, last, mn, mx, sm, cnt = (
-            a[order] for a in (idx, first_step, last_step, first, last, mn, mx, sm, cnt)
+        idx, first_step, last_step, first, last, mn, mx, sm, cnt, fin = (
+            a[order] for a in (idx, first_step, last_step, first, last, mn, mx, sm, cnt, fin)
         )
     out = {
         "count": np.zeros(nb),
+        "finite": np.zeros(nb),
         "sum": np.zeros(nb),
         "min": np.full(nb, np.inf),
         "max": np.full(nb, -np.inf),
@@ -280,6 +287,7 @@ def _reduce(idx, nb, first_step, last_step, first, last, mn, mx, sm, cnt) -> dic
     ends = np.r_[starts[1:], len(idx)] - 1
     present = idx[starts]
     out["count"][present] = np.add.reduceat(cnt, starts)
+    out["finite"][present] = np.add.reduceat(fin, starts)
     out["sum"][present] = np.add.reduceat(sm, starts)
     out["min"][present] = np.fmin.reduceat(mn, starts)
     out["max"][present] = np.fmax.reduceat(mx, starts)
@@ -295,6 +303,7 @@ def merge_buckets(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     out = {k: v.copy() for k, v in parts[0].items()}
     for p in parts[1:]:
         out["count"] += p["count"]
+        out["finite"] += p["finite"]
         out["sum"] += p["sum"]
         out["min"] = np.fmin(out["min"], p["min"])
         out["max"] = np.fmax(out["max"], p["max"])
@@ -335,7 +344,7 @@ def to_rows(agg: dict[str, np.ndarray]) -> list[dict]:
         rows.append({
             "step": int(agg["step"][i]),
             "last_step": int(agg["last_step"][i]),
-            "value": float(agg["sum"][i] / agg["count"][i]),
+            "value": float(agg["sum"][i] / agg["finite"][i]) if agg["finite"][i] else None,  # None: nothing finite
             "min": float(agg["min"][i]),
             "max": float(agg["max"][i]),
             "first": float(agg["first"][i]),

@@ -163,6 +163,8 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
             next_batch = data_index(step + 1, skipped)
             checkpointer.save(step + 1, model=model, optimizer=optimizer, sampler_state=sampler.state_dict(next_batch),
                               metrics=metrics, log=log)
+            if hasattr(log, "flush"):  # what a restore will not replay must reach the store now
+                log.flush()
         first_loss = loss_value if first_loss is None else first_loss
         last_loss = loss_value
     if checkpointer is not None:

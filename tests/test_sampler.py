@@ -204,3 +204,53 @@ def test_order_is_pinned_across_versions():
     # a checkpoint's sampler state only means the same data if the order never changes
     assert GlobalSampler(1000, 4, 0).global_batch(0).tolist() == [508, 76, 514, 384]
     assert GlobalSampler(1000, 4, 0, mode="block", block_size=10).global_batch(7).tolist() == [64, 913, 691, 69]
+
+
+PINNED = [  # (n, mode kwargs, ids [:3] of step 5 rank 3 of 8, ids [-3:] of epoch 1 step 2 rank 7 of 8)
+    (10**6, {}, [982455, 285304, 915886], [346443, 650796, 391511]),
+    (10**9 + 7, {}, [996870163, 786119413, 39964566], [173118676, 191130446, 791704394]),
+    (10**10, {}, [5204696760, 9934310452, 9280120661], [3218323253, 415158127, 840855078]),
+    (2**40 + 1, {}, [114104913271, 251941330174, 601459712483], [576317319417, 629420212272, 719133811639]),
+    (10**6, dict(mode="block", block_size=100_000), [592963, 315995, 534046], [390425, 723537, 782310]),
+    (10**10, dict(mode="block", block_size=100_000), [3825192963, 9622715995, 3825134046],
+     [7273490425, 8015623537, 8015682310]),
+]
+
+
+@pytest.mark.parametrize("n,kw,step5,epoch1", PINNED)
+def test_concrete_ids_are_pinned_for_every_evaluation_path(n, kw, step5, epoch1):
+    """Ids produced by the first (hashing) implementation, for sizes that take each path: the first
+    call of a permutation hashes, later calls use lookup tables (with "mod" tables up to radix
+    2**14, arithmetic wrap above, none above 2**17). A speed-up must never change these."""
+    s = GlobalSampler(n, 4096, 17, window_blocks=4, **kw)
+    for _ in range(3):  # first call hashes, the next ones use the tables
+        assert s.local_batch(5, 3, 8)[:3].tolist() == step5
+        assert s.local_batch(s.batches_per_epoch + 2, 7, 8)[-3:].tolist() == epoch1
+    fine = GlobalSampler(10**6 + 3, 1000, 17, mode="block", block_size=7, window_blocks=3)
+    for _ in range(2):
+        assert fine.global_batch(999)[-3:].tolist() == [275326, 275329, 275327]  # crosses the short block's window
+
+
+@pytest.mark.parametrize("n", [2, 3, 17, 1000, 4097, 10**6 + 3, 2**28 + 5, 10**9 + 7, 10**10, 2**35])
+def test_table_and_hash_forms_of_the_permutation_agree(n):
+    perm = Permutation(n, round_keys("forms", n))
+    x = np.unique(np.random.default_rng(n).integers(0, n, 4000, dtype=np.int64))
+    hashed = perm._forward(x.copy(), tables=False)
+    assert np.array_equal(perm._forward(x.copy(), tables=True), hashed)
+    assert np.array_equal(perm(x), hashed) and np.array_equal(perm(x), hashed)  # default: hash, then tables
+    assert np.array_equal(perm.inverse(hashed), x)
+    start = int(x[0])
+    assert np.array_equal(perm.span(start, min(500, n - start)), perm(np.arange(start, min(start + 500, n))))
+
+
+@pytest.mark.parametrize("n,bs,w", [(1001, 33, 4), (100, 7, 3), (64, 64, 4), (13, 20, 4), (5000, 9, 2), (997, 1, 5)])
+def test_block_order_span_matches_the_positionwise_order(n, bs, w):
+    rng = random.Random(n * bs + w)
+    order = BlockOrder(n, 2, 1, block_size=bs, window_blocks=w)
+    ref = BlockOrder(n, 2, 1, block_size=bs, window_blocks=w)(np.arange(n))
+    for _ in range(30):
+        first = rng.randint(0, n)
+        count = rng.randint(0, n - first)
+        assert np.array_equal(order.span(first, count), ref[first : first + count])
+    with pytest.raises(IndexError, match="out of range"):
+        order.span(n - 1, 2)

@@ -165,3 +165,13 @@ def test_attempts_are_recorded(store):
     a0, a1 = store.attempts("r1")
     assert (a0["status"], a0["cause"], a0["rank"], a0["failed_step"], a0["steps_lost"]) == ("failed", "died", 1, 17, 7)
     assert (a1["status"], a1["resumed_from_step"], a1["recovery_s"]) == ("completed", 10, 4.5)
+
+
+def test_bucket_mean_ignores_non_finite_values(store):
+    make_run(store)
+    vals = np.array([1.0, np.nan, 3.0, np.nan, np.nan, np.nan])
+    store.points.append("r1", 0, 0, {"k": (np.arange(6), vals)})
+    first, second = store.buckets("r1", "k", 2, rank=0)
+    assert first["value"] == 2.0 and first["count"] == 3  # NaN is counted as a point, not averaged as 0
+    assert second["value"] is None and second["count"] == 3
+    assert series.summarize(np.arange(6), vals)[0, series.S_FINITE] == 2

@@ -37,6 +37,9 @@ def store(tmp_path_factory):
     s.create_run(run_id="fork", name="f", config={"optim": {"lr": 0.3}}, git_commit="c", host="h", command="c",
                  world_size=1, parent="restarted", fork_step=50)
     s.points.append("fork", 0, 0, {"train/loss": (np.arange(50, 80), np.full(30, 3.0))})
+    s.create_run(run_id="nan", name="n", config={}, git_commit="c", host="h", command="c", world_size=1)
+    s.points.append("nan", 0, 0, {"train/loss": (np.arange(3), np.array([1.0, np.nan, 3.0]))})
+    s.add_event("nan", kind="nonfinite_loss", severity="error", message="loss is nan", step=1, data={"value": np.nan})
     return s
 
 
@@ -66,7 +69,7 @@ def status_of(url: str, headers: dict | None = None) -> int:
 
 def test_runs_rows(base):
     rows = {r["id"]: r for r in api(base, "runs")["runs"]}
-    assert set(rows) == {"big", "restarted", "fork"}
+    assert set(rows) == {"big", "restarted", "fork", "nan"}
     assert rows["fork"]["parent"] == "restarted" and rows["fork"]["fork_step"] == 50
     assert rows["restarted"]["last_loss"] == 2.0 and rows["restarted"]["restarts"] == 1
     assert rows["big"]["tags"] == {"x": "<b>y</b>"}  # data, never markup: the page sets textContent
@@ -109,6 +112,12 @@ def test_restarts_and_forks(base, store):
     assert tree["children"][0]["fork_step"] == 50 and tree["children"][0]["current"] is True
 
 
+def test_nan_is_sent_as_null(base):
+    m = api(base, "run/nan/metric?key=train/loss&buckets=10")
+    assert [p["value"] for p in m["points"]] == [1.0, None, 3.0]  # strict JSON; the chart leaves a gap
+    assert api(base, "run/nan")["events"][0]["data"] == {"value": None}
+
+
 def test_compare_and_checkpoints(base):
     c = api(base, "compare?runs=big,fork")
     assert [row["key"] for row in c["config"] if row["differs"]] == ["optim.lr"]
@@ -131,16 +140,18 @@ def test_errors_and_headers(base):
 def test_token_is_required_on_every_request(store):
     with pytest.raises(UserError, match="--token"):
         make_server(host="0.0.0.0", port=0, store=store)
-    server, _ = start_in_thread(host="127.0.0.1", port=0, token="s3cret", store=Store(store.root))
+    with pytest.raises(UserError, match="--token must"):
+        make_server(host="127.0.0.1", port=0, token="a;b", store=store)
+    server, _ = start_in_thread(host="127.0.0.1", port=0, token="s3cret-token", store=Store(store.root))
     b = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         assert status_of(f"{b}/api/runs") == 401
         assert status_of(f"{b}/") == 401
         assert status_of(f"{b}/api/runs", {"X-Token": "wrong"}) == 401
-        assert status_of(f"{b}/api/runs", {"X-Token": "s3cret"}) == 200
-        code, headers, _ = get(f"{b}/?token=s3cret")
-        assert code == 200 and "orchestrator_token=s3cret" in headers["Set-Cookie"]
-        assert status_of(f"{b}/api/runs", {"Cookie": "orchestrator_token=s3cret"}) == 200
+        assert status_of(f"{b}/api/runs", {"X-Token": "s3cret-token"}) == 200
+        code, headers, _ = get(f"{b}/?token=s3cret-token")
+        assert code == 200 and "orchestrator_token=s3cret-token" in headers["Set-Cookie"]
+        assert status_of(f"{b}/api/runs", {"Cookie": "orchestrator_token=s3cret-token"}) == 200
     finally:
         server.shutdown()
         server.server_close()
@@ -152,3 +163,25 @@ def test_cli_refuses_open_interface_without_token(home, capsys):
     assert main(["ui", "--host", "0.0.0.0", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "--token" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_serves_until_interrupted(home):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # the server prints its URL first
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
+        assert json.loads(get(url + "api/runs")[2])["runs"] == []
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

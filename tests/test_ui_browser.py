@@ -12,6 +12,7 @@ import pytest
 
 from orchestrator.store import Store
 from orchestrator.ui.server import start_in_thread
+from tests.conftest import cli_json, run_cli, tiny_config
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -59,30 +60,43 @@ def make_runs(store: Store) -> None:
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory):
+def browser():
     if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
         pytest.fail("Debian's chromium is not installed: run `make sysdeps` (apt-get install chromium chromium-driver)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail("the playwright Python package is missing: pip install -e '.[test]'")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=WAIT_MS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def new_page(browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    return page, errors
+
+
+@pytest.fixture(scope="module")
+def ui(browser, tmp_path_factory):
     root = tmp_path_factory.mktemp("uihome")
     make_runs(Store(root))
     server, _ = start_in_thread(store=Store(root), port=0)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=WAIT_MS)
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        page.set_default_timeout(WAIT_MS)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        try:
-            yield page, f"http://127.0.0.1:{server.server_address[1]}/", errors
-        finally:
-            browser.close()
-            server.shutdown()
-            server.server_close()
+    page, errors = new_page(browser)
+    try:
+        yield page, f"http://127.0.0.1:{server.server_address[1]}/", errors
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()
 
 
 def chart(page, key: str):
@@ -196,3 +210,29 @@ def test_fork_lineage_and_inherited_history(ui):
     shot(page, "lineage.png")
     assert not errors, errors
 
+
+
+@pytest.mark.ray
+def test_run_made_by_orchestrator_launch(browser, tmp_path, home, tiny_data, ray_address):
+    """A real run (2 gloo ranks, tracked by the metrics actor) shows up with its charts."""
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 12, "eval_every": 6})
+    run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
+    run_id = cli_json("runs", home=home)[0]["id"]
+    server, _ = start_in_thread(store=Store(home), port=0)
+    page, errors = new_page(browser)
+    try:
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        page.wait_for_selector(f'#runs-table tr[data-run-id="{run_id}"]')
+        assert "completed" in page.locator(f'#runs-table tr[data-run-id="{run_id}"]').inner_text()
+        page.click(f'#runs-table tr[data-run-id="{run_id}"] a')
+        d = wait_drawn(page, "train/loss")
+        assert d["lo"] == "0" and d["hi"] == "11" and d["full"] == "true"  # 12 steps: every one shown
+        chart(page, "train/loss").locator("xpath=..").locator(".per-rank").check()
+        wait_drawn(page, "train/loss", series="2")
+        assert page.locator('.metric-card[data-key^="sys/"]').count() > 0  # system metrics per rank
+        page.wait_for_selector("#checkpoints table, #checkpoints p:not(:has-text('loading'))")
+        assert not errors, errors
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()

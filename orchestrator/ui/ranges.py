@@ -8,6 +8,7 @@ every bucket is exact. Narrow ranges (fewer steps than RAW_READ_LIMIT) simply re
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -25,6 +26,7 @@ from orchestrator.series import (
 )
 
 BIG = 2**62
+FLOAT_FIELDS = ("value", "min", "max", "first", "last")
 
 
 class Segment(NamedTuple):
@@ -138,7 +140,9 @@ def metric(store, reader: RangeReader, run_id: str, key: str, *, buckets: int, r
 
 def _finite(row: dict) -> dict:
     """JSON has no NaN/inf: send them as null (the chart marks them) rather than fail."""
-    return {k: (v if not isinstance(v, float) or np.isfinite(v) else None) for k, v in row.items()}
+    if all(row[k] is not None and math.isfinite(row[k]) for k in FLOAT_FIELDS):
+        return row
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
 
 
 def quick_stats(store, run_id: str, key: str, found: list[tuple[int, int, int, int]]) -> dict:

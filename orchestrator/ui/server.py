@@ -12,6 +12,8 @@ import hmac
 import ipaddress
 import json
 import math
+import re
+import socket
 import threading
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +28,7 @@ STATIC = Path(__file__).parent / "static"
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
 COOKIE = "orchestrator_token"
+TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~-]{8,}")
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
@@ -111,7 +114,10 @@ class Handler(BaseHTTPRequestHandler):
         if cookie:
             self.send_header("Set-Cookie", cookie)
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the page navigated away mid-request
+            self.close_connection = True
 
 
 def _finite(x):
@@ -128,6 +134,8 @@ class UIServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address, api: Api, token: str | None):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self.api = api
         self.token = token
@@ -137,8 +145,8 @@ def make_server(*, host: str = "127.0.0.1", port: int = 8080, token: str | None 
                 store: Store | None = None) -> UIServer:
     if not is_loopback(host) and not token:
         raise UserError(f"refusing to serve on {host} without --token (anyone on the network could read your runs)")
-    if token is not None and not token.strip():
-        raise UserError("--token is empty")
+    if token is not None and not TOKEN_CHARS.fullmatch(token):
+        raise UserError("--token must be 8+ characters from A-Z a-z 0-9 - _ . ~ (it travels in a URL and a cookie)")
     return UIServer((host, port), Api(store or Store()), token)
 
 

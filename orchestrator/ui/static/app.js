@@ -33,7 +33,9 @@ async function api(path) {
 }
 
 const num = (v) => (v === null || v === undefined ? "-" : window.fmtNumber(v));
-const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "-");
+// one formatter for every date: toLocaleString() builds a new one per call (slow over 1,000 rows)
+const DATE_FMT = new Intl.DateTimeFormat(undefined, { dateStyle: "short", timeStyle: "medium" });
+const when = (t) => (t ? DATE_FMT.format(new Date(t * 1000)) : "-");
 function duration(s) {
   if (s === null || s === undefined) return "-";
   s = Math.max(0, Math.round(s));
@@ -58,7 +60,8 @@ const RUN_COLUMNS = [
   ["last loss", "last_loss"], ["best loss", "best_loss"], ["tokens/s", "tokens_per_s"], ["step", "last_step"],
   ["started", "created_at"], ["duration", "duration"], ["restarts", "restarts"],
 ];
-const runsState = { sort: "created_at", dir: -1, filter: "", status: "", selected: new Set(), data: null };
+const RUNS_PAGE = 200;  // rows drawn at a time: a 1,000-row table costs the browser a second of layout
+const runsState = { sort: "created_at", dir: -1, filter: "", status: "", selected: new Set(), data: null, limit: RUNS_PAGE };
 
 function pageRuns(id) {
   const app = document.getElementById("app");
@@ -73,7 +76,8 @@ function pageRuns(id) {
   })));
   const tbody = el("tbody");
   const table = el("table", { id: "runs-table" }, el("thead", {}, thead), tbody);
-  mount(app, el("h1", { text: "Runs" }), el("div", { class: "toolbar" }, filter, status, compareBtn, count), table);
+  const more = el("button", { id: "runs-more", onclick: () => { runsState.limit += RUNS_PAGE * 4; render(); } });
+  mount(app, el("h1", { text: "Runs" }), el("div", { class: "toolbar" }, filter, status, compareBtn, count), table, more);
   filter.addEventListener("input", () => { runsState.filter = filter.value; render(); });
   status.addEventListener("change", () => { runsState.status = status.value; render(); });
   compareBtn.addEventListener("click", () => {
@@ -102,7 +106,7 @@ function pageRuns(id) {
       th.classList.toggle("sorted-desc", th.dataset.key === k && d === -1);
     }
     const frag = document.createDocumentFragment();
-    for (const r of rows) {
+    for (const r of rows.slice(0, runsState.limit)) {
       const box = el("input", { type: "checkbox", class: "select-run", checked: runsState.selected.has(r.id) });
       box.addEventListener("change", () => { box.checked ? runsState.selected.add(r.id) : runsState.selected.delete(r.id); });
       frag.append(el("tr", { dataset: { runId: r.id } },
@@ -115,8 +119,13 @@ function pageRuns(id) {
         el("td", { class: "num", text: r.restarts ?? "-" })));
     }
     tbody.replaceChildren(frag);
+    const shown = Math.min(rows.length, runsState.limit);
     table.dataset.rows = String(rows.length);
-    count.textContent = `${rows.length} of ${data.runs.length} runs`;
+    table.dataset.shown = String(shown);
+    count.textContent = `${rows.length} of ${data.runs.length} runs` + (shown < rows.length ? `, first ${shown} shown` : "");
+    more.textContent = `show ${Math.min(RUNS_PAGE * 4, rows.length - shown)} more`;
+    more.hidden = shown >= rows.length;
+    performance.mark("runs-rendered");  // read by bench/ui_responsiveness.py
   }
 
   let last = "";
@@ -267,6 +276,7 @@ async function pageRun(id, ref) {
   const markers = [];
   for (const e of run.events) if (e.step !== null) markers.push({ step: e.step, color: "#d62728", label: e.message });
   for (const a of run.attempts) if (a.failed_step !== null) markers.push({ step: a.failed_step, color: "#ff7f0e", label: `attempt ${a.attempt} failed` });
+  for (const a of run.attempts) if (a.attempt > 0 && a.resumed_from_step !== null) markers.push({ step: a.resumed_from_step, color: "#2ca02c", label: `attempt ${a.attempt} resumed` });
 
   const groups = {};
   const keys = run.metric_keys.filter((k) => !k.includes("fingerprint")).sort((a, b) => keyRank(a) - keyRank(b) || (a < b ? -1 : 1));
@@ -275,7 +285,9 @@ async function pageRun(id, ref) {
   const chartSections = ["Training", "System", "Checkpoint timings", "Other"].filter((g) => groups[g]).map((g) => {
     const gridCards = groups[g].map((k) => metricCard(k, [{ run: run.id, label: run.name }], { markers, ranks: true, live }));
     cards.push(...gridCards);
-    return [el("h2", { text: g }), el("div", { class: "grid" }, gridCards)];
+    const legend = g === "Training" && markers.length ?
+      el("p", { class: "muted", text: "dashed lines: red = alert or diagnosis, orange = attempt failed, green = resumed from a checkpoint; drag to zoom" }) : null;
+    return [el("h2", { text: g }), legend, el("div", { class: "grid" }, gridCards)];
   });
 
   const eventsTable = run.events.length ? el("table", { id: "events" }, el("tr", {}, ["time", "step", "rank", "severity", "kind", "message"].map((h) => el("th", { text: h }))),
@@ -309,7 +321,16 @@ async function pageRun(id, ref) {
   );
   cards.forEach((c) => lazy.observe(c));
   loadCheckpoints(run.id, ckpt);
-  const tick = () => { if (id !== pageId) return; cards.forEach((c) => c.refresh()); later(tick, RUN_REFRESH_MS); };
+  // live: charts that are not zoomed reload in place; new keys, events or a status change re-render the page
+  const shape = (r) => JSON.stringify([r.status, r.metric_keys, r.events.length, r.attempts.length]);
+  const tick = async () => {
+    if (id !== pageId) return;
+    const now = await api("run/" + encodeURIComponent(run.id)).catch(() => run);
+    if (id !== pageId) return;
+    if (shape(now) !== shape(run)) return pageRun(id, run.id);
+    cards.forEach((c) => c.refresh());
+    later(tick, RUN_REFRESH_MS);
+  };
   if (live()) later(tick, RUN_REFRESH_MS);
 }
 

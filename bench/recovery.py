@@ -1,0 +1,520 @@
+"""Recovery after a worker SIGKILL: ours vs Ray Train's TorchTrainer, side by side in one run.
+
+Both systems train the same model (orchestrator.gpt.GPT), on the same data (TokenDataset +
+GlobalSampler), with the same AdamW, LR schedule and clipping, 2 CPU workers, checkpointing every
+--ckpt-every steps, on ONE local Ray cluster this script starts on 127.0.0.1 (the runs take turns).
+
+- Peer: Ray Train v2 `TorchTrainer` with `FailureConfig(max_failures=3)`; its train loop is the
+  user code Ray Train needs: it loads `ray.train.get_checkpoint()` on start and every K steps
+  saves model + optimizer + step with `ray.train.report(..., checkpoint=Checkpoint.from_directory(..))`.
+- Ours: `python -m orchestrator.cli launch CONFIG --address GCS`, with fault_tolerance.backoff_s at
+  its default (1 s) and at 0. The model comes through `model.factory` (bench.recovery:timed_gpt),
+  which builds the same GPT and installs the step log below; nothing else changes.
+
+One measurement for both: every worker process appends "step N <unix time>" to its own file from a
+torch optimizer post-step hook (the moment optimizer.step() returns), plus a "start" line when its
+model is built. When rank 0 has finished step --kill-step, we SIGKILL rank --victim-rank's process
+(pid from its file). Recovery = time from the kill until every rank of the NEW group (processes
+that did not exist before the kill) has finished its first step. Steps lost = last step every old
+rank finished before the kill + 1 - the step the new group resumed at. For ours we also read the
+store's attempts (recovery_s, steps_lost) and time-stamp the driver's lines (RESTART, rendezvous,
+recovered) to split our recovery into phases.
+
+Runs alternate (peer, ours, ours-backoff-0, then rotated) so machine noise hits all alike; medians
+are reported. Progress goes to stderr; one JSON object is the last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- the step log (runs inside worker processes of both systems) -------------------------------
+
+_hook = None
+
+
+def install_step_log(log_dir: str, rank: int) -> None:
+    """Append "start T" now and "step N T" after every optimizer.step() of this process to
+    LOG_DIR/rank{rank}-pid{pid}.log. N is the 0-based step, read from AdamW's own step count (so
+    it is right after a restore too)."""
+    global _hook
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    f = open(Path(log_dir, f"rank{rank}-pid{os.getpid()}.log"), "a", buffering=1)  # noqa: SIM115 (process-long)
+    f.write(f"start {time.time():.6f}\n")
+
+    def after_step(optimizer, args, kwargs) -> None:
+        state = next(iter(optimizer.state.values()), None)
+        step = int(state["step"]) - 1 if state and "step" in state else -1
+        f.write(f"step {step} {time.time():.6f}\n")
+
+    if _hook is not None:
+        _hook.remove()
+    _hook = register_optimizer_step_post_hook(after_step)
+
+
+def timed_gpt(*, vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: int,
+              step_log_dir: str, dropout: float = 0.0):
+    """model.factory for our runs: the built-in GPT, plus the step log."""
+    from orchestrator.gpt import GPT
+
+    model = GPT(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, d_model=d_model,
+                dropout=dropout)
+    install_step_log(step_log_dir, int(os.environ.get("RANK", "0")))
+    return model
+
+
+# --- the peer's train loop (Ray Train worker) ---------------------------------------------------
+
+
+def lr_at(step: int, lr: float, warmup: int, min_lr_ratio: float, total: int) -> float:
+    """Our schedule (orchestrator.training.lr_at): linear warmup, cosine to lr * min_lr_ratio."""
+    import math
+
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = lr * min_lr_ratio
+    return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ray_train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.nn import functional as F
+
+    from dataloading.dataset import TokenDataset
+    from dataloading.sampler import GlobalSampler
+    from orchestrator.gpt import GPT
+
+    torch.set_num_threads(1)  # as ours (scaling.torch_threads=1)
+    torch.use_deterministic_algorithms(True)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"])  # same initial weights on every rank
+    data = TokenDataset(config["data_uri"], "train")
+    model = GPT(vocab_size=data.index.vocab_size, block_size=data.seq_len - 1, n_layer=config["n_layer"],
+                n_head=config["n_head"], d_model=config["d_model"])
+    install_step_log(config["step_log_dir"], rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=config["lr"], betas=(0.9, 0.95),
+    )
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d, "state.pt"), weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    ddp = ray.train.torch.prepare_model(model)  # DDP over gloo, Ray Train's way
+    sampler = GlobalSampler(len(data), config["global_batch_size"], config["seed"])
+    total, every = config["max_steps"], config["ckpt_every"]
+    for step in range(start, total):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config["lr"], config["warmup_steps"], 0.1, total)
+        batch = data.batch(sampler.local_batch(step, rank, world))
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = ddp(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if (step + 1) % every == 0 or step + 1 == total:
+            metrics = {"step": step + 1, "loss": loss.item()}
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1},
+                               Path(d, "state.pt"))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                else:
+                    ray.train.report(metrics, checkpoint=None)
+
+
+# --- reading step logs, killing a worker ---------------------------------------------------------
+
+LOG_NAME = re.compile(r"rank(\d+)-pid(\d+)\.log$")
+
+
+def read_logs(log_dir: Path) -> list[dict]:
+    """One entry per worker process: rank, pid, start time, [(step, time)]."""
+    procs = []
+    for path in log_dir.iterdir():
+        m = LOG_NAME.match(path.name)
+        if not m:
+            continue
+        start, steps = None, []
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if parts[:1] == ["start"] and len(parts) == 2:
+                start = float(parts[1])
+            elif parts[:1] == ["step"] and len(parts) == 3:
+                steps.append((int(parts[1]), float(parts[2])))
+        procs.append({"rank": int(m.group(1)), "pid": int(m.group(2)), "start": start, "steps": steps})
+    return procs
+
+
+class Killer(threading.Thread):
+    """Waits for rank 0 to finish `kill_step`, SIGKILLs the victim rank's process, then waits for
+    the new group's first completed step (or the deadline)."""
+
+    def __init__(self, log_dir: Path, *, kill_step: int, victim_rank: int, world: int, deadline: float,
+                 poll_s: float = 0.01):
+        super().__init__(daemon=True)
+        self.log_dir, self.kill_step, self.victim_rank, self.world = log_dir, kill_step, victim_rank, world
+        self.deadline, self.poll_s = deadline, poll_s
+        self.kill_time: float | None = None
+        self.victim_pid: int | None = None
+        self.old_pids: set[int] = set()
+        self.recovered_at: float | None = None
+        self.error: str | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as e:  # reported, not raised: the main thread decides
+            self.error = f"{type(e).__name__}: {e}"
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            if time.time() > self.deadline:
+                self.error = f"rank 0 never reached step {self.kill_step}"
+                return
+            procs = read_logs(self.log_dir)
+            if any(p["rank"] == 0 and p["steps"] and p["steps"][-1][0] >= self.kill_step for p in procs):
+                victims = [p for p in procs if p["rank"] == self.victim_rank]
+                if victims:
+                    victim = max(victims, key=lambda p: p["start"] or 0)
+                    self.old_pids = {p["pid"] for p in procs}
+                    self.victim_pid = victim["pid"]
+                    self.kill_time = time.time()
+                    os.kill(victim["pid"], signal.SIGKILL)  # a worker of the cluster this script started
+                    break
+            time.sleep(self.poll_s)
+        while not self.stop.is_set() and time.time() < self.deadline:
+            new = [p for p in read_logs(self.log_dir) if p["pid"] not in self.old_pids and p["steps"]]
+            if len({p["rank"] for p in new}) >= self.world:
+                self.recovered_at = time.time()
+                return
+            time.sleep(self.poll_s * 5)
+        if self.recovered_at is None and not self.stop.is_set():
+            self.error = "no step completed after the kill before the deadline"
+
+
+def analyse(log_dir: Path, killer: Killer, world: int) -> dict:
+    """Recovery seconds and steps lost from the step logs (same rules for both systems)."""
+    if killer.kill_time is None:
+        return {"error": killer.error or "no kill"}
+    t = killer.kill_time
+    procs = read_logs(log_dir)
+    old = [p for p in procs if p["pid"] in killer.old_pids]
+    new = [p for p in procs if p["pid"] not in killer.old_pids]
+    last_done = min(max((s for s, ts in p["steps"] if ts < t), default=-1) for p in old)
+    firsts = [p["steps"][0] for p in new if p["steps"]]
+    if len({p["rank"] for p in new if p["steps"]}) < world:
+        return {"error": killer.error or "the new group never completed a step", "kill_after_step": last_done}
+    resumed_at = min(s for s, _ in firsts)
+    first_done = max(ts for _, ts in firsts)  # every rank of the new group finished its first step
+    new_start = min(p["start"] for p in new if p["start"] is not None)
+    return {
+        "recovery_s": first_done - t,
+        "kill_after_step": last_done,
+        "resumed_at_step": resumed_at,
+        "steps_lost": last_done + 1 - resumed_at,
+        "kill_to_new_model_built_s": new_start - t,  # detection + teardown + (backoff) + new workers + rendezvous
+        "model_built_to_first_step_s": first_done - new_start,  # checkpoint load + DDP + first step
+        "victim_pid": killer.victim_pid,
+    }
+
+
+# --- one run of each system ------------------------------------------------------------------------
+
+
+def run_ray_train(i: int, args, data_uri: str, tmp: Path) -> dict:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    log_dir = Path(tempfile.mkdtemp(prefix=f"raytrain{i}-steps-", dir=tmp))
+    storage = Path(tempfile.mkdtemp(prefix=f"raytrain{i}-storage-", dir=tmp))
+    loop_cfg = {"seed": 1, "data_uri": data_uri, "n_layer": args.n_layer, "n_head": args.n_head,
+                "d_model": args.d_model, "lr": args.lr, "warmup_steps": 5, "global_batch_size": args.batch,
+                "max_steps": args.max_steps, "ckpt_every": args.ckpt_every, "step_log_dir": str(log_dir)}
+    from bench.recovery import ray_train_loop as loop  # by reference: workers import it from ROOT
+
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=False),
+        run_config=RunConfig(name=f"recovery-bench-{i}", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=3)),
+    )
+    killer = Killer(log_dir, kill_step=args.kill_step, victim_rank=args.victim_rank, world=args.workers,
+                    deadline=time.time() + args.run_timeout)
+    killer.start()
+    t0 = time.time()
+    error = None
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            error = f"{type(result.error).__name__}: {str(result.error)[:300]}"
+    except Exception as e:
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    killer.stop.set()
+    killer.join(timeout=5)
+    out = {"system": "ray_train", "wall_s": time.time() - t0, **analyse(log_dir, killer, args.workers)}
+    if error:
+        out["run_error"] = error
+    return out
+
+
+OURS_LINES = {
+    "restart": re.compile(r"^RESTART \d+/\d+: .* in ([\d.]+)s$"),
+    "rendezvous": re.compile(r"^rendezvous done: .*\(([\d.]+)s\), resuming at step (\d+)"),
+    "recovered": re.compile(r"^recovered: step (\d+) done ([\d.]+)s after the failure"),
+}
+
+
+def ours_config(path: Path, args, data_uri: str, log_dir: Path, backoff_s: float | None, name: str) -> None:
+    import yaml
+
+    ft = {"max_restarts": 3}
+    if backoff_s is not None:
+        ft["backoff_s"] = backoff_s
+    cfg = {
+        "run": {"name": name, "seed": 1},
+        "scaling": {"num_workers": args.workers, "cpus_per_worker": 1},
+        "cluster": {"dashboard": False},
+        "data": {"uri": data_uri, "global_batch_size": args.batch},
+        "model": {"factory": "bench.recovery:timed_gpt",
+                  "kwargs": {"n_layer": args.n_layer, "n_head": args.n_head, "d_model": args.d_model,
+                             "step_log_dir": str(log_dir)}},
+        "optim": {"lr": args.lr, "warmup_steps": 5},
+        "train": {"max_steps": args.max_steps, "eval_every": 0},
+        "checkpoint": {"every_steps": args.ckpt_every},
+        "fault_tolerance": ft,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def run_ours(i: int, args, data_uri: str, tmp: Path, gcs: str, backoff_s: float | None) -> dict:
+    from orchestrator.store import Store
+
+    label = "ours" if backoff_s is None else f"ours_backoff{backoff_s:g}"
+    home = Path(tempfile.mkdtemp(prefix=f"{label}{i}-home-", dir=tmp))
+    log_dir = Path(tempfile.mkdtemp(prefix=f"{label}{i}-steps-", dir=tmp))
+    cfg = home / "recovery.yaml"
+    ours_config(cfg, args, data_uri, log_dir, backoff_s, name=f"recovery-{label}-{i}")
+    env = {**os.environ, "ORCHESTRATOR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "orchestrator.cli", "launch", str(cfg), "--address", gcs]
+    lines: list[tuple[float, str]] = []
+    t0 = time.time()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+
+        def read() -> None:
+            for line in proc.stdout:
+                lines.append((time.time(), line.rstrip("\n")))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        killer = Killer(log_dir, kill_step=args.kill_step, victim_rank=args.victim_rank, world=args.workers,
+                        deadline=t0 + args.run_timeout)
+        killer.start()
+        try:
+            proc.wait(timeout=args.run_timeout + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # the driver this script started
+            proc.wait()
+        killer.stop.set()
+        killer.join(timeout=5)
+        reader.join(timeout=5)
+        err.seek(0)
+        stderr = err.read()
+    out = {"system": label, "backoff_s": 1.0 if backoff_s is None else backoff_s, "wall_s": time.time() - t0,
+           **analyse(log_dir, killer, args.workers)}
+    if proc.returncode != 0:
+        out["run_error"] = f"exit {proc.returncode}: {stderr.strip()[-500:]}"
+    # the driver's own view: its lines, time-stamped as they arrived
+    kill = killer.kill_time
+    for t, line in lines:
+        for key, rx in OURS_LINES.items():
+            m = rx.match(line)
+            if not m or kill is None or t < kill or f"{key}_line_s" in out:
+                continue
+            out[f"{key}_line_s"] = t - kill
+            if key == "restart":
+                out["backoff_chosen_s"] = float(m.group(1))
+            elif key == "rendezvous":
+                out["rendezvous_reported_s"] = float(m.group(1))
+            elif key == "recovered":
+                out["driver_says_recovered_s"] = float(m.group(2))
+    store = Store(home)
+    try:
+        runs = store.runs()
+        if runs:
+            attempts = store.attempts(runs[-1]["id"])
+            out["store_attempts"] = [{k: a[k] for k in ("attempt", "status", "cause", "rank", "failed_step",
+                                                         "resumed_from_step", "steps_lost", "recovery_s")}
+                                     for a in attempts]
+            later = [a for a in attempts if a["recovery_s"] is not None]
+            failed = [a for a in attempts if a["status"] == "failed"]
+            out["store_recovery_s"] = later[0]["recovery_s"] if later else None
+            out["store_steps_lost"] = failed[0]["steps_lost"] if failed else None
+    finally:
+        store.close()
+    return out
+
+
+# --- the whole benchmark ---------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import ray
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gb": round(mem / 2**20, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "ray": ray.__version__, "ray_train_v2": is_v2_enabled(), "git": git,
+            "loadavg_start": os.getloadavg()}
+
+
+def summarise(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "recovery_s" in r]
+    s = {"n": len(runs), "n_ok": len(ok), "errors": [r.get("run_error") or r.get("error") for r in runs
+                                                     if "recovery_s" not in r or r.get("run_error")]}
+    for key in ("recovery_s", "steps_lost", "kill_to_new_model_built_s", "model_built_to_first_step_s",
+                "restart_line_s", "backoff_chosen_s", "rendezvous_line_s", "rendezvous_reported_s",
+                "store_recovery_s", "store_steps_lost"):
+        vals = [r[key] for r in ok if r.get(key) is not None]
+        if vals:
+            s[key] = {"median": round(statistics.median(vals), 3), "all": [round(v, 3) for v in vals]}
+    return s
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3, help="runs of each system (alternating)")
+    p.add_argument("--ckpt-every", type=int, default=10, help="checkpoint interval in steps (both systems)")
+    p.add_argument("--kill-step", type=int, default=25, help="SIGKILL a worker once rank 0 finished this step")
+    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--victim-rank", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8, help="global batch size")
+    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--run-timeout", type=float, default=180, help="seconds before one run is given up")
+    p.add_argument("--systems", default="ray_train,ours,ours_backoff0",
+                   help="comma-separated subset of ray_train, ours (backoff default 1 s), ours_backoff0")
+    args = p.parse_args()
+    if not (args.ckpt_every <= args.kill_step < args.max_steps - 1):
+        p.error("need --ckpt-every <= --kill-step < --max-steps - 1 (a checkpoint before the kill, steps after it)")
+
+    # Before ray is imported: keep the cluster on loopback; workers of both systems import this
+    # module (bench.recovery:timed_gpt) and the repo's packages from ROOT.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # ours sets this itself on a loopback cluster; same for both
+    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import logging
+
+    import ray
+
+    from dataloading.prepare import prepare
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    tmp = Path(tempfile.mkdtemp(prefix="recovery-bench-"))
+    started = time.time()
+    try:
+        data_uri = str(tmp / "data")
+        prepare([str(STDLIB / "json"), str(STDLIB / "email")], data_uri, seq_len=65, val_fraction=0.1,
+                include=["*.py"], log=lambda *a: None)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=False)
+        gcs = ray.get_runtime_context().gcs_address
+        facts = machine()
+        log(f"cluster {gcs}; {facts}")
+        results: dict[str, list[dict]] = {s: [] for s in systems}
+        for i in range(args.repeats):
+            order = systems[i % len(systems):] + systems[:i % len(systems)]  # rotate: noise hits all alike
+            for system in order:
+                log(f"repeat {i + 1}/{args.repeats}: {system} ...")
+                if system == "ray_train":
+                    r = run_ray_train(i, args, data_uri, tmp)
+                elif system == "ours":
+                    r = run_ours(i, args, data_uri, tmp, gcs, None)
+                elif system == "ours_backoff0":
+                    r = run_ours(i, args, data_uri, tmp, gcs, 0.0)
+                else:
+                    sys.exit(f"bench: unknown system {system!r} (ray_train, ours, ours_backoff0)")
+                results[system].append(r)
+                brief = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
+                         if k not in ("store_attempts",)}
+                log(f"  {system}: {brief}")
+        facts["loadavg_end"] = os.getloadavg()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = {s: summarise(rs) for s, rs in results.items()}
+    ratios = {}
+    peer = summary.get("ray_train", {}).get("recovery_s", {}).get("median")
+    for s in systems:
+        mine = summary[s].get("recovery_s", {}).get("median")
+        if s != "ray_train" and peer and mine is not None:
+            ratios[f"{s}/ray_train"] = round(mine / peer, 3)
+    report = {
+        "bench": "recovery",
+        "command": "python bench/recovery.py " + " ".join(sys.argv[1:]),
+        "setup": {k: getattr(args, k) for k in ("repeats", "ckpt_every", "kill_step", "max_steps", "victim_rank",
+                                                  "workers", "n_layer", "n_head", "d_model", "batch", "lr")},
+        "machine": facts,
+        "summary": summary,
+        "ratio_recovery_median": ratios,
+        "target": "ours <= 0.5x Ray Train recovery; steps lost <= checkpoint interval",
+        "wall_s": round(time.time() - started, 1),
+        "runs": results,
+    }
+    print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
