@@ -38,8 +38,14 @@ sysdeps:
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
-	$(PY) bench/launch_overhead.py
+# Each benchmark compares against its peer side by side and prints JSON on its last line;
+# docs/BENCHMARKS.md records the figures. `make bench` runs them all (about half an hour).
+BENCHES := launch_overhead data_sampler checkpoint_writes tracking_store recovery ui_responsiveness
+bench: $(STAMP) sysdeps
+	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
+
+bench-%: $(STAMP) sysdeps
+	$(PY) bench/$*.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check orchestrator actors checkpointing dataloading tests bench

@@ -291,6 +291,43 @@ def run_ray_train(i: int, args, data_uri: str, tmp: Path) -> dict:
     out = {"system": "ray_train", "wall_s": time.time() - t0, **analyse(log_dir, killer, args.workers)}
     if error:
         out["run_error"] = error
+    if killer.kill_time is not None:
+        out.update(ray_train_phases(f"recovery-bench-{i}", killer.kill_time))
+    return out
+
+
+RAY_TRAIN_PHASES = {  # Ray Train controller log line -> phase end (seconds after the kill)
+    "rt_failure_seen_s": "[FailurePolicy] RETRY",
+    "rt_actors_created_s": "worker actors created in",
+    "rt_train_context_ready_s": "Train context initialized on workers in",
+    "rt_group_started_s": "Worker group startup completed in",
+}
+
+
+def ray_train_phases(run_name: str, kill_time: float) -> dict:
+    """Where Ray Train's recovery goes, from its controller's structured log in this cluster's
+    session directory (best effort: {} if the log is not where Ray 2.60 writes it)."""
+    import ray
+
+    try:
+        session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+    except Exception:
+        return {}
+    out: dict[str, float] = {}
+    for path in session.glob("logs/train/ray-train-sys-controller-*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("run_name") != run_name or "timestamp_ns" not in rec:
+                continue
+            t = rec["timestamp_ns"] / 1e9
+            if t < kill_time:
+                continue
+            for key, text in RAY_TRAIN_PHASES.items():
+                if key not in out and text in rec.get("message", ""):
+                    out[key] = t - kill_time
     return out
 
 
@@ -393,6 +430,63 @@ def run_ours(i: int, args, data_uri: str, tmp: Path, gcs: str, backoff_s: float 
     return out
 
 
+# --- where our restart goes: the controller's _attempt steps, one at a time ----------------------
+
+
+def probe_restart(reps: int, workers: int) -> list[dict]:
+    """Rebuild a worker group the way orchestrator/controller.py does (placement group, one
+    TrainWorker actor per rank, node_info, free_port, setup), timing each part. The imports that
+    setup() does (torch, and torch._inductor.config through torch.use_deterministic_algorithms)
+    are timed on their own first, in the same processes, so setup_rest_s is what is left:
+    set_num_threads, the deterministic flag and init_process_group."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.train_worker import TrainWorker
+    from orchestrator import cluster
+    from orchestrator.config import config_from_dict
+
+    class RestartProbe(TrainWorker):
+        def imports(self) -> tuple[float, float]:
+            """(import torch + our training module, the import torch.use_deterministic_algorithms
+            does in torch 2.13: torch._inductor.config, which pulls in inductor and dynamo)."""
+            t = time.perf_counter()
+            import torch.distributed  # noqa: F401
+
+            import orchestrator.training  # noqa: F401  (setup() imports it too)
+            t1 = time.perf_counter()
+            import torch._inductor.config  # noqa: F401
+            return t1 - t, time.perf_counter() - t1
+
+    cfg = config_from_dict({"data": {"uri": "unused"}}).to_dict()
+    rows = []
+    for rep in range(reps):
+        t0 = time.perf_counter()
+        placement = cluster.reserve(run_id=f"recovery-probe-{rep}", num_workers=workers, cpus=1, gpus=0, timeout_s=60)
+        t1 = time.perf_counter()
+        group = [ray.remote(RestartProbe).options(
+            num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(placement.pg, placement_group_bundle_index=b),
+        ).remote(cfg, None, None) for b in range(workers)]
+        try:
+            infos = ray.get([w.node_info.remote() for w in group])
+            t2 = time.perf_counter()
+            imports = ray.get([w.imports.remote() for w in group])
+            t3 = time.perf_counter()
+            port = ray.get(group[0].free_port.remote())
+            ray.get([w.setup.remote(rank=r, local_rank=r, world_size=workers, local_world_size=workers, node_rank=0,
+                                    master_addr=infos[0]["ip"], master_port=port) for r, w in enumerate(group)])
+            t4 = time.perf_counter()
+        finally:
+            for w in group:
+                ray.kill(w)
+            cluster.release(placement)
+        rows.append({"reserve_s": t1 - t0, "actors_up_s": t2 - t1, "imports_s": t3 - t2,
+                     "import_torch_s": max(a for a, _ in imports), "import_inductor_s": max(b for _, b in imports),
+                     "setup_rest_s": t4 - t3, "total_s": t4 - t0})
+        log(f"  restart probe {rep + 1}/{reps}: {({k: round(v, 2) for k, v in rows[-1].items()})}")
+    return rows
+
+
 # --- the whole benchmark ---------------------------------------------------------------------------
 
 
@@ -418,7 +512,7 @@ def summarise(runs: list[dict]) -> dict:
                                                      if "recovery_s" not in r or r.get("run_error")]}
     for key in ("recovery_s", "steps_lost", "kill_to_new_model_built_s", "model_built_to_first_step_s",
                 "restart_line_s", "backoff_chosen_s", "rendezvous_line_s", "rendezvous_reported_s",
-                "store_recovery_s", "store_steps_lost"):
+                "store_recovery_s", "store_steps_lost", "recovered_line_s", *RAY_TRAIN_PHASES):
         vals = [r[key] for r in ok if r.get(key) is not None]
         if vals:
             s[key] = {"median": round(statistics.median(vals), 3), "all": [round(v, 3) for v in vals]}
@@ -439,6 +533,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="global batch size")
     p.add_argument("--lr", type=float, default=0.005)
     p.add_argument("--run-timeout", type=float, default=180, help="seconds before one run is given up")
+    p.add_argument("--probe-reps", type=int, default=3,
+                   help="after the comparison, time the parts of our group rebuild this many times (0: skip)")
     p.add_argument("--systems", default="ray_train,ours,ours_backoff0",
                    help="comma-separated subset of ray_train, ours (backoff default 1 s), ours_backoff0")
     args = p.parse_args()
@@ -488,6 +584,7 @@ def main() -> None:
                 brief = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
                          if k not in ("store_attempts",)}
                 log(f"  {system}: {brief}")
+        probe = probe_restart(args.probe_reps, args.workers) if args.probe_reps else []
         facts["loadavg_end"] = os.getloadavg()
     finally:
         if ray.is_initialized():
@@ -501,6 +598,14 @@ def main() -> None:
         mine = summary[s].get("recovery_s", {}).get("median")
         if s != "ray_train" and peer and mine is not None:
             ratios[f"{s}/ray_train"] = round(mine / peer, 3)
+    paired = {}  # each repeat's run against the peer's run of the same round (same stretch of machine load)
+    for s in systems:
+        if s == "ray_train" or "ray_train" not in results:
+            continue
+        pairs = [a["recovery_s"] / b["recovery_s"] for a, b in zip(results[s], results["ray_train"], strict=False)
+                 if "recovery_s" in a and "recovery_s" in b]
+        if pairs:
+            paired[f"{s}/ray_train"] = {"median": round(statistics.median(pairs), 3), "all": [round(x, 3) for x in pairs]}
     report = {
         "bench": "recovery",
         "command": "python bench/recovery.py " + " ".join(sys.argv[1:]),
@@ -509,6 +614,9 @@ def main() -> None:
         "machine": facts,
         "summary": summary,
         "ratio_recovery_median": ratios,
+        "ratio_recovery_paired": paired,
+        "our_restart_parts": {k: {"median": round(statistics.median(r[k] for r in probe), 3),
+                                  "all": [round(r[k], 3) for r in probe]} for k in (probe[0] if probe else {})},
         "target": "ours <= 0.5x Ray Train recovery; steps lost <= checkpoint interval",
         "wall_s": round(time.time() - started, 1),
         "runs": results,

@@ -366,7 +366,7 @@ def main() -> None:
         if not args.no_mlflow:
             ml = mlflow_setup(work / "mlflow")
             if ml is None:
-                log("mlflow is not importable: skipping the MLflow half (pip install mlflow)")
+                log("mlflow is not importable: skipping the MLflow half (to compare: pip install mlflow)")
         import ray
 
         out["versions"] = {"ray": ray.__version__, "numpy": np.__version__,

@@ -74,6 +74,8 @@ def fork(parent_ref: str, step: int, overrides: list[str], *, name: str | None =
     preflight(cfg)
     _committed_or_explain(parent, cfg, step, store)
     run_id = new_run_id(cfg.run.name)
+    if cfg.checkpoint.uri and cfg.checkpoint.uri.rstrip("/") == _ckpt_uri(parent, store).rstrip("/"):
+        cfg.checkpoint.uri = f"{cfg.checkpoint.uri.rstrip('/')}/forks/{run_id}"  # never write over the parent's
     _record_new_run(cfg, run_id, store, command, parent=parent["id"], fork_step=step)
     out(f"forked from {parent['id']} at step {step}")
     return _drive(cfg, run_id, store, out, address=address, restore=step, source_uri=_ckpt_uri(parent, store))

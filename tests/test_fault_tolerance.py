@@ -62,13 +62,18 @@ def test_sigkilled_workers_recover_bit_exact(tmp_path, home, tiny_data, ray_addr
         while time.monotonic() < deadline and len(cli_json("runs", home=home)) < 2:
             time.sleep(0.2)
         chaos = cli_json("runs", home=home)[-1]["id"]
+        old_pids: set[int] = set()
         for kill_step in sorted(rng.sample(range(6, steps - 6), 2)):  # two kills, bounded
             wait_for_step(home, chaos, kill_step, deadline)
-            workers = cli_json("show", chaos, home=home)["meta"]["workers"]
+            while time.monotonic() < deadline:  # the workers of the current attempt, not the killed one's
+                workers = cli_json("show", chaos, home=home)["meta"]["workers"]
+                if not old_pids & {w["pid"] for w in workers}:
+                    break
+                time.sleep(0.3)
             victim = rng.choice(workers)
             os.kill(victim["pid"], signal.SIGKILL)  # a worker process our test cluster started
+            old_pids |= {w["pid"] for w in workers}
             kills.append((kill_step, victim["rank"]))
-            time.sleep(3)  # let the controller notice before looking for the next step
         out, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
