@@ -93,7 +93,8 @@ class MetricsActor:
         """The slowest rank's step and the mean of the ranks' latest values."""
         if not self.latest:
             return {}
-        out: dict = {"step": min(v.get("train/loss", (-1, 0))[0] for v in self.latest.values())}
+        steps = [v.get("train/loss", (-1, 0))[0] for v in self.latest.values()]
+        out: dict = {"step": min(steps), "max_step": max(steps)}
         for key in ("train/loss", "train/tokens_per_s", "train/lr", "eval/loss"):
             vals = [v[key][1] for v in self.latest.values() if key in v]
             if vals:

@@ -94,7 +94,7 @@ class OnNonFinite(str, Enum):
 @dataclass
 class FaultToleranceConfig:
     max_restarts: int = option(3, min=0, help="restarts of the worker group before the run fails")
-    backoff_s: float = option(1.0, min=0, help="first restart delay; doubles per restart (with jitter), capped at 30 s")
+    backoff_s: float = option(1.0, min=0, help="delay before the second restart; doubles per restart (with jitter), capped at 30 s; the first is immediate")
     on_nonfinite: OnNonFinite = option(OnNonFinite.FAIL, help="a NaN/inf training loss: fail, or roll back and skip the batch")
 
 

@@ -57,6 +57,7 @@ class Controller:
         ft = cfg.fault_tolerance
         self.policy = RestartPolicy(max_restarts=ft.max_restarts, backoff_s=ft.backoff_s)
         self.last_step = -1  # last step every rank completed, as the metrics actor saw it
+        self.max_step = -1  # last step any rank completed: what a failure loses is counted from here
         self.world = cfg.scaling.num_workers  # the current group's size (smaller while elastic)
         self.skipped: list[int] = []  # global batches left out after a non-finite loss (on_nonfinite=rollback)
 
@@ -78,13 +79,14 @@ class Controller:
             try:
                 summary = self._attempt(attempt, step0, source_uri, failed_at)
             except GroupFailed as g:
+                failed_at = time.time()
                 f = g.failure
-                self._refresh_last_step()
+                self._poll_steps()
                 _, resume_at = self._restore_from("latest")  # where a restart would pick up
-                lost = max(0, self.last_step + 1 - (resume_at or 0))
+                lost = max(0, self.max_step + 1 - (resume_at or 0))
                 planned = f.kind is FailureKind.RESIZE
                 self.store.end_attempt(self.run_id, attempt, "resized" if planned else "failed", cause=f.kind.value,
-                                       message=f.message, rank=f.rank, node=f.node_id, failed_step=self.last_step,
+                                       message=f.message, rank=f.rank, node=f.node_id, failed_step=self.max_step,
                                        steps_lost=lost)
                 self.store.add_event(self.run_id, kind=f.kind.value if planned else f"failure_{f.kind.value}",
                                      severity="info" if planned else "error", message=f.message,
@@ -111,8 +113,8 @@ class Controller:
                     self.out(f"RESTART {restarts}/{self.policy.max_restarts}: {f.message}; "
                              f"restoring the latest checkpoint in {delay:.1f}s")
                     time.sleep(delay)
-                attempt, failed_at, restore = attempt + 1, time.time(), "latest"
-                self.last_step = -1
+                attempt, restore = attempt + 1, "latest"
+                self.last_step = self.max_step = -1
                 continue
             self.store.end_attempt(self.run_id, attempt, "completed")
             summary["wall_time_s"] = time.time() - t0
@@ -231,6 +233,7 @@ class Controller:
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
                 continue  # the metrics actor is restarting; ranks keep their batches until it is back
             self.last_step = max(self.last_step, p.get("step", -1))
+            self.max_step = max(self.max_step, p.get("max_step", -1))
             if failed_at is not None and self.last_step >= (step0 or 0):
                 self.store.set_recovery(self.run_id, attempt, time.time() - failed_at)
                 self.out(f"recovered: step {self.last_step + 1} done {time.time() - failed_at:.1f}s after the failure")
@@ -242,15 +245,16 @@ class Controller:
             self.out(f"ALERT {a['severity']} {a['kind']}: {a['message']}")
         progress.show(ray.get(self.h.metrics.progress.remote()), final=True)
 
-    def _refresh_last_step(self, settle_s: float = 1.0) -> None:
-        """After a failure: the ranks' last batches of metrics land within a flush interval."""
+    def _poll_steps(self) -> None:
+        """One more look at the ranks' progress right after a failure (no waiting: a restart is urgent)."""
         import ray
 
-        time.sleep(min(settle_s, 2 * self.cfg.telemetry.flush_every_s))
         try:
-            self.last_step = max(self.last_step, ray.get(self.h.metrics.progress.remote(), timeout=5).get("step", -1))
+            p = ray.get(self.h.metrics.progress.remote(), timeout=2)
         except Exception:  # the metrics actor is restarting: keep what we saw last
-            pass
+            return
+        self.last_step = max(self.last_step, p.get("step", -1))
+        self.max_step = max(self.max_step, p.get("max_step", -1))
 
     def _maybe_grow(self) -> None:
         """While elastic and short of workers: once capacity for the full group is back, restart

@@ -48,6 +48,9 @@ class RestartPolicy:
         return Decision.RESTART if restarts_done < self.max_restarts else Decision.RAISE
 
     def delay_s(self, restarts_done: int, rng: random.Random | None = None) -> float:
-        """Exponential backoff with jitter: 1, 2, 4 ... s (x 0.5-1.0), capped."""
-        base = min(self.max_backoff_s, self.backoff_s * 2**restarts_done)
+        """No wait before the first restart (a lone failure should cost as little as possible);
+        then exponential backoff with jitter against crash loops: 1, 2, 4 ... s (x 0.5-1.0), capped."""
+        if restarts_done == 0:
+            return 0.0
+        base = min(self.max_backoff_s, self.backoff_s * 2 ** (restarts_done - 1))
         return base * (0.5 + 0.5 * (rng or random).random())

@@ -7,6 +7,8 @@ Ray actor, in a test, or in a benchmark.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +39,18 @@ class WorkerContext:
 def setup_torch(cfg: Config, rank: int) -> None:
     torch.set_num_threads(cfg.scaling.torch_threads)
     if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+        use_deterministic_algorithms()
+
+
+def use_deterministic_algorithms() -> None:
+    """torch.use_deterministic_algorithms(True) without its import of torch._inductor, which costs
+    seconds on every worker start (and so on every restart). Inductor's flag is set too when it is
+    already loaded; the loop here never compiles."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+    torch._C._set_deterministic_algorithms(True)
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None:
+        inductor.deterministic = True
 
 
 def lr_at(step: int, cfg: Config) -> float:
