@@ -71,6 +71,10 @@ class MetricsActor:
         if self.webhook:
             self.webhook.post(event)
 
+    def poll(self) -> dict:
+        """What the driver's watch loop needs, in one call: progress and the alerts not yet shown."""
+        return {"progress": self.progress(), "alerts": self.take_alerts()}
+
     def take_alerts(self) -> list[dict]:
         alerts, self.new_alerts = self.new_alerts, []
         return alerts

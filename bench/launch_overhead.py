@@ -9,6 +9,8 @@ B: our real launch path: `orchestrator launch configs/demo.yaml` in a subprocess
 Runs alternate A B B A A B ... so machine noise and drift hit both alike; we report medians.
 Both time a step the same way (time between consecutive step ends) and skip the first --warmup
 steps. The loss curves are compared too: same seed and data should give the same losses.
+CPU seconds are recorded as well (bare ranks per step; our launch tree's lifetime totals, train
+workers vs the rest): on a shared machine they move far less with the load than step times do.
 
 Prints progress to stderr and one JSON object on the last stdout line.
 """

@@ -221,17 +221,21 @@ class Controller:
         import ray
 
         progress = Progress(self.cfg.train.max_steps, self.cfg.telemetry.progress_every_s, self.out)
+        # ray.wait returns at once when a rank finishes or fails, so failures are seen immediately;
+        # the timeout only paces the progress poll, which costs CPU the ranks would otherwise use
+        tick = min(self.cfg.telemetry.progress_every_s, 2.0)
         pending = list(refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            done, pending = ray.wait(pending, num_returns=1, timeout=tick)
             for ref in done:
                 self._gather([ref], "training", ranks=[refs.index(ref)])
             try:
-                for a in ray.get(self.h.metrics.take_alerts.remote(), timeout=5):
-                    self.out(f"ALERT {a['severity']} {a['kind']}: {a['message']}")
-                p = ray.get(self.h.metrics.progress.remote(), timeout=5)
+                polled = ray.get(self.h.metrics.poll.remote(), timeout=5)
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
                 continue  # the metrics actor is restarting; ranks keep their batches until it is back
+            for a in polled["alerts"]:
+                self.out(f"ALERT {a['severity']} {a['kind']}: {a['message']}")
+            p = polled["progress"]
             self.last_step = max(self.last_step, p.get("step", -1))
             self.max_step = max(self.max_step, p.get("max_step", -1))
             if failed_at is not None and self.last_step >= (step0 or 0):
