@@ -20,7 +20,7 @@ Columns = dict[str, tuple[np.ndarray, np.ndarray]]
 
 class MetricSender:
     def __init__(self, metrics_actor, rank: int, *, flush_every_s: float = 1.0, max_pending_points: int = 5_000_000,
-                 send_timeout_s: float = 30.0, background: bool = True):
+                 send_timeout_s: float = 30.0, background: bool = True, flush_points: int = 200_000):
         self.actor = metrics_actor
         self.rank = rank
         self.flush_every_s = flush_every_s
@@ -36,6 +36,9 @@ class MetricSender:
         self.dropped_points = 0
         self.step = 0
         self.last_error: str | None = None
+        self.flush_points = flush_points
+        self.buffered = 0
+        self._wake = threading.Event()  # set when the buffer is big: ship now, overlapping training
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metric-sender", daemon=True) if background else None
         if self._thread:
@@ -57,17 +60,23 @@ class MetricSender:
                     col = buf[key] = ([], [])
                 col[0].append(step)
                 col[1].append(float(value))
+            self.buffered += len(metrics)
+        if self.buffered >= self.flush_points:
+            self._wake.set()
 
     # --- background ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.wait(self.flush_every_s):
-            self.flush(wait=True)
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_every_s)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self.flush(wait=True)
 
     def _take(self) -> None:
         """Move the buffer into the pending queue as one numbered batch of numpy columns."""
         with self.lock:
-            buf, self.buffer = self.buffer, {}
+            buf, self.buffer, self.buffered = self.buffer, {}, 0
         if not buf:
             return
         cols = {k: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64)) for k, (s, v) in buf.items()}
@@ -108,6 +117,7 @@ class MetricSender:
     def close(self, *, attempts: int = 5, backoff_s: float = 1.0) -> None:
         """Stop the flusher and deliver what is left, retrying a few times (bounded)."""
         self._stop.set()
+        self._wake.set()
         if self._thread:
             self._thread.join(timeout=self.send_timeout_s + 5)
         for i in range(attempts):

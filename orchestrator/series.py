@@ -207,8 +207,9 @@ class SeriesStore:
         vals = np.concatenate([np.frombuffer(r[1], dtype="<f8") for r in rows])
         keep = (steps >= lo) & (steps <= hi)
         steps, vals = steps[keep], vals[keep]
-        order = np.argsort(steps, kind="stable")
-        steps, vals = steps[order], vals[order]
+        if len(steps) > 1 and not np.all(steps[1:] > steps[:-1]):  # sealed chunks are sorted already
+            order = np.argsort(steps, kind="stable")
+            steps, vals = steps[order], vals[order]
         last = np.ones(len(steps), dtype=bool)
         last[:-1] = steps[1:] != steps[:-1]  # keep the last write of a repeated step
         return Points(steps[last], vals[last])
