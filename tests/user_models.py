@@ -51,3 +51,21 @@ class LogsPerLayer(GPT):
 
 def logging_gpt(*, vocab_size: int, block_size: int, copies: int = 1):
     return LogsPerLayer(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, d_model=32, copies=copies)
+
+
+class Poisoned(GPT):
+    """A GPT whose logits turn NaN on one particular batch (recognised by its first tokens)."""
+
+    def __init__(self, *, poison: list[int], **kw):
+        super().__init__(**kw)
+        self.poison = torch.tensor(poison)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(idx)
+        if self.training and torch.equal(idx[0, : len(self.poison)], self.poison):
+            logits = logits * float("nan")
+        return logits
+
+
+def poisoned_gpt(*, vocab_size: int, block_size: int, poison: list[int]):
+    return Poisoned(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32, poison=poison)
