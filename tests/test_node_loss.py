@@ -37,10 +37,11 @@ def expected_fingerprints(data_uri: str, seed: int, batch: int, steps: int) -> l
 
 def test_node_loss_shrinks_then_regrows_with_the_same_data_order(tmp_path, home, tiny_data, cluster):
     c, nodes = cluster
-    steps = 400
+    steps = 600
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": steps, "eval_every": 0},
                       scaling={"num_workers": 2, "min_workers": 1, "start_timeout_s": 60},
-                      checkpoint={"every_steps": 10}, fault_tolerance={"max_restarts": 3, "backoff_s": 0.1})
+                      checkpoint={"every_steps": 10}, fault_tolerance={"max_restarts": 3, "backoff_s": 0.1},
+                      model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.02}})
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
     proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", c.address], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -61,7 +62,14 @@ def test_node_loss_shrinks_then_regrows_with_the_same_data_order(tmp_path, home,
         workers = cli_json("show", run_id, home=home)["meta"]["workers"]
         victim = next(n for n in nodes if n.node_id == workers[1]["node_id"])
         c.remove_node(victim)  # rank 1's node is gone
-        step_reached(60)  # going on with one worker
+        from orchestrator.store import Store
+
+        while time.monotonic() < deadline:  # going on with one worker, and recovered
+            attempts = Store(home).attempts(run_id)
+            if len(attempts) == 2 and attempts[1]["recovery_s"] is not None:
+                break
+            time.sleep(0.3)
+        assert len(cli_json("show", run_id, home=home)["meta"]["workers"]) == 1
         c.add_node(num_cpus=1)  # capacity is back
         out, _ = proc.communicate(timeout=max(10, deadline - time.monotonic()))
     finally:
@@ -69,8 +77,6 @@ def test_node_loss_shrinks_then_regrows_with_the_same_data_order(tmp_path, home,
             proc.kill()
     assert proc.returncode == 0, out
     assert "elastic: 1 of 2 workers fit now" in out and "RESIZE: regrowing from 1 to 2 workers" in out, out
-
-    from orchestrator.store import Store
 
     attempts = Store(home).attempts(run_id)
     assert [a["status"] for a in attempts] == ["failed", "resized", "completed"], attempts

@@ -4,6 +4,7 @@ one that logs per-layer figures through orchestrator.telemetry."""
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -69,3 +70,21 @@ class Poisoned(GPT):
 
 def poisoned_gpt(*, vocab_size: int, block_size: int, poison: list[int]):
     return Poisoned(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32, poison=poison)
+
+
+class Slow(GPT):
+    """A GPT that takes at least `pause_s` per training step, without using CPU: keeps a fast
+    machine from finishing a run before a test has done its part."""
+
+    def __init__(self, *, pause_s: float, **kw):
+        super().__init__(**kw)
+        self.pause_s = pause_s
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            time.sleep(self.pause_s)
+        return super().forward(idx)
+
+
+def slow_gpt(*, vocab_size: int, block_size: int, pause_s: float = 0.02):
+    return Slow(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32, pause_s=pause_s)

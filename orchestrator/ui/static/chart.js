@@ -137,7 +137,9 @@ class LineChart {
         // a bucket covers steps step..last_step: half a step either side, at least one pixel
         const x0 = X(p.step - 0.5), x1 = Math.max(x0 + 1, X((p.last_step ?? p.step) + 0.5));
         const y0 = Y(p.max), y1 = Y(p.min);
-        g.fillRect(x0, y0, x1 - x0, Math.max(1, y1 - y0));
+        // a one-pixel bucket holding a spike must still catch the eye: narrow bands are drawn stronger
+        g.globalAlpha = x1 - x0 < 3 ? 0.6 : 0.25;
+        g.fillRect(x0, y0, Math.max(2, x1 - x0), Math.max(1, y1 - y0));
       }
       g.globalAlpha = 1;
     }
