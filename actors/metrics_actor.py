@@ -59,6 +59,10 @@ class MetricsActor:
             self._remember(rank, columns)
             for a in self.detector.observe(rank, columns):
                 self.alert(a.kind, a.severity, a.message, step=a.step, rank=a.rank, data=a.data)
+            if rank in self.detector.scores:  # the straggler score, per rank, next to its inputs
+                step, score = self.detector.scores.pop(rank)
+                self.store.points.append(self.run_id, rank, self.attempt,
+                                         {"health/straggler_score": (np.array([step]), np.array([score]))})
         return stored
 
     def alert(self, kind: str, severity: str, message: str, *, step: int | None = None, rank: int | None = None,

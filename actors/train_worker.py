@@ -6,6 +6,7 @@ import os
 import socket
 from datetime import timedelta
 
+from actors.health import Health, Heartbeat
 from actors.metric_sender import MetricSender
 from actors.system_stats import SystemSampler
 from orchestrator import telemetry
@@ -13,9 +14,10 @@ from orchestrator.config import Backend, config_from_dict
 
 
 class TrainWorker:
-    def __init__(self, config: dict, metrics_actor, checkpoint_coordinator=None):
+    def __init__(self, config: dict, metrics_actor, checkpoint_coordinator=None, health_monitor=None):
         self.cfg = config_from_dict(config)
         self.metrics_actor = metrics_actor
+        self.health_monitor = health_monitor
         self.checkpoint_coordinator = checkpoint_coordinator
         self.rank = -1
         self.device = None
@@ -90,13 +92,19 @@ class TrainWorker:
 
             checkpointer = make_checkpointer(self.cfg, rank=self.rank, world_size=ctx.world_size,
                                              coordinator=self.checkpoint_coordinator)
+        health = Health(self.rank)
+        beats = Heartbeat(self.health_monitor, health, self.cfg.hang.heartbeat_s).start() if self.health_monitor else None
+        health.phase = "checkpoint" if restore_step is not None else "start"
         loaded = self._load(checkpointer, restore_step, restore_uri) if restore_step is not None else None
         telemetry.attach(sender)
         sampler = SystemSampler(sender.log, self.cfg.telemetry.system_every_s).start()
         try:
-            summary = train(self.cfg, ctx, sender, checkpointer=checkpointer, restore=loaded, skipped=list(skipped))
+            summary = train(self.cfg, ctx, sender, checkpointer=checkpointer, restore=loaded, skipped=list(skipped),
+                            health=health)
         finally:
             sampler.stop()
+            if beats:
+                beats.stop()
             telemetry.attach(None)
             sender.close()
         if dist.is_initialized():

@@ -5,7 +5,7 @@ Signals (per rank, deduplicated across ranks so 64 ranks do not raise 64 alerts)
   loss_spike           robust z-score of train/loss against a recent window (median / MAD)
   grad_norm_explosion  train/grad_norm many times its recent median
   throughput_drop      train/tokens_per_s below a fraction of its recent median, several steps running
-  straggler            a rank's recent step time well above the other ranks'
+  straggler            a rank computes well below the other ranks' speed (waits in collectives excluded)
   checkpoint_failed    a ckpt/failed point (the checkpoint writer logs one per failed checkpoint)
 """
 
@@ -35,7 +35,7 @@ class Thresholds:
     grad_ratio: float = 10.0
     throughput_drop: float = 0.5
     throughput_steps: int = 5
-    straggler_ratio: float = 1.5
+    straggler_score: float = 0.75
     straggler_checks: int = 5
     cooldown_steps: int = 20
 
@@ -48,6 +48,7 @@ class AnomalyDetector:
         self.straggling: dict[int, int] = collections.defaultdict(int)
         self.step_time: dict[int, collections.deque] = {}
         self.last_alert: dict[str, int] = {}  # kind -> step of the last alert (any rank)
+        self.scores: dict[int, tuple[int, float]] = {}  # rank -> (step, straggler score), latest
 
     def observe(self, rank: int, columns: dict) -> list[Alert]:
         """columns: {key: (steps, values)} from one rank, in step order."""
@@ -60,8 +61,8 @@ class AnomalyDetector:
                     alert = check(rank, int(s), float(v))
                     if alert and self._fresh(alert):
                         alerts.append(alert)
-        if "train/step_time_s" in columns:
-            alert = self._straggler(rank, columns["train/step_time_s"])
+        if "health/compute_s" in columns:
+            alert = self._straggler(rank, columns["health/compute_s"])
             if alert and self._fresh(alert):
                 alerts.append(alert)
         return alerts
@@ -131,6 +132,9 @@ class AnomalyDetector:
         return None
 
     def _straggler(self, rank: int, column) -> Alert | None:
+        """Score = the other ranks' median compute time / this rank's (compute excludes waiting in
+        collectives, where a fast rank waits for a slow one). Below `straggler_score` for
+        `straggler_checks` batches running: flagged."""
         steps, values = column
         times = self.step_time.setdefault(rank, collections.deque(maxlen=self.t.window))
         times.extend(float(v) for v in values)
@@ -138,12 +142,15 @@ class AnomalyDetector:
         if len(times) < self.t.min_history or not others:
             return None
         mine, typical = statistics.median(times), statistics.median(others)
-        if typical > 0 and mine > self.t.straggler_ratio * typical:
+        score = typical / mine if mine > 0 else 1.0
+        self.scores[rank] = (int(steps[-1]), score)
+        if score < self.t.straggler_score:
             self.straggling[rank] += 1
             if self.straggling[rank] == self.t.straggler_checks:
                 return Alert("straggler", "warning", int(steps[-1]), rank,
-                             f"rank {rank} takes {mine:.3g} s/step, {mine / typical:.1f}x the other ranks' {typical:.3g}",
-                             {"rank_step_time_s": mine, "typical_step_time_s": typical})
+                             f"rank {rank} computes at {score:.2f}x the speed of the others "
+                             f"({mine * 1e3:.1f} ms per step against {typical * 1e3:.1f} ms)",
+                             {"score": score, "rank_compute_s": mine, "typical_compute_s": typical})
         else:
             self.straggling[rank] = 0
         return None

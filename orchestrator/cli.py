@@ -57,6 +57,10 @@ def build_parser() -> Parser:
     compare.add_argument("--key", action="append", help="metric to compare (repeatable; default: loss, eval loss, tokens/s)")
     compare.add_argument("--json", action="store_true")
 
+    diagnose = sub.add_parser("diagnose", help="stalls and stragglers: culprit rank, node, phase, evidence, action")
+    diagnose.add_argument("run")
+    diagnose.add_argument("--json", action="store_true")
+
     tag = sub.add_parser("tag", help="set tags on a run")
     tag.add_argument("run")
     tag.add_argument("tags", nargs="+", metavar="key=value")
@@ -200,6 +204,7 @@ COMMANDS = {
     "checkpoints": cmd_checkpoints, "ui": cmd_ui,
     "runs": run_views.cmd_runs, "show": run_views.cmd_show, "metrics": run_views.cmd_metrics,
     "compare": run_views.cmd_compare, "tag": run_views.cmd_tag, "note": run_views.cmd_note,
+    "diagnose": run_views.cmd_diagnose,
 }
 
 if __name__ == "__main__":

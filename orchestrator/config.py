@@ -86,6 +86,13 @@ class TrainConfig:
     deterministic: bool = option(True, help="torch.use_deterministic_algorithms")
 
 
+@dataclass
+class HangConfig:
+    timeout_s: float = option(60.0, min=1, help="a stall is declared when no rank completes a step for this long ...")
+    step_time_factor: float = option(10.0, min=1, help="... or this many recent median step times, whichever is longer")
+    heartbeat_s: float = option(1.0, min=0.1, help="how often each rank reports step, phase and collective counters")
+
+
 class OnNonFinite(str, Enum):
     FAIL = "fail"  # stop the run with a clear error
     ROLLBACK = "rollback"  # restore the last checkpoint and skip the offending batch
@@ -122,6 +129,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    hang: HangConfig = field(default_factory=HangConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from orchestrator import cluster
 from orchestrator.config import Config, OnNonFinite
 from orchestrator.errors import NonFiniteLoss, ResourceError, UserError
+from orchestrator.hang import attribute, stall_threshold_s
 from orchestrator.policy import Decision, Failure, FailureKind, RestartPolicy
 from orchestrator.progress import Progress
 from orchestrator.store import Store
@@ -42,6 +43,7 @@ class Handles:
     placement: cluster.Placement | None = None
     metrics: object = None
     checkpoints: object = None
+    health: object = None
     workers: list = field(default_factory=list)
 
 
@@ -191,7 +193,7 @@ class Controller:
                 num_cpus=s.cpus_per_worker,
                 num_gpus=s.gpus_per_worker,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(h.placement.pg, placement_group_bundle_index=b),
-            ).remote(self.cfg.to_dict(), h.metrics, h.checkpoints)
+            ).remote(self.cfg.to_dict(), h.metrics, h.checkpoints, h.health)
             for b in by_rank
         ]
         self.nodes = [ranks[b]["node_id"] for b in by_rank]
@@ -210,6 +212,8 @@ class Controller:
         resumed = f", resuming at step {step0}" if step0 is not None else ""
         self.out(f"rendezvous done: {self.world} ranks on {n_nodes} node(s), backend {backends[0]}, "
                  f"master {master_addr}:{master_port} ({time.time() - t0:.1f}s){resumed}")
+        if h.health is not None:
+            ray.get(h.health.reset.remote())
         refs = [w.train.remote(restore_step=step0, restore_uri=source_uri, skipped=self.skipped) for w in h.workers]
         self._watch(refs, step0, failed_at, attempt)
         summaries = self._gather(refs, "training")
@@ -221,6 +225,7 @@ class Controller:
         import ray
 
         progress = Progress(self.cfg.train.max_steps, self.cfg.telemetry.progress_every_s, self.out)
+        self.advanced_at, self.seen_step = time.monotonic(), -1
         # ray.wait returns at once when a rank finishes or fails, so failures are seen immediately;
         # the timeout only paces the progress poll, which costs CPU the ranks would otherwise use
         tick = min(self.cfg.telemetry.progress_every_s, 2.0)
@@ -244,10 +249,48 @@ class Controller:
                 failed_at = None
             if progress.due():
                 progress.show(p)
+            self._watchdog(p)
             self._maybe_grow()
         for a in ray.get(self.h.metrics.take_alerts.remote()):
             self.out(f"ALERT {a['severity']} {a['kind']}: {a['message']}")
         progress.show(ray.get(self.h.metrics.progress.remote()), final=True)
+
+    def _watchdog(self, progress: dict) -> None:
+        """Declare a stall when no rank completes a step for max(hang.timeout_s, k x median step
+        time); name the culprit from the heartbeats, record the diagnosis, and fail the group."""
+        import ray
+
+        if self.h.health is None:
+            return
+        now = time.monotonic()
+        try:
+            beats = ray.get(self.h.health.snapshot.remote(), timeout=5)
+        except Exception:
+            return
+        steps = [b["step"] for b in beats.values()]
+        step = max(steps) if steps else -1
+        if step > self.seen_step:
+            self.seen_step, self.advanced_at = step, now
+            return
+        hang = self.cfg.hang
+        median = progress.get("median_step_time_s")
+        limit = stall_threshold_s(hang.timeout_s, [median] if median else [], hang.step_time_factor)
+        if now - self.advanced_at < limit:
+            return
+        wall = time.time()
+        for r in range(self.world):  # a rank that never reported counts as stopped since the start
+            beats.setdefault(r, {"rank": r, "step": -1, "phase": "start", "coll_entered": 0, "coll_completed": 0,
+                                 "time": wall - (now - self.advanced_at)})
+        report = attribute(beats, now=wall, heartbeat_s=hang.heartbeat_s, nodes=dict(enumerate(self.nodes)))
+        report.update(stalled_s=round(now - self.advanced_at, 1), threshold_s=round(limit, 1), step=step)
+        culprit = report["culprits"][0] if report["culprits"] else None
+        who = (f"rank {', '.join(map(str, report['culprits']))} on node {', '.join(report['culprit_nodes'])}"
+               if report["culprits"] else "no single rank")
+        msg = f"stall: no step completed for {report['stalled_s']}s after step {step}; {who}: {report['reason']}"
+        self.store.add_event(self.run_id, kind="stall", severity="error", message=msg, step=step, rank=culprit,
+                             data=report)
+        self.out(f"STALL {msg}")
+        raise GroupFailed(Failure(FailureKind.HANG, msg, rank=culprit, node_id=self._node(culprit), data=report))
 
     def _poll_steps(self) -> None:
         """One more look at the ranks' progress right after a failure (no waiting: a restart is urgent)."""

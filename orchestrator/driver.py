@@ -201,6 +201,7 @@ def _start_run_actors(cfg: Config, run_id: str, store: Store, h: Handles, out) -
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from actors import checkpoint_coordinator
+    from actors.health import HealthMonitor
     from actors.metrics_actor import MetricsActor
 
     here = ray.get_runtime_context().get_node_id()
@@ -218,6 +219,10 @@ def _start_run_actors(cfg: Config, run_id: str, store: Store, h: Handles, out) -
     if prometheus:
         out(f"Prometheus metrics: http://{prometheus}/metrics")
     h.checkpoints = checkpoint_coordinator.start(cfg, run_id, str(store.root), here)
+    h.health = ray.remote(HealthMonitor).options(
+        name=f"{cfg.run.name}:{run_id}:health", num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+    ).remote()
 
 
 def _teardown(h: Handles) -> None:
@@ -225,7 +230,7 @@ def _teardown(h: Handles) -> None:
 
     if not ray.is_initialized():
         return
-    for actor in h.workers + [a for a in (h.metrics, h.checkpoints) if a is not None]:
+    for actor in h.workers + [a for a in (h.metrics, h.checkpoints, h.health) if a is not None]:
         try:
             ray.kill(actor)
         except Exception:

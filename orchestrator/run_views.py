@@ -249,3 +249,48 @@ def cmd_note(args, argv) -> int:
     store.add_note(run["id"], args.text)
     out(f"{run['id']}: note added ({len(store.notes(run['id']))} in all)")
     return 0
+
+
+def diagnoses(store: Store, run_id: str) -> list[dict]:
+    """Stall and straggler events with their evidence and the action that followed."""
+    attempts = store.attempts(run_id)
+    out_rows = []
+    for e in store.events(run_id):
+        if e["kind"] not in ("stall", "straggler"):
+            continue
+        d = e["data"]
+        row = {"time": e["time"], "kind": e["kind"], "step": e["step"], "rank": e["rank"], "message": e["message"]}
+        if e["kind"] == "stall":
+            culprit = d.get("ranks", {}).get(str(e["rank"])) if e["rank"] is not None else None
+            later = [a for a in attempts if a["started_at"] > e["time"]]
+            row.update(verdict=d.get("verdict"), culprits=d.get("culprits", []), nodes=d.get("culprit_nodes", []),
+                       phase=culprit.get("phase") if culprit else None,
+                       collective=culprit.get("coll_entered") if culprit else None,
+                       stalled_s=d.get("stalled_s"), evidence=d.get("ranks", {}),
+                       action=(f"restarted (attempt {later[0]['attempt']}, from step {later[0]['resumed_from_step']})"
+                               if later else "the run stopped"))
+        else:
+            row.update(verdict="straggler", culprits=[e["rank"]], evidence=d, action="reported")
+        out_rows.append(row)
+    return out_rows
+
+
+def cmd_diagnose(args, argv) -> int:
+    store = Store()
+    run = store.run(args.run)
+    rows = diagnoses(store, run["id"])
+    if args.json:
+        out(json.dumps({"run": run["id"], "events": rows}, indent=1))
+        return 0
+    if not rows:
+        out(f"no stalls or stragglers recorded for {run['id']}")
+        return 0
+    for r in rows:
+        out(f"{when(r['time'])}  {r['kind']} at step {r['step']}: {r['message']}")
+        if r["kind"] == "stall":
+            out(f"  verdict {r['verdict']}; action: {r['action']}")
+            for rank, b in sorted(r["evidence"].items(), key=lambda kv: int(kv[0])):
+                out(f"  rank {rank:>3}  node {str(b.get('node') or '-')[:12]:<12}  step {b['step']:>6}  "
+                    f"phase {b['phase']:<10}  collectives entered {b['coll_entered']} done {b['coll_completed']}  "
+                    f"last heartbeat {b['age_s']}s ago")
+    return 0

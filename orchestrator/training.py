@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from actors.health import Health, track_collectives
 from dataloading.dataset import TokenDataset
 from dataloading.sampler import GlobalSampler, batch_fingerprint
 from orchestrator import telemetry
@@ -89,7 +90,7 @@ def open_data(cfg: Config) -> tuple[TokenDataset, TokenDataset | None]:
 
 
 @torch.no_grad()
-def evaluate(model, val: TokenDataset, cfg: Config, ctx: WorkerContext) -> float:
+def evaluate(model, val: TokenDataset, cfg: Config, ctx: WorkerContext, health: Health | None = None) -> float:
     """Mean loss over the same fixed held-out batches every time, averaged across ranks."""
     model.eval()
     b = min(cfg.data.global_batch_size, len(val) // ctx.world_size * ctx.world_size)
@@ -100,7 +101,11 @@ def evaluate(model, val: TokenDataset, cfg: Config, ctx: WorkerContext) -> float
         total[0] += loss_of(model, val.batch(ids).to(ctx.device)).double() * len(ids)
         total[1] += len(ids)
     if ctx.world_size > 1:
+        if health is not None:
+            health.coll_entered += 1
         dist.all_reduce(total)
+        if health is not None:
+            health.coll_completed += 1
     model.train()
     return float(total[0] / total[1])
 
@@ -116,7 +121,7 @@ def data_index(step: int, skipped: list[int]) -> int:
 
 
 def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restore=None,
-          skipped: list[int] = ()) -> dict:
+          skipped: list[int] = (), health: Health | None = None) -> dict:
     """Train to train.max_steps, from step 0 or from `restore` (a loaded checkpoint); returns a
     summary for the driver."""
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
@@ -124,6 +129,9 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
     seq_len = train_data.seq_len
     model = build_model(cfg.model, vocab_size=train_data.index.vocab_size, block_size=seq_len - 1).to(ctx.device)
     ddp = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world_size > 1 else model
+    health = health or Health(ctx.rank)
+    if ctx.world_size > 1:
+        track_collectives(ddp, health)
     optimizer = make_optimizer(model, cfg)
     sampler = train_data.sampler(cfg.data, seed=cfg.run.seed)  # data.shuffle etc.; prefetches remote shards
     torch.manual_seed(cfg.run.seed * 1000 + ctx.rank + 1)  # per-rank stream for dropout
@@ -138,21 +146,29 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
     for step in range(start, cfg.train.max_steps):
         telemetry.set_step(step)
         batch_index = data_index(step, skipped)
+        health.phase = "data"
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         ids = sampler.local_batch(batch_index, ctx.rank, ctx.world_size)
         batch = train_data.batch(ids).to(ctx.device, non_blocking=True)
 
+        health.phase = "forward"
+        compute_started = time.perf_counter()
         loss = loss_of(ddp, batch)
+        compute_s = time.perf_counter() - compute_started  # forward only: no collective in it
         optimizer.zero_grad(set_to_none=True)
+        health.phase = "backward"  # DDP's all-reduces run inside; the hook counts them
         loss.backward()
+        health.phase = "optimizer"
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         loss_value = loss.item()
         if not math.isfinite(loss_value):  # before the update: the weights stay as they were
             raise NonFiniteLoss(batch_index, loss_value)
+        optimizer_started = time.perf_counter()
         optimizer.step()
+        compute_s += time.perf_counter() - optimizer_started
 
         now = time.perf_counter()
         step_time, last = now - last, now
@@ -162,17 +178,21 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
             "train/grad_norm": float(grad_norm),
             "train/step_time_s": step_time,
             "train/tokens_per_s": tokens_per_step / step_time,
+            "health/compute_s": compute_s,  # what straggler scoring compares across ranks
         }
         if ctx.rank == 0:
             metrics["data/batch_fingerprint"] = float(batch_fingerprint(sampler.global_batch(batch_index)))
         is_last = step == cfg.train.max_steps - 1
         if val_data is not None and cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or is_last):
-            eval_loss = evaluate(ddp, val_data, cfg, ctx)
+            health.phase = "eval"
+            eval_loss = evaluate(ddp, val_data, cfg, ctx, health)
             if ctx.rank == 0:
                 metrics["eval/loss"] = eval_loss
             last = time.perf_counter()  # eval time is not step time
         log(step, metrics)
+        health.step = step
         if checkpointer is not None and checkpointer.due(step + 1, is_last):  # step + 1 optimizer steps done
+            health.phase = "checkpoint"
             next_batch = data_index(step + 1, skipped)
             checkpointer.save(step + 1, model=model, optimizer=optimizer, sampler_state=sampler.state_dict(next_batch),
                               metrics=metrics, log=log)
@@ -180,8 +200,10 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
                 log.flush()
         first_loss = loss_value if first_loss is None else first_loss
         last_loss = loss_value
+    health.phase = "checkpoint"
     if checkpointer is not None:
         checkpointer.close(log)  # waits for the last upload and its commit
+    health.phase = "done"
     return {
         "steps": cfg.train.max_steps - start,
         "start_step": start,

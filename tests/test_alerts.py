@@ -62,14 +62,15 @@ def test_grad_norm_explosion_and_throughput_drop():
     assert [(a.kind, a.step) for a in alerts] == [("throughput_drop", 35)]  # the fifth slow step in a row
 
 
-def test_straggler_named_by_rank():
+def test_straggler_named_by_rank_with_a_score():
     det = AnomalyDetector(Thresholds(straggler_checks=3))
     alerts = []
     for step in range(40):
         for rank in range(4):
             t = 0.30 if rank == 2 else 0.10
-            alerts += det.observe(rank, cols("train/step_time_s", [step], [t]))
+            alerts += det.observe(rank, cols("health/compute_s", [step], [t]))
     assert [(a.kind, a.rank) for a in alerts] == [("straggler", 2)]
+    assert alerts[0].data["score"] == pytest.approx(1 / 3)
 
 
 class Hook(http.server.BaseHTTPRequestHandler):

@@ -76,15 +76,39 @@ class Slow(GPT):
     """A GPT that takes at least `pause_s` per training step, without using CPU: keeps a fast
     machine from finishing a run before a test has done its part."""
 
-    def __init__(self, *, pause_s: float, **kw):
+    def __init__(self, *, pause_s: float, slow_rank: int | None, **kw):
         super().__init__(**kw)
-        self.pause_s = pause_s
+        self.pause_s, self.slow_rank = pause_s, slow_rank
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if self.training and (self.slow_rank is None or int(os.environ["RANK"]) == self.slow_rank):
             time.sleep(self.pause_s)
         return super().forward(idx)
 
 
-def slow_gpt(*, vocab_size: int, block_size: int, pause_s: float = 0.02):
-    return Slow(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32, pause_s=pause_s)
+def slow_gpt(*, vocab_size: int, block_size: int, pause_s: float = 0.02, slow_rank: int | None = None):
+    """slow_rank=None: every rank; else only that one (a straggler)."""
+    return Slow(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32, pause_s=pause_s,
+                slow_rank=slow_rank)
+
+
+class Hangs(GPT):
+    """A GPT whose forward blocks on one rank at one call, as a rank stuck outside the collective
+    the others wait in (a data-dependent deadlock, a stuck kernel)."""
+
+    def __init__(self, *, hang_rank: int, hang_call: int, **kw):
+        super().__init__(**kw)
+        self.hang_rank, self.hang_call, self.calls = hang_rank, hang_call, 0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.hang_call and int(os.environ["RANK"]) == self.hang_rank:
+                for _ in range(3600):  # bounded: the controller kills this process long before
+                    time.sleep(1)
+        return super().forward(idx)
+
+
+def hanging_gpt(*, vocab_size: int, block_size: int, hang_rank: int = 1, hang_call: int = 8):
+    return Hangs(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32,
+                 hang_rank=hang_rank, hang_call=hang_call)

@@ -1,0 +1,54 @@
+"""Hang diagnosis from heartbeats: pure functions, so every rule is tested one case at a time.
+
+Each rank's heartbeat carries its step, its phase (data, forward, backward, optimizer, eval,
+checkpoint), how many collectives it has entered and completed, and when it was sent.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+PHASES = ("start", "data", "forward", "backward", "optimizer", "eval", "checkpoint", "done")
+
+
+def stall_threshold_s(timeout_s: float, step_times: list[float], factor: float) -> float:
+    """A stall is declared after max(hang.timeout_s, factor x the recent median step time)."""
+    return max(timeout_s, factor * statistics.median(step_times)) if step_times else timeout_s
+
+
+def attribute(beats: dict[int, dict], *, now: float, heartbeat_s: float, nodes: dict[int, str] | None = None) -> dict:
+    """Who holds the group up, and why. Returns {"culprits": [...], "reason", "verdict", "ranks"}.
+
+    verdict: "stopped" (heartbeats stopped: frozen process or dead host), "missing_collective"
+    (ranks never entered the collective the others wait in), "stuck" (a rank busy outside any
+    collective: data loading, checkpoint), or "undecided" (everyone waits in the same collective).
+    """
+    nodes = nodes or {}
+    ranks = {
+        r: {**b, "node": nodes.get(r), "age_s": round(now - b["time"], 1),
+            "waiting": b["coll_entered"] > b["coll_completed"]}
+        for r, b in sorted(beats.items())
+    }
+    stale_after = 3 * heartbeat_s + 2.0
+    stopped = [r for r, b in ranks.items() if b["age_s"] > stale_after]
+    if stopped:
+        ages = ", ".join(f"rank {r}: {ranks[r]['age_s']}s ago" for r in stopped)
+        return _report("stopped", stopped, ranks, f"heartbeats stopped ({ages}): a frozen process or a lost host")
+    top = max(b["coll_entered"] for b in ranks.values())
+    behind = [r for r, b in ranks.items() if b["coll_entered"] < top]
+    waiting = [r for r, b in ranks.items() if b["waiting"] and b["coll_entered"] == top]
+    if behind and waiting:
+        where = ", ".join(f"rank {r} in {ranks[r]['phase']} at step {ranks[r]['step']}" for r in behind)
+        return _report("missing_collective", behind, ranks,
+                       f"never entered collective #{top} that rank(s) {', '.join(map(str, waiting))} wait in ({where})")
+    busy = [r for r, b in ranks.items() if not b["waiting"] and b["phase"] in ("data", "checkpoint", "eval")]
+    if busy:
+        where = ", ".join(f"rank {r} in {ranks[r]['phase']}" for r in busy)
+        return _report("stuck", busy, ranks, f"stuck outside any collective ({where})")
+    return _report("undecided", [], ranks, f"every rank waits in collective #{top}: the evidence does not single "
+                   "one out (a network or NCCL problem between nodes?)")
+
+
+def _report(verdict: str, culprits: list[int], ranks: dict, reason: str) -> dict:
+    return {"verdict": verdict, "culprits": culprits, "reason": reason,
+            "culprit_nodes": sorted({ranks[r]["node"] for r in culprits if ranks[r]["node"]}), "ranks": ranks}
