@@ -1,4 +1,5 @@
-"""Heartbeats: each rank's training thread updates a few counters; a thread of its own sends
+"""Heartbeats: each rank's training thread updates a few counters (collectives are counted per
+step around backward, where DDP's all-reduces run and are waited for); a thread of its own sends
 them to the run's health monitor every `hang.heartbeat_s`, so a rank stuck in a collective,
 a data read or a frozen process still shows what it was doing."""
 
@@ -22,24 +23,6 @@ class Health:
     def snapshot(self) -> dict:
         return {"rank": self.rank, "step": self.step, "phase": self.phase, "coll_entered": self.coll_entered,
                 "coll_completed": self.coll_completed, "time": time.time()}
-
-
-def track_collectives(ddp_model, health: Health) -> None:
-    """Count DDP's gradient all-reduces as they are entered and completed (a comm hook that wraps
-    the default all-reduce, so the numbers do not change)."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    def hook(state, bucket):
-        health.coll_entered += 1
-        fut = allreduce_hook(state, bucket)
-
-        def done(f):
-            health.coll_completed += 1
-            return f.value()
-
-        return fut.then(done)
-
-    ddp_model.register_comm_hook(None, hook)
 
 
 class HealthMonitor:
