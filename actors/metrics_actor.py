@@ -13,6 +13,7 @@ import numpy as np
 from actors.prometheus_export import Exporter
 from actors.webhook import WebhookPoster
 from orchestrator.anomaly import AnomalyDetector
+from orchestrator.series import columns as to_columns
 from orchestrator.store import Store
 
 
@@ -42,12 +43,7 @@ class MetricsActor:
 
     def log(self, rank: int, points: list[tuple[str, int, float, float]]) -> int:
         """Row-shaped points (key, step, value, time) from one rank. Returns how many were stored."""
-        columns: dict[str, tuple[list[int], list[float]]] = {}
-        for key, step, value, _ in points:
-            steps, values = columns.setdefault(key, ([], []))
-            steps.append(step)
-            values.append(value)
-        return self.log_columns(rank, None, {k: (np.array(s), np.array(v)) for k, (s, v) in columns.items()})
+        return self.log_columns(rank, None, to_columns((key, step, value) for key, step, value, _ in points))
 
     def log_columns(self, rank: int, seq: int | None, columns: dict, dropped: int = 0) -> int:
         """One batch from a rank's MetricSender: {key: (steps, values)}. Applied once per seq."""

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from orchestrator.errors import ResourceError
 
 
-def connect(address: str | None, *, dashboard: bool) -> bool:
-    """Connect to `address` (or $RAY_ADDRESS), else start an embedded cluster on 127.0.0.1.
-    Returns True when we started the cluster (and so must shut it down)."""
+def connect(address: str | None, *, dashboard: bool) -> None:
+    """Connect to `address` (or $RAY_ADDRESS), else start an embedded cluster on 127.0.0.1
+    (`ray.shutdown()` stops the one and only disconnects from the other)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         # Ray maps 127.0.0.1 to the host's routable IP unless this is set before it is imported;
@@ -25,7 +25,7 @@ def connect(address: str | None, *, dashboard: bool) -> bool:
             ray.init(address=address, **common)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise ResourceError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
-        return False
+        return
     ray.init(
         address="local",  # never attach to some other cluster on this machine by accident
         _node_ip_address="127.0.0.1",
@@ -33,7 +33,6 @@ def connect(address: str | None, *, dashboard: bool) -> bool:
         dashboard_host="127.0.0.1",
         **common,
     )
-    return True
 
 
 def dashboard_url() -> str | None:

@@ -161,7 +161,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {kind(loaded)}")
         raw = loaded
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     cfg = build(Config, raw, "", where)
     if cfg.run.name is None:
         cfg.run.name = Path(path).stem if path is not None else "run"
@@ -196,7 +196,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f'model.factory={cfg.model.factory!r}: expected "pkg.module:function"')
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key.path=value")
     key, _, text = item.partition("=")
@@ -232,6 +232,17 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _to_plain(v) for k, v in obj.items()}
     return obj
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a config as dotted keys (an empty mapping stays a value)."""
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
 
 
 def redact(obj: Any) -> Any:

@@ -61,6 +61,9 @@ class Controller:
         self.last_step = -1  # last step every rank completed, as the metrics actor saw it
         self.max_step = -1  # last step any rank completed: what a failure loses is counted from here
         self.world = cfg.scaling.num_workers  # the current group's size (smaller while elastic)
+        self.nodes: list[str] = []  # node id of each rank of the current group
+        self.next_grow_check = 0.0  # elastic: when to look for capacity again (monotonic)
+        self.grow_after: int | None = None  # elastic: regrow once a checkpoint newer than this commits
         self.skipped: list[int] = []  # global batches left out after a non-finite loss (on_nonfinite=rollback)
 
     # --- the loop -----------------------------------------------------------------------
@@ -307,7 +310,7 @@ class Controller:
         """While elastic and short of workers: once capacity for the full group is back, restart
         at the next committed checkpoint (so no step is lost) with every worker."""
         s = self.cfg.scaling
-        if self.world >= s.num_workers or time.monotonic() < getattr(self, "next_grow_check", 0):
+        if self.world >= s.num_workers or time.monotonic() < self.next_grow_check:
             return
         self.next_grow_check = time.monotonic() + 2.0
         import ray
@@ -319,7 +322,7 @@ class Controller:
             return
         _, latest = self._restore_from("latest")
         latest = latest or 0
-        if getattr(self, "grow_after", None) is None:
+        if self.grow_after is None:
             self.grow_after = latest
             self.out(f"elastic: capacity for {s.num_workers} workers is back; regrowing at the next checkpoint")
         elif latest > self.grow_after:
@@ -360,8 +363,7 @@ class Controller:
                                       node_id=node)) from None
 
     def _node(self, rank: int | None) -> str | None:
-        nodes = getattr(self, "nodes", [])
-        return nodes[rank] if rank is not None and 0 <= rank < len(nodes) else None
+        return self.nodes[rank] if rank is not None and 0 <= rank < len(self.nodes) else None
 
     @staticmethod
     def _failed_rank(refs: list, ranks: list[int]) -> int | None:

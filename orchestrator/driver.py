@@ -99,24 +99,16 @@ def resume(ref: str, overrides: list[str], *, address: str | None = None, out=pr
 def config_for(run: dict, overrides: list[str]) -> Config:
     """The stored (redacted) config of a run with overrides applied. Redacted values must come back
     as overrides: they were never stored."""
-    from orchestrator.config import REDACTED, config_from_dict
-    from orchestrator.config import _apply_override as apply
+    from orchestrator.config import REDACTED, apply_override, config_from_dict, flatten
 
     raw = json.loads(json.dumps(run["config"]))
     for item in overrides:
-        apply(raw, item)
-    missing = [k for k, v in _flat(raw).items() if v == REDACTED]
+        apply_override(raw, item)
+    missing = [k for k, v in flatten(raw).items() if v == REDACTED]
     if missing:
         raise UserError(f"run {run['id']}: {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} redacted "
                         f"when stored; give {'it' if len(missing) == 1 else 'them'} again as key.path=value")
     return config_from_dict(raw)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def _check_compatible(run: dict, cfg: Config) -> None:

@@ -10,6 +10,7 @@ import time
 
 import yaml
 
+from orchestrator.config import flatten
 from orchestrator.errors import UserError
 from orchestrator.progress import fmt_duration
 from orchestrator.store import Store
@@ -34,17 +35,6 @@ def when(ts: float | None) -> str:
 
 def duration(run: dict) -> str:
     return fmt_duration((run["ended_at"] or time.time()) - run["created_at"])
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            flat.update(flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
 
 
 def _matches(run: dict, tags: list[str], wheres: list[str]) -> bool:
@@ -188,10 +178,11 @@ def compare(store: Store, refs: list[str], keys: list[str]) -> dict:
     all_keys = sorted(set().union(*flats))
     diff = {k: [f.get(k) for f in flats] for k in all_keys if len({json.dumps(f.get(k)) for f in flats}) > 1}
     metrics: dict = {}
+    have = {r["id"]: set(store.metric_keys(r["id"])) for r in runs}
     for key in keys:
         metrics[key] = {}
         for r in runs:
-            pts = store.series(r["id"], key) if key in store.metric_keys(r["id"]) else []
+            pts = store.series(r["id"], key) if key in have[r["id"]] else []
             vals = [p["value"] for p in pts if math.isfinite(p["value"])]
             best = (max(vals) if "tokens" in key or "acc" in key else min(vals)) if vals else None
             metrics[key][r["id"]] = {"last": pts[-1]["value"] if pts else None, "best": best,

@@ -66,6 +66,30 @@ class Points:
     steps: np.ndarray  # int64, ascending
     values: np.ndarray  # float64
 
+    @classmethod
+    def empty(cls) -> Points:
+        return cls(np.empty(0, np.int64), np.empty(0, np.float64))
+
+
+def latest_per_step(steps: np.ndarray, vals: np.ndarray) -> Points:
+    """Points in write order -> sorted by step, one per step, the last write winning."""
+    if len(steps) > 1 and not np.all(steps[1:] > steps[:-1]):  # sealed chunks are sorted already
+        order = np.argsort(steps, kind="stable")
+        steps, vals = steps[order], vals[order]
+    last = np.ones(len(steps), dtype=bool)
+    last[:-1] = steps[1:] != steps[:-1]
+    return Points(steps[last], vals[last])
+
+
+def columns(rows) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(key, step, value) rows -> {key: (steps, values)}, the shape `SeriesStore.append` takes."""
+    grouped: dict[str, tuple[list[int], list[float]]] = {}
+    for key, step, value in rows:
+        steps, values = grouped.setdefault(key, ([], []))
+        steps.append(step)
+        values.append(value)
+    return {k: (np.array(st, dtype=np.int64), np.array(v, dtype=np.float64)) for k, (st, v) in grouped.items()}
+
 
 def summarize(steps: np.ndarray, vals: np.ndarray) -> np.ndarray:
     """(ceil(n / BLOCK), S_COLS) float64 summary of consecutive BLOCK-point blocks."""
@@ -202,17 +226,11 @@ class SeriesStore:
             (sid, lo, hi),
         ).fetchall()
         if not rows:
-            return Points(np.empty(0, np.int64), np.empty(0, np.float64))
+            return Points.empty()
         steps = np.concatenate([np.frombuffer(r[0], dtype="<i8") for r in rows])
         vals = np.concatenate([np.frombuffer(r[1], dtype="<f8") for r in rows])
         keep = (steps >= lo) & (steps <= hi)
-        steps, vals = steps[keep], vals[keep]
-        if len(steps) > 1 and not np.all(steps[1:] > steps[:-1]):  # sealed chunks are sorted already
-            order = np.argsort(steps, kind="stable")
-            steps, vals = steps[order], vals[order]
-        last = np.ones(len(steps), dtype=bool)
-        last[:-1] = steps[1:] != steps[:-1]  # keep the last write of a repeated step
-        return Points(steps[last], vals[last])
+        return latest_per_step(steps[keep], vals[keep])
 
     def span(self, sid: int) -> tuple[int, int] | None:
         lo, hi = self.db.execute("SELECT MIN(step_lo), MAX(step_hi) FROM chunks WHERE series_id = ?", (sid,)).fetchone()
@@ -236,7 +254,7 @@ class SeriesStore:
             order = np.argsort(ts, kind="stable")
             tail = Points(ts[order], tv[order])
         else:
-            tail = Points(np.empty(0, np.int64), np.empty(0, np.float64))
+            tail = Points.empty()
         return summ, tail
 
 

@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 
 from orchestrator.errors import UserError
-from orchestrator.series import Points, SeriesStore, bucket_edges, bucket_points, downsample, to_rows
+from orchestrator.series import (
+    Points,
+    SeriesStore,
+    bucket_edges,
+    bucket_points,
+    columns,
+    downsample,
+    latest_per_step,
+    to_rows,
+)
 
 STATUSES = ("running", "completed", "failed", "interrupted")
 
@@ -240,13 +249,11 @@ class Store:
 
     def log_metrics(self, run_id: str, points: list[tuple[str, int, int, float, float]], attempt: int = 0) -> None:
         """Row-shaped points (key, step, rank, value, time); the metrics actor sends columns instead."""
-        grouped: dict[int, dict[str, tuple[list, list]]] = {}
+        by_rank: dict[int, list[tuple[str, int, float]]] = {}
         for key, step, rank, value, _ in points:
-            steps, vals = grouped.setdefault(rank, {}).setdefault(key, ([], []))
-            steps.append(step)
-            vals.append(value)
-        for rank, data in grouped.items():
-            self.points.append(run_id, rank, attempt, {k: (np.array(s), np.array(v)) for k, (s, v) in data.items()})
+            by_rank.setdefault(rank, []).append((key, step, value))
+        for rank, rows in by_rank.items():
+            self.points.append(run_id, rank, attempt, columns(rows))
 
     def lineage(self, run_id: str) -> list[tuple[str, int | None]]:
         """(run id, steps below which its points count) from the oldest ancestor to this run: a fork
@@ -279,13 +286,8 @@ class Store:
         if len(parts) == 1:
             return parts[0]
         if not parts:
-            return Points(np.empty(0, np.int64), np.empty(0, np.float64))
-        steps = np.concatenate([p.steps for p in parts])
-        vals = np.concatenate([p.values for p in parts])
-        order = np.argsort(steps, kind="stable")
-        steps, vals = steps[order], vals[order]
-        last = np.append(steps[1:] != steps[:-1], True)
-        return Points(steps[last], vals[last])
+            return Points.empty()
+        return latest_per_step(np.concatenate([p.steps for p in parts]), np.concatenate([p.values for p in parts]))
 
     def series(self, run_id: str, key: str, *, rank: int | None = None) -> list[dict[str, Any]]:
         """Full resolution, one point per step: one rank's values, or the mean over ranks with min/max."""

@@ -14,8 +14,9 @@ import threading
 import time
 from urllib.parse import unquote
 
+from orchestrator.config import flatten
 from orchestrator.errors import UserError
-from orchestrator.run_views import COMPARE_KEYS, flatten
+from orchestrator.run_views import COMPARE_KEYS
 from orchestrator.store import Store
 from orchestrator.ui.ranges import RangeReader, metric, quick_stats
 
