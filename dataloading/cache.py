@@ -76,16 +76,27 @@ class ShardCache:
     def get(self, uri: str, shard: Shard) -> Path:
         """Local path of a verified copy of `shard` of dataset `uri`, fetching it if needed."""
         path = self.local_path(uri, shard)
+        self._fetch(uri, shard, path, prefetch=False)
+        return path
+
+    def _fetch(self, uri: str, shard: Shard, path: Path, *, prefetch: bool) -> None:
         try:
             os.utime(path)  # LRU clock
         except FileNotFoundError:
             with file_lock(path.with_name(path.name + ".lock")):
-                if not path.exists():  # else another rank (or our prefetcher) got it while we waited
+                if path.exists():  # another rank (or our prefetcher) got it while we waited
+                    pass
+                elif prefetch and not self._is_needed(path):
+                    return  # training moved past it while we waited: fetching now would only evict it again
+                else:
                     self._make_room(shard.bytes)
                     self._download(join(uri, shard.name), shard, path)
         with self._mutex:
             self._have.add(path)
-        return path
+
+    def _is_needed(self, path: Path) -> bool:
+        with self._mutex:
+            return path in self._needed
 
     def _download(self, url: str, shard: Shard, path: Path) -> None:
         fs, p = fsspec.core.url_to_fs(url, **self.storage_options)
@@ -158,10 +169,8 @@ class ShardCache:
                 return
             uri, shard, path = item
             try:
-                with self._mutex:
-                    stale = path not in self._needed  # training already moved past it
-                if not stale:
-                    self.get(uri, shard)
+                if self._is_needed(path):  # else training already moved past it
+                    self._fetch(uri, shard, path, prefetch=True)
             except Exception as e:  # the foreground get() retries and raises with context
                 self.prefetch_error = e
             finally:
