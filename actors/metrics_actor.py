@@ -36,6 +36,7 @@ class MetricsActor:
         self.attempt = attempt
         self.latest = {}
         self.step_times = []
+        self.detector.new_group()
 
     def prometheus_address(self) -> str | None:
         """host:port of the /metrics endpoint, or None when disabled."""
@@ -64,8 +65,9 @@ class MetricsActor:
     def alert(self, kind: str, severity: str, message: str, *, step: int | None = None, rank: int | None = None,
               data: dict | None = None) -> None:
         """Record an event: in the store, in the driver's live output, and at the webhook if set."""
-        self.store.add_event(self.run_id, kind=kind, severity=severity, message=message, step=step, rank=rank, data=data)
-        event = {"run": self.run_id, "kind": kind, "severity": severity, "message": message, "step": step,
+        event_id = self.store.add_event(self.run_id, kind=kind, severity=severity, message=message, step=step,
+                                        rank=rank, data=data)
+        event = {"id": event_id, "run": self.run_id, "kind": kind, "severity": severity, "message": message, "step": step,
                  "rank": rank, "data": data or {}, "time": time.time()}
         self.new_alerts.append(event)
         if self.webhook:

@@ -50,6 +50,9 @@ class TrainWorker:
             "MASTER_ADDR": master_addr, "MASTER_PORT": master_port,
         }
         os.environ.update({k: str(v) for k, v in env.items()})
+        if self.cfg.hang.enabled and self.cfg.hang.flight_recorder_entries:
+            # read by torch when the process group is created; a user's own setting wins
+            os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(self.cfg.hang.flight_recorder_entries))
         if master_addr.startswith("127.") and "GLOO_SOCKET_IFNAME" not in os.environ:
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # a loopback cluster: keep gloo off other interfaces
         self.rank = rank

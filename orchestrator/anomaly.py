@@ -50,6 +50,12 @@ class AnomalyDetector:
         self.last_alert: dict[str, int] = {}  # kind -> step of the last alert (any rank)
         self.scores: dict[int, tuple[int, float]] = {}  # rank -> (step, straggler score), latest
 
+    def new_group(self) -> None:
+        """A new worker group (a restart): rank speeds are judged afresh; loss history stays."""
+        self.straggling.clear()
+        self.step_time.clear()
+        self.slow_steps.clear()
+
     def observe(self, rank: int, columns: dict) -> list[Alert]:
         """columns: {key: (steps, values)} from one rank, in step order."""
         alerts: list[Alert] = []

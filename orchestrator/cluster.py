@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from orchestrator.errors import ResourceError
 
+NODE_ID_LABEL = "ray.io/node-id"
+
 
 def connect(address: str | None, *, dashboard: bool) -> None:
     """Connect to `address` (or $RAY_ADDRESS), else start an embedded cluster on 127.0.0.1
@@ -52,21 +54,27 @@ def bundle_for(cpus: float, gpus: float) -> dict[str, float]:
     return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
 
 
-def reserve(*, run_id: str, num_workers: int, cpus: float, gpus: float, timeout_s: float) -> Placement:
-    """A placement group of one bundle per worker, packed onto few nodes; fails clearly after timeout_s."""
+def reserve(*, run_id: str, num_workers: int, cpus: float, gpus: float, timeout_s: float,
+            avoid_nodes: list[str] = ()) -> Placement:
+    """A placement group of one bundle per worker, packed onto few nodes, on none of `avoid_nodes`;
+    fails clearly after timeout_s."""
     import ray
     from ray.exceptions import GetTimeoutError
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
     bundle = bundle_for(cpus, gpus)
-    pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK", name=f"{run_id}:workers")
+    # every node carries its id as a label; "!in(...)" keeps the bundles off the listed ones
+    selector = [{NODE_ID_LABEL: f"!in({','.join(avoid_nodes)})"} for _ in range(num_workers)] if avoid_nodes else None
+    pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy="PACK", name=f"{run_id}:workers",
+                         bundle_label_selector=selector)
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except GetTimeoutError:
         remove_placement_group(pg)
+        avoiding = f" outside node(s) {', '.join(n[:12] for n in avoid_nodes)}" if avoid_nodes else ""
         raise ResourceError(
             f"cannot reserve {num_workers} workers x {_fmt(bundle)} (= {_fmt({k: v * num_workers for k, v in bundle.items()})})"
-            f" within scaling.start_timeout_s={timeout_s:g}: the cluster has {_cluster_summary()}; "
+            f"{avoiding} within scaling.start_timeout_s={timeout_s:g}: the cluster has {_cluster_summary()}; "
             "lower scaling.num_workers / cpus_per_worker / gpus_per_worker, or add nodes"
         ) from None
     table = placement_group_table(pg)

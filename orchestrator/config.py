@@ -86,11 +86,24 @@ class TrainConfig:
     deterministic: bool = option(True, help="torch.use_deterministic_algorithms")
 
 
+class StragglerAction(str, Enum):
+    REPORT = "report"  # an alert and the per-rank score, nothing else
+    RESTART = "restart"  # also restart at the next checkpoint, away from the straggler's node if there is room
+
+
 @dataclass
 class HangConfig:
     timeout_s: float = option(60.0, min=1, help="a stall is declared when no rank completes a step for this long ...")
     step_time_factor: float = option(10.0, min=1, help="... or this many recent median step times, whichever is longer")
     heartbeat_s: float = option(1.0, min=0.1, help="how often each rank reports step, phase and collective counters")
+    enabled: bool = option(True, help="heartbeats, the stall watchdog and Flight Recorder dumps (off only to measure their cost)")
+    flight_recorder_entries: int = option(
+        2000, min=0, help="torch Flight Recorder ring buffer per rank (last N collectives), dumped into stall reports; 0 = off")
+    node_checks: bool = option(True, help="after a stall, check the suspect nodes (GPU/NVML, host pressure, compute, all-reduce probe)")
+    node_check_timeout_s: float = option(60.0, min=1, help="bound on the node checks of one stall")
+    avoid_culprit_node: bool = option(True, help="restart without the culprit's node when the cluster has room elsewhere")
+    straggler_action: StragglerAction = option(
+        StragglerAction.REPORT, help="on a straggler: report, or also restart at the next checkpoint (counted in fault_tolerance.max_restarts)")
 
 
 class OnNonFinite(str, Enum):

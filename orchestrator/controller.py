@@ -14,12 +14,14 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator import cluster
-from orchestrator.config import Config, OnNonFinite
+from orchestrator.config import Config, OnNonFinite, StragglerAction
 from orchestrator.errors import NonFiniteLoss, ResourceError, UserError
-from orchestrator.hang import attribute, stall_threshold_s
+from orchestrator.hang import attribute, flight_recorder_summary, stall_threshold_s
 from orchestrator.policy import Decision, Failure, FailureKind, RestartPolicy
 from orchestrator.progress import Progress
 from orchestrator.store import Store
+
+AVOID_WAIT_S = 10.0  # how long to look for room away from a culprit node before using it again
 
 
 class RunFailed(UserError):
@@ -65,13 +67,19 @@ class Controller:
         self.next_grow_check = 0.0  # elastic: when to look for capacity again (monotonic)
         self.grow_after: int | None = None  # elastic: regrow once a checkpoint newer than this commits
         self.skipped: list[int] = []  # global batches left out after a non-finite loss (on_nonfinite=rollback)
+        self.attempt = first_attempt
+        self.acting_on: tuple[int, dict] | None = None  # (event id, data) of the stall or straggler being acted on
+        self.avoid_nodes: list[str] = []  # culprit nodes of earlier stalls and replaced stragglers
+        self.replace: dict | None = None  # a straggler to replace at the next checkpoint (hang.straggler_action)
+        self.next_replace_check = 0.0
+        self.restarts = 0
 
     # --- the loop -----------------------------------------------------------------------
 
     def run(self, start_run_actors) -> dict:
         """start_run_actors(): creates h.metrics and h.checkpoints (once per run)."""
         t0 = time.time()
-        restarts, attempt, failed_at, restore = 0, self.first_attempt, None, self.restore
+        attempt, failed_at, restore = self.first_attempt, None, self.restore
         while True:
             self._reserve()
             if self.h.metrics is None:
@@ -89,15 +97,20 @@ class Controller:
                 self._poll_steps()
                 _, resume_at = self._restore_from("latest")  # where a restart would pick up
                 lost = max(0, self.max_step + 1 - (resume_at or 0))
-                planned = f.kind is FailureKind.RESIZE
-                self.store.end_attempt(self.run_id, attempt, "resized" if planned else "failed", cause=f.kind.value,
+                planned = f.kind in (FailureKind.RESIZE, FailureKind.STRAGGLER)  # ended on purpose, at a checkpoint
+                status = {FailureKind.RESIZE: "resized", FailureKind.STRAGGLER: "replaced"}.get(f.kind, "failed")
+                self.store.end_attempt(self.run_id, attempt, status, cause=f.kind.value,
                                        message=f.message, rank=f.rank, node=f.node_id, failed_step=self.max_step,
                                        steps_lost=lost)
-                self.store.add_event(self.run_id, kind=f.kind.value if planned else f"failure_{f.kind.value}",
+                kind = {FailureKind.RESIZE: "resize", FailureKind.STRAGGLER: "straggler_replaced"}.get(
+                    f.kind, f"failure_{f.kind.value}")
+                self.store.add_event(self.run_id, kind=kind,
                                      severity="info" if planned else "error", message=f.message,
                                      step=self.last_step, rank=f.rank, data={"attempt": attempt, **f.data})
                 self._stop_group()
-                decision = self.policy.decide(f, restarts)
+                if f.kind is FailureKind.HANG:
+                    self._after_stall()
+                decision = self.policy.decide(f, self.restarts)
                 if f.kind is FailureKind.NON_FINITE:
                     if self.cfg.fault_tolerance.on_nonfinite is OnNonFinite.FAIL:
                         decision = Decision.RAISE
@@ -107,15 +120,15 @@ class Controller:
                 if decision is Decision.RAISE:
                     cause = WorkerTraceback(f.traceback) if f.traceback else None
                     why = "" if f.kind is FailureKind.USER_ERROR else (
-                        f" (after {restarts} restart{'s' if restarts != 1 else ''}; fault_tolerance.max_restarts="
-                        f"{self.policy.max_restarts})" if restarts else "")
+                        f" (after {self.restarts} restart{'s' if self.restarts != 1 else ''}; "
+                        f"fault_tolerance.max_restarts={self.policy.max_restarts})" if self.restarts else "")
                     raise RunFailed(f.message + why) from cause
                 if f.kind is FailureKind.RESIZE:
                     self.out(f"RESIZE: {f.message}")
                 else:
-                    restarts += 1
-                    delay = self.policy.delay_s(restarts - 1)
-                    self.out(f"RESTART {restarts}/{self.policy.max_restarts}: {f.message}; "
+                    self.restarts += 1
+                    delay = self.policy.delay_s(self.restarts - 1)
+                    self.out(f"RESTART {self.restarts}/{self.policy.max_restarts}: {f.message}; "
                              f"restoring the latest checkpoint in {delay:.1f}s")
                     time.sleep(delay)
                 attempt, restore = attempt + 1, "latest"
@@ -123,7 +136,7 @@ class Controller:
                 continue
             self.store.end_attempt(self.run_id, attempt, "completed")
             summary["wall_time_s"] = time.time() - t0
-            summary["restarts"] = restarts
+            summary["restarts"] = self.restarts
             return summary
 
     def _reserve(self) -> None:
@@ -136,16 +149,14 @@ class Controller:
         if s.min_workers is not None:
             sizes = [n for n in range(s.num_workers, s.min_workers - 1, -1) if batch % n == 0]
         if len(sizes) == 1:
-            self.h.placement = cluster.reserve(run_id=self.run_id, num_workers=sizes[0], cpus=s.cpus_per_worker,
-                                               gpus=s.gpus_per_worker, timeout_s=s.start_timeout_s)
+            self.h.placement = self._reserve_group(sizes[0], s.start_timeout_s)
             self.world = sizes[0]
             return
         deadline = time.monotonic() + s.start_timeout_s
         while True:
             for n in sizes:
                 try:
-                    self.h.placement = cluster.reserve(run_id=self.run_id, num_workers=n, cpus=s.cpus_per_worker,
-                                                       gpus=s.gpus_per_worker, timeout_s=2.0)
+                    self.h.placement = self._reserve_group(n, 2.0)
                 except ResourceError as e:
                     last_error = e
                     continue
@@ -156,6 +167,30 @@ class Controller:
                 return
             if time.monotonic() >= deadline:
                 raise ResourceError(f"{last_error} (elastic: tried {', '.join(map(str, sizes))} workers)")
+
+    def _reserve_group(self, n: int, timeout_s: float) -> cluster.Placement:
+        """Reserve n workers; after a stall with a culprit node, first try without that node
+        (hang.avoid_culprit_node), falling back to it when the cluster has no room elsewhere."""
+        s = self.cfg.scaling
+        kw = dict(run_id=self.run_id, num_workers=n, cpus=s.cpus_per_worker, gpus=s.gpus_per_worker)
+        if self.avoid_nodes:
+            names = ", ".join(n[:12] for n in self.avoid_nodes)
+            try:
+                placement = cluster.reserve(**kw, timeout_s=min(timeout_s, AVOID_WAIT_S), avoid_nodes=self.avoid_nodes)
+                self._placed(f"restarted without node {names}")
+                return placement
+            except ResourceError:
+                placement = cluster.reserve(**kw, timeout_s=timeout_s)
+                self._placed(f"no spare capacity outside node {names}: restarted on it")
+                return placement
+        return cluster.reserve(**kw, timeout_s=timeout_s)
+
+    def _placed(self, note: str) -> None:
+        self.out(note)
+        if self.acting_on is not None:  # the stall or straggler that asked for it: its event says what was done
+            event_id, data = self.acting_on
+            data["placement"] = note
+            self.store.update_event_data(event_id, data)
 
     def _restore_from(self, restore: int | str | None) -> tuple[str | None, int | None]:
         """(checkpoint location, step) the next attempt starts from; (None, None) is step 0."""
@@ -187,6 +222,7 @@ class Controller:
         from actors.train_worker import TrainWorker
 
         t0 = time.time()
+        self.attempt, self.acting_on = attempt, None
         s, h = self.cfg.scaling, self.h
         ranks = cluster.assign_ranks(h.placement.bundle_nodes)
         by_rank = sorted(range(self.world), key=lambda b: ranks[b]["rank"])
@@ -243,6 +279,8 @@ class Controller:
                 continue  # the metrics actor is restarting; ranks keep their batches until it is back
             for a in polled["alerts"]:
                 self.out(f"ALERT {a['severity']} {a['kind']}: {a['message']}")
+                if a["kind"] == "straggler":
+                    self._on_straggler(a)
             p = polled["progress"]
             self.last_step = max(self.last_step, p.get("step", -1))
             self.max_step = max(self.max_step, p.get("max_step", -1))
@@ -254,6 +292,7 @@ class Controller:
                 progress.show(p)
             self._watchdog(p)
             self._maybe_grow()
+            self._maybe_replace()
         for a in ray.get(self.h.metrics.take_alerts.remote()):
             self.out(f"ALERT {a['severity']} {a['kind']}: {a['message']}")
         progress.show(ray.get(self.h.metrics.progress.remote()), final=True)
@@ -290,10 +329,96 @@ class Controller:
         who = (f"rank {', '.join(map(str, report['culprits']))} on node {', '.join(report['culprit_nodes'])}"
                if report["culprits"] else "no single rank")
         msg = f"stall: no step completed for {report['stalled_s']}s after step {step}; {who}: {report['reason']}"
-        self.store.add_event(self.run_id, kind="stall", severity="error", message=msg, step=step, rank=culprit,
-                             data=report)
         self.out(f"STALL {msg}")
-        raise GroupFailed(Failure(FailureKind.HANG, msg, rank=culprit, node_id=self._node(culprit), data=report))
+        if hang.flight_recorder_entries:
+            report["flight_recorder"] = fr = self._flight_recorder(report)
+            self.out(f"  flight recorder: {fr['summary']}")
+        event_id = self.store.add_event(self.run_id, kind="stall", severity="error", message=msg, step=step,
+                                        rank=culprit, data=report)
+        self.acting_on = (event_id, report)
+        raise GroupFailed(Failure(FailureKind.HANG, msg, rank=culprit, node_id=self._node(culprit),
+                                  data={k: report[k] for k in ("verdict", "culprits", "culprit_nodes")}))
+
+    def _flight_recorder(self, report: dict) -> dict:
+        """Ask every rank for its Flight Recorder buffer (answered by the heartbeat thread, which a
+        rank blocked in a collective still runs), wait briefly, analyse, and keep the dumps as files."""
+        import ray
+
+        hang = self.cfg.hang
+        silent = set(report["culprits"]) if report["verdict"] == "stopped" else set()  # frozen: will not answer
+        dumps: dict[int, str | None] = {}
+        try:
+            ray.get(self.h.health.request_dumps.remote(), timeout=5)
+            deadline = time.monotonic() + max(3.0, 3 * hang.heartbeat_s)
+            while time.monotonic() < deadline:
+                dumps = ray.get(self.h.health.take_dumps.remote(), timeout=5)
+                if all(r in dumps for r in range(self.world) if r not in silent):
+                    break
+                time.sleep(0.2)
+        except Exception as e:  # the monitor is gone: report what is known
+            return {"summary": f"no dumps ({type(e).__name__})", "ranks": {}, "culprits": []}
+        fr = flight_recorder_summary(dumps, self.world)
+        folder = self.store.root / "diagnostics" / self.run_id / f"attempt{self.attempt}-step{report['step']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for r, text in dumps.items():
+            if text is not None:
+                (folder / f"flight_recorder_rank{r}.json").write_text(text)
+        fr["files"] = str(folder)
+        return fr
+
+    def _after_stall(self) -> None:
+        """Once the hung group is gone: check the suspect nodes, mark the culprit's node to avoid
+        on restart (hang.avoid_culprit_node), and complete the stored report."""
+        if self.acting_on is None:
+            return
+        event_id, report = self.acting_on
+        hang = self.cfg.hang
+        suspects = report["culprit_nodes"] or sorted(set(self.nodes))  # undecided: every node of the group
+        if hang.node_checks and suspects:
+            from actors.node_check import check_nodes
+
+            group = [n for n in dict.fromkeys(self.nodes) if n not in suspects]
+            healthy = group + [n for n in cluster.node_ips() if n not in suspects and n not in group]
+            self.out(f"checking node {', '.join(n[:12] for n in suspects)} (GPU, host pressure, compute, "
+                     f"all-reduce probe{' to ' + healthy[0][:12] if healthy else ''})")
+            checks = check_nodes(suspects, healthy[:1], timeout_s=hang.node_check_timeout_s)
+            report["node_checks"] = checks
+            found = checks.get("problems") or []
+            self.out("  node checks: " + ("; ".join(found) if found else
+                                           f"no problem found ({checks.get('duration_s', 0):.1f}s)"))
+        if hang.avoid_culprit_node:
+            self.avoid_nodes = sorted(set(self.avoid_nodes) | set(report["culprit_nodes"]))
+        self.store.update_event_data(event_id, report)
+
+    def _on_straggler(self, alert: dict) -> None:
+        """hang.straggler_action=restart: replace the straggler at the next checkpoint (no work
+        lost), away from its node when the cluster has room; never when restarts are used up."""
+        if self.cfg.hang.straggler_action is not StragglerAction.RESTART or self.replace is not None:
+            return
+        rank, node = alert["rank"], self._node(alert["rank"])
+        if self.restarts >= self.policy.max_restarts:
+            self.out(f"straggler rank {rank} not replaced: fault_tolerance.max_restarts={self.policy.max_restarts} "
+                     "is used up; going on")
+            return
+        _, latest = self._restore_from("latest")
+        self.replace = {"event": (alert["id"], alert["data"]), "rank": rank, "node": node, "after": latest or 0}
+        self.out(f"straggler rank {rank} (node {(node or '?')[:12]}) will be replaced at the next checkpoint")
+
+    def _maybe_replace(self) -> None:
+        r = self.replace
+        if r is None or time.monotonic() < self.next_replace_check:
+            return
+        self.next_replace_check = time.monotonic() + 2.0
+        _, latest = self._restore_from("latest")
+        if (latest or 0) <= r["after"]:
+            return
+        self.replace = None
+        self.acting_on = r["event"]
+        if r["node"]:
+            self.avoid_nodes = sorted(set(self.avoid_nodes) | {r["node"]})
+        raise GroupFailed(Failure(FailureKind.STRAGGLER, f"replacing straggler rank {r['rank']} on node "
+                                  f"{(r['node'] or '?')[:12]} at the checkpoint of step {latest}",
+                                  rank=r["rank"], node_id=r["node"], step=latest))
 
     def _poll_steps(self) -> None:
         """One more look at the ranks' progress right after a failure (no waiting: a restart is urgent)."""

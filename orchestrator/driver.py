@@ -211,10 +211,11 @@ def _start_run_actors(cfg: Config, run_id: str, store: Store, h: Handles, out) -
     if prometheus:
         out(f"Prometheus metrics: http://{prometheus}/metrics")
     h.checkpoints = checkpoint_coordinator.start(cfg, run_id, str(store.root), here)
-    h.health = ray.remote(HealthMonitor).options(
-        name=f"{cfg.run.name}:{run_id}:health", num_cpus=0,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-    ).remote()
+    if cfg.hang.enabled:
+        h.health = ray.remote(HealthMonitor).options(
+            name=f"{cfg.run.name}:{run_id}:health", num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        ).remote()
 
 
 def _teardown(h: Handles) -> None:

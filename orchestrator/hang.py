@@ -6,6 +6,7 @@ checkpoint), how many collectives it has entered and completed, and when it was 
 
 from __future__ import annotations
 
+import json
 import statistics
 
 PHASES = ("start", "data", "forward", "backward", "optimizer", "eval", "checkpoint", "done")
@@ -52,3 +53,47 @@ def attribute(beats: dict[int, dict], *, now: float, heartbeat_s: float, nodes: 
 def _report(verdict: str, culprits: list[int], ranks: dict, reason: str) -> dict:
     return {"verdict": verdict, "culprits": culprits, "reason": reason,
             "culprit_nodes": sorted({ranks[r]["node"] for r in culprits if ranks[r]["node"]}), "ranks": ranks}
+
+
+def flight_recorder_summary(dumps: dict[int, str | None], world: int) -> dict:
+    """torch Flight Recorder's view of the same stall: per rank, the last collective it entered on
+    each process group; ranks behind the others on a group are missing from the collective the
+    others wait in. `dumps`: rank -> the JSON text of `_dump_fr_trace_json`, None if the rank had
+    no recorder, absent if it never answered (a frozen process)."""
+    ranks: dict[int, dict] = {}
+    for r in range(world):
+        if r not in dumps:
+            ranks[r] = {"dump": "no answer"}
+            continue
+        if dumps[r] is None:
+            ranks[r] = {"dump": "no recorder"}
+            continue
+        entries = [e for e in json.loads(dumps[r]).get("entries", []) if not e.get("is_p2p")]
+        last: dict[str, dict] = {}
+        for e in entries:
+            group = str((e.get("process_group") or [e.get("pg_id")])[0])
+            if group not in last or e["collective_seq_id"] > last[group]["seq"]:
+                last[group] = {"seq": e["collective_seq_id"], "op": e.get("profiling_name"),
+                               "sizes": e.get("input_sizes"), "state": e.get("state")}
+        ranks[r] = {"dump": "ok", "entries": len(entries), "last": last}
+    missing: dict[str, list[int]] = {}
+    waiting: dict[str, dict] = {}
+    for group in sorted({g for b in ranks.values() for g in b.get("last", {})}):
+        seqs = {r: b["last"].get(group, {"seq": 0})["seq"] for r, b in ranks.items() if b["dump"] == "ok"}
+        top = max(seqs.values())
+        behind = sorted(r for r, s in seqs.items() if s < top)
+        if behind:
+            missing[group] = behind
+            ahead = next(r for r, s in seqs.items() if s == top)
+            waiting[group] = {"seq": top, **{k: ranks[ahead]["last"][group][k] for k in ("op", "sizes")}}
+    silent = sorted(r for r, b in ranks.items() if b["dump"] == "no answer")
+    parts = [f"group {g}: rank(s) {', '.join(map(str, rs))} never entered collective #{waiting[g]['seq']} "
+             f"({waiting[g]['op']})" for g, rs in missing.items()]
+    if silent:
+        parts.append(f"no dump from rank(s) {', '.join(map(str, silent))} (not answering)")
+    if not parts:
+        have = [r for r, b in ranks.items() if b["dump"] == "ok"]
+        parts.append("every rank entered the same collectives" if have else "no rank had a recorder")
+    culprits = sorted({r for rs in missing.values() for r in rs} | set(silent))
+    return {"ranks": ranks, "missing": missing, "waiting": waiting, "silent": silent, "culprits": culprits,
+            "summary": "; ".join(parts)}

@@ -16,6 +16,7 @@ class FailureKind(str, Enum):
     HANG = "hang"  # the watchdog declared a stall
     USER_ERROR = "user_error"  # bad config or data: restarting cannot help
     RESIZE = "resize"  # planned: capacity came back, regrow the group at a checkpoint
+    STRAGGLER = "straggler"  # planned: replace a straggling rank at a checkpoint (hang.straggler_action)
 
 
 class Decision(str, Enum):

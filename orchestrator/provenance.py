@@ -48,14 +48,14 @@ def versions() -> dict:
     return out
 
 
-def dataset_fingerprint(uri: str) -> str | None:
+def dataset_fingerprint(uri: str, storage_options: dict | None = None) -> str | None:
     """sha256 of the dataset's index, which lists every shard's own sha256."""
     import fsspec
 
     try:
-        with fsspec.open(uri.rstrip("/") + "/index.json", "rb") as f:
+        with fsspec.open(uri.rstrip("/") + "/index.json", "rb", **(storage_options or {})) as f:
             return hashlib.sha256(f.read()).hexdigest()
-    except (OSError, ValueError):
+    except Exception:  # provenance is best effort: reading the data itself reports real problems
         return None
 
 
@@ -65,5 +65,5 @@ def collect(cfg) -> dict:
         "versions": versions(),
         "driver_host": socket.gethostname(),
         "seed": cfg.run.seed,
-        "dataset": {"uri": cfg.data.uri, "index_sha256": dataset_fingerprint(cfg.data.uri)},
+        "dataset": {"uri": cfg.data.uri, "index_sha256": dataset_fingerprint(cfg.data.uri, cfg.data.storage_options)},
     }

@@ -195,11 +195,16 @@ class Store:
     # --- events (alerts, diagnoses) -----------------------------------------------------
 
     def add_event(self, run_id: str, *, kind: str, severity: str, message: str, step: int | None = None,
-                  rank: int | None = None, data: dict | None = None) -> None:
-        self.db.execute(
+                  rank: int | None = None, data: dict | None = None) -> int:
+        cur = self.db.execute(
             "INSERT INTO events (run_id, time, step, rank, kind, severity, message, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (run_id, time.time(), step, rank, kind, severity, message, json.dumps(data or {})),
         )
+        return cur.lastrowid
+
+    def update_event_data(self, event_id: int, data: dict) -> None:
+        """Add to an event what was learned after it was recorded (e.g. a stall's node checks)."""
+        self.db.execute("UPDATE events SET data = ? WHERE rowid = ?", (json.dumps(data), event_id))
 
     def events(self, run_id: str, kind: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT time, step, rank, kind, severity, message, data FROM events WHERE run_id = ?"

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
 
-from orchestrator.hang import attribute, stall_threshold_s
-from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
+from orchestrator.hang import attribute, flight_recorder_summary, stall_threshold_s
+from tests import s3_server
+from tests.conftest import ORCH, REPO, STDLIB, cli_json, run_cli, tiny_config
+
+moto_server = s3_server.moto_server  # the session fixture, under its own name
 
 
 def beat(rank, step, phase, entered, completed, t):
@@ -54,6 +59,25 @@ def test_everyone_waiting_in_the_same_collective_is_undecided():
     assert r["verdict"] == "undecided" and r["culprits"] == [] and "does not single one out" in r["reason"]
 
 
+def fr_dump(*seqs, op="gloo:all_reduce"):
+    return json.dumps({"entries": [{"collective_seq_id": q, "process_group": ["0", "default_pg"], "is_p2p": False,
+                                    "profiling_name": op, "input_sizes": [[10]], "state": "scheduled"}
+                                   for q in seqs]})
+
+
+def test_flight_recorder_names_the_rank_behind_and_the_silent_one():
+    fr = flight_recorder_summary({0: fr_dump(1, 2, 3), 1: fr_dump(1, 2), 2: fr_dump(1, 2, 3)}, 4)
+    assert fr["missing"] == {"0": [1]} and fr["silent"] == [3] and fr["culprits"] == [1, 3]
+    assert fr["waiting"]["0"]["seq"] == 3 and "rank(s) 1 never entered collective #3 (gloo:all_reduce)" in fr["summary"]
+    assert "no dump from rank(s) 3" in fr["summary"]
+
+
+def test_flight_recorder_without_evidence_says_so():
+    fr = flight_recorder_summary({0: fr_dump(1, 2), 1: fr_dump(1, 2)}, 2)
+    assert fr["culprits"] == [] and fr["summary"] == "every rank entered the same collectives"
+    assert flight_recorder_summary({0: None, 1: None}, 2)["summary"] == "no rank had a recorder"
+
+
 @pytest.mark.ray
 def test_rank_stopping_collectives_is_named_in_seconds(tmp_path, home, tiny_data, ray_address):
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 40, "eval_every": 0},
@@ -70,6 +94,7 @@ def test_rank_stopping_collectives_is_named_in_seconds(tmp_path, home, tiny_data
     assert (d["kind"], d["verdict"], d["culprits"], d["phase"]) == ("stall", "missing_collective", [1], "forward")
     assert d["step"] == 6 and d["action"] == "the run stopped" and len(d["nodes"]) == 1
     assert d["evidence"]["0"]["coll_entered"] == d["evidence"]["1"]["coll_entered"] + 1
+    assert d["flight_recorder"]["culprits"] == [1] and d["flight_recorder"]["missing"]  # torch's view agrees
 
 
 @pytest.mark.ray
@@ -106,6 +131,7 @@ def test_frozen_rank_is_named_and_the_run_recovers(tmp_path, home, tiny_data, ra
     assert "STALL" in out and "heartbeats stopped" in out and "RESTART 1/1" in out
     (d,) = cli_json("diagnose", run_id, home=home)["events"]
     assert (d["verdict"], d["culprits"]) == ("stopped", [0]) and d["action"].startswith("restarted")
+    assert d["flight_recorder"]["silent"] == [0]  # a frozen process cannot hand over its recorder
 
 
 @pytest.mark.ray
@@ -121,3 +147,135 @@ def test_slow_rank_is_flagged_as_a_straggler(tmp_path, home, tiny_data, ray_addr
     scores = {r: cli_json("metrics", run_id, "--key", "health/straggler_score", "--rank", str(r), home=home)["points"]
               for r in (0, 1)}
     assert scores[1][-1]["value"] < 0.75 < scores[0][-1]["value"]
+
+
+def _shard_only_rank1_needs(data, cfg, *, first_step: int) -> tuple[int, object]:
+    """(step, shard): a shard that rank 1 of 2 reads first at `step`, which rank 0 does not read
+    then and nobody read before: holding its download up stalls rank 1 alone, in data loading."""
+    sampler = data.sampler(cfg, seed=1)
+    seen: set[int] = set()
+    for step in range(60):
+        mine, theirs = (set(data.shard_of(sampler.local_batch(step, r, 2)).tolist()) for r in (1, 0))
+        fresh = sorted(mine - theirs - seen)
+        if step >= first_step and fresh:
+            return step, data.shards[fresh[0]]
+        seen |= mine | theirs
+    raise AssertionError("no shard that only rank 1 reads first in 60 steps; change the dataset or seed")
+
+
+@pytest.mark.ray
+def test_rank_stuck_loading_data_is_named_and_the_run_recovers(tmp_path, home, moto_server, ray_address):
+    """A remote dataset whose shard download hangs for rank 1 (we hold the node cache's lock on
+    that shard, as a stuck download by another process would): rank 1 is named, in phase data."""
+    import boto3
+    import fsspec
+
+    from dataloading.cache import ShardCache, file_lock
+    from dataloading.config import DataConfig, ShuffleMode
+    from dataloading.dataset import TokenDataset
+    from dataloading.prepare import prepare
+
+    local = str(tmp_path / "ds")
+    prepare([str(STDLIB / "json")], local, seq_len=65, include=["*.py"], shard_mb=0.004, log=lambda *a: None)
+    opts = s3_server.storage_options(f"http://{moto_server[0]}:{moto_server[1]}")
+    bucket = f"data-{os.getpid()}-{int(time.time())}"
+    boto3.client("s3", endpoint_url=opts["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+    fs = fsspec.filesystem("s3", **opts)
+    fs.put(local, f"{bucket}/ds", recursive=True)
+    uri, cache_dir = f"s3://{bucket}/ds", str(tmp_path / "cache")
+    data_cfg = DataConfig(uri=local, global_batch_size=8, shuffle=ShuffleMode.BLOCK, window_blocks=2)
+    step, shard = _shard_only_rank1_needs(TokenDataset(local, "train"), data_cfg, first_step=5)
+    lock = ShardCache(cache_dir).local_path(uri, shard)
+    cfg = tiny_config(tmp_path, uri, train={"max_steps": step + 6, "eval_every": 0},
+                      data={"shuffle": "block", "window_blocks": 2, "cache_dir": cache_dir, "storage_options": opts},
+                      checkpoint={"every_steps": 2}, hang={"timeout_s": 6, "heartbeat_s": 0.5},
+                      fault_tolerance={"max_restarts": 1})
+    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
+    stalled, release = threading.Event(), threading.Event()
+
+    def hold_the_download():
+        with file_lock(lock.with_name(lock.name + ".lock")):
+            release.wait(timeout=240)
+
+    holder = threading.Thread(target=hold_the_download, daemon=True)
+    holder.start()
+    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("STALL"):
+                stalled.set()
+            if line.startswith("RESTART"):  # the hung group is gone: the new one may fetch the shard
+                release.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=240)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=10)
+        holder.join(timeout=10)
+    out = "".join(lines)
+    assert proc.returncode == 0 and stalled.is_set(), out
+    run_id = cli_json("runs", home=home)[-1]["id"]
+    (d,) = cli_json("diagnose", run_id, home=home)["events"]
+    assert (d["verdict"], d["culprits"], d["phase"]) == ("missing_collective", [1], "data"), d
+    assert d["step"] == step - 1 and d["action"].startswith("restarted")
+    assert d["flight_recorder"]["culprits"] == [1]  # torch's recorder agrees: rank 1 never entered it
+    assert d["node_checks"]["probes"][0]["ok"]
+
+
+@pytest.fixture
+def three_nodes():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(3):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    try:
+        yield c
+    finally:
+        c.shutdown()  # only the raylets this fixture started
+
+
+@pytest.mark.ray
+def test_restart_avoids_the_culprit_node_when_there_is_room(tmp_path, home, tiny_data, three_nodes):
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 30, "eval_every": 0}, checkpoint={"every_steps": 4},
+                      hang={"timeout_s": 6, "heartbeat_s": 0.5}, fault_tolerance={"max_restarts": 1},
+                      model={"factory": "tests.user_models:hanging_gpt",
+                             "kwargs": {"hang_rank": 1, "hang_call": 8, "once_path": str(tmp_path / "hung")}})
+    proc = run_cli("launch", str(cfg), "--address", three_nodes.address, home=home, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_id = cli_json("runs", home=home)[-1]["id"]
+    (d,) = cli_json("diagnose", run_id, home=home)["events"]
+    (culprit,) = d["nodes"]
+    assert d["culprits"] == [1] and f"restarted without node {culprit[:12]}" in d["action"]
+    now = {w["node_id"] for w in cli_json("show", run_id, home=home)["meta"]["workers"]}
+    assert culprit not in now and len(now) == 2, (culprit, now)
+    (probe,) = d["node_checks"]["probes"]  # between the suspect and a healthy node of the group
+    assert probe["ok"] and not probe["same_node"] and probe["a"] == culprit, probe
+
+
+@pytest.mark.ray
+def test_straggler_is_replaced_at_the_next_checkpoint(tmp_path, home, tiny_data, ray_address):
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 120, "eval_every": 0}, checkpoint={"every_steps": 10},
+                      hang={"straggler_action": "restart"}, fault_tolerance={"max_restarts": 1},
+                      model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.04, "slow_rank": 1}})
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "straggler rank 1 (node" in out and "RESTART 1/1: replacing straggler rank 1" in out
+    run_id = cli_json("runs", home=home)[-1]["id"]
+    first, again = cli_json("diagnose", run_id, home=home)["events"]
+    # one node only: no room elsewhere, so the group comes back on it, and the slow rank is slow again
+    assert first["action"].startswith("replaced: restarted (attempt 1, from step")
+    assert "no spare capacity outside node" in first["action"]
+    assert again["culprits"] == [1] and again["action"] == "reported" and "not replaced" in out

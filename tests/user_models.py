@@ -96,19 +96,30 @@ class Hangs(GPT):
     """A GPT whose forward blocks on one rank at one call, as a rank stuck outside the collective
     the others wait in (a data-dependent deadlock, a stuck kernel)."""
 
-    def __init__(self, *, hang_rank: int, hang_call: int, **kw):
+    def __init__(self, *, hang_rank: int, hang_call: int, once_path: str | None, **kw):
         super().__init__(**kw)
-        self.hang_rank, self.hang_call, self.calls = hang_rank, hang_call, 0
+        self.hang_rank, self.hang_call, self.once_path, self.calls = hang_rank, hang_call, once_path, 0
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.calls += 1
-            if self.calls == self.hang_call and int(os.environ["RANK"]) == self.hang_rank:
+            if self.calls == self.hang_call and int(os.environ["RANK"]) == self.hang_rank and self._first_time():
                 for _ in range(3600):  # bounded: the controller kills this process long before
                     time.sleep(1)
         return super().forward(idx)
 
+    def _first_time(self) -> bool:
+        if self.once_path is None:
+            return True
+        try:
+            with open(self.once_path, "x"):  # the restarted group finds it and does not hang again
+                return True
+        except FileExistsError:
+            return False
 
-def hanging_gpt(*, vocab_size: int, block_size: int, hang_rank: int = 1, hang_call: int = 8):
+
+def hanging_gpt(*, vocab_size: int, block_size: int, hang_rank: int = 1, hang_call: int = 8,
+                once_path: str | None = None):
+    """once_path: hang only the first time (a file marks it), so a restarted group can finish."""
     return Hangs(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32,
-                 hang_rank=hang_rank, hang_call=hang_call)
+                 hang_rank=hang_rank, hang_call=hang_call, once_path=once_path)
