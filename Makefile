@@ -6,7 +6,7 @@ ORCH := $(VENV)/bin/orchestrator
 STAMP := $(VENV)/.installed
 DEMO_DATA := .orchestrator/data/stdlib
 
-.PHONY: install sysdeps demo test bench lint clean
+.PHONY: install sysdeps demo test screenshots bench lint clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ sysdeps:
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests
+
+# The browser tests, writing their screenshots into docs/screenshots (a plain test run does not).
+screenshots: $(STAMP) sysdeps
+	ORCHESTRATOR_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_ui_browser.py
 
 # Each benchmark compares against its peer side by side and prints JSON on its last line;
 # docs/BENCHMARKS.md records the figures. `make bench` runs them all (about half an hour).

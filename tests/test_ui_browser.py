@@ -4,6 +4,7 @@ with another learning rate. Screenshots of each page go to docs/screenshots/."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from tests.conftest import cli_json, run_cli, tiny_config
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+DOC_SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SHOTS = DOC_SHOTS  # set by the `ui` fixture
 STEPS, SPIKE_STEP, SPIKE, FORK_STEP = 5000, 3217, 40.0, 2500
 WAIT_MS = 15_000  # every wait is bounded
 EVIL = '<img src=x onerror="document.title=1">'
@@ -89,6 +91,9 @@ def ui(browser, tmp_path_factory):
     root = tmp_path_factory.mktemp("uihome")
     make_runs(Store(root))
     server, _ = start_in_thread(store=Store(root), port=0)
+    global SHOTS
+    # `make screenshots` refreshes the ones in docs/; a plain test run keeps its own, the checkout stays clean
+    SHOTS = DOC_SHOTS if os.environ.get("ORCHESTRATOR_SCREENSHOTS") else tmp_path_factory.mktemp("shots")
     SHOTS.mkdir(parents=True, exist_ok=True)
     page, errors = new_page(browser)
     try:
