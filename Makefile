@@ -43,8 +43,8 @@ screenshots: $(STAMP) sysdeps
 	ORCHESTRATOR_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_ui_browser.py
 
 # Each benchmark compares against its peer side by side and prints JSON on its last line;
-# docs/BENCHMARKS.md records the figures. `make bench` runs them all (about half an hour).
-BENCHES := launch_overhead data_sampler checkpoint_writes tracking_store recovery ui_responsiveness
+# docs/BENCHMARKS.md records the figures. `make bench` runs them all (about 45 minutes).
+BENCHES := launch_overhead data_sampler checkpoint_writes tracking_store recovery ui_responsiveness hang_detection
 bench: $(STAMP) sysdeps
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 

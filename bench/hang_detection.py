@@ -49,7 +49,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -62,6 +61,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from benchlib import git_state, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -373,6 +374,8 @@ def run_ours_hang(i: int, data_uri: str, args, tmp: Path) -> dict:
     if stall:
         out["stall_line"] = stall[1]
         out["stall_line_s"] = stall[0] - began if began else None
+        after = [s for t, s in r["lines"] if t >= stall[0] and s != stall[1]]
+        out["after_stall_lines"] = after[:8]  # flight recorder summary, node checks, the final error
     exited = r["lines"][-1][0] if r["lines"] else None
     out["last_line"] = r["lines"][-1][1] if r["lines"] else ""
     try:
@@ -453,25 +456,6 @@ def prepare_data(out: Path) -> str:
            "--out", str(out), "--seq-len", "65", "--val-fraction", "0.1", "--include", "*.py"]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=sys.stderr, stderr=sys.stderr, timeout=300)
     return str(out)
-
-
-def machine() -> dict:
-    import ray
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), 0)
-    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gb": round(mem / 2**20, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
-
-
-def git_state() -> dict:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty_files": len(git("status", "--porcelain").splitlines())}
 
 
 def torch_default_timeout() -> dict:
@@ -624,6 +608,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-hang-"))
     started = time.time()
     load_start = os.getloadavg()
+    git_start = git_state()  # others may commit while this runs
     log(f"tmp {tmp}; preparing the small dataset (stdlib json + email, 65-token sequences)")
     try:
         data_uri = prepare_data(tmp / "data")
@@ -640,7 +625,7 @@ def main() -> None:
         "overhead": ovh,
         "wall_s": round(time.time() - started, 1),
         "loadavg_start_end": [load_start[0], os.getloadavg()[0]],
-        "git": git_state(),
+        "git": {"start": git_start, "end": git_state()},
         "machine": machine(),
     }
     o, t = det["ours"], det["torch"]

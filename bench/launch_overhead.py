@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -31,6 +30,8 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import git_state, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -205,25 +206,6 @@ def ensure_data(uri: Path) -> None:
     log(f"preparing demo data from {stdlib} into {uri}")
     subprocess.run([str(BIN / "orchestrator"), "data", "prepare", stdlib, "--out", str(uri), "--include", "*.py"],
                    cwd=ROOT, check=True, stdout=sys.stderr)
-
-
-def machine() -> dict:
-    import ray
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), 0)
-    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gb": round(mem / 2**20, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
-
-
-def git_state() -> dict:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "--short", "HEAD"), "dirty_files": len(git("status", "--porcelain").splitlines())}
 
 
 def main() -> None:

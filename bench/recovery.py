@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -41,6 +40,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from benchlib import git_state, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -490,20 +491,10 @@ def probe_restart(reps: int, workers: int) -> list[dict]:
 # --- the whole benchmark ---------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    import ray
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), 0)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+def machine_facts() -> dict:
     from ray.train.v2._internal.constants import is_v2_enabled
 
-    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gb": round(mem / 2**20, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "ray": ray.__version__, "ray_train_v2": is_v2_enabled(), "git": git,
-            "loadavg_start": os.getloadavg()}
+    return machine(ray_train_v2=is_v2_enabled(), git=git_state()["commit"], loadavg_start=os.getloadavg())
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -565,8 +556,9 @@ def main() -> None:
         ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.ERROR,
                  log_to_driver=False)
         gcs = ray.get_runtime_context().gcs_address
-        facts = machine()
+        facts = machine_facts()
         log(f"cluster {gcs}; {facts}")
+
         results: dict[str, list[dict]] = {s: [] for s in systems}
         for i in range(args.repeats):
             order = systems[i % len(systems):] + systems[:i % len(systems)]  # rotate: noise hits all alike

@@ -330,12 +330,13 @@ class Controller:
                if report["culprits"] else "no single rank")
         msg = f"stall: no step completed for {report['stalled_s']}s after step {step}; {who}: {report['reason']}"
         self.out(f"STALL {msg}")
-        if hang.flight_recorder_entries:
-            report["flight_recorder"] = fr = self._flight_recorder(report)
-            self.out(f"  flight recorder: {fr['summary']}")
         event_id = self.store.add_event(self.run_id, kind="stall", severity="error", message=msg, step=step,
                                         rank=culprit, data=report)
         self.acting_on = (event_id, report)
+        if hang.flight_recorder_entries:
+            report["flight_recorder"] = fr = self._flight_recorder(report)
+            self.out(f"  flight recorder: {fr['summary']}")
+            self.store.update_event_data(event_id, report)
         raise GroupFailed(Failure(FailureKind.HANG, msg, rank=culprit, node_id=self._node(culprit),
                                   data={k: report[k] for k in ("verdict", "culprits", "culprit_nodes")}))
 

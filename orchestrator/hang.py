@@ -87,7 +87,8 @@ def flight_recorder_summary(dumps: dict[int, str | None], world: int) -> dict:
             ahead = next(r for r, s in seqs.items() if s == top)
             waiting[group] = {"seq": top, **{k: ranks[ahead]["last"][group][k] for k in ("op", "sizes")}}
     silent = sorted(r for r, b in ranks.items() if b["dump"] == "no answer")
-    parts = [f"group {g}: rank(s) {', '.join(map(str, rs))} never entered collective #{waiting[g]['seq']} "
+    # torch numbers every collective of a group (DDP's start-up broadcasts too), not one per step
+    parts = [f"group {g}: rank(s) {', '.join(map(str, rs))} never entered torch's collective #{waiting[g]['seq']} "
              f"({waiting[g]['op']})" for g, rs in missing.items()]
     if silent:
         parts.append(f"no dump from rank(s) {', '.join(map(str, silent))} (not answering)")

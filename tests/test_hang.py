@@ -68,7 +68,7 @@ def fr_dump(*seqs, op="gloo:all_reduce"):
 def test_flight_recorder_names_the_rank_behind_and_the_silent_one():
     fr = flight_recorder_summary({0: fr_dump(1, 2, 3), 1: fr_dump(1, 2), 2: fr_dump(1, 2, 3)}, 4)
     assert fr["missing"] == {"0": [1]} and fr["silent"] == [3] and fr["culprits"] == [1, 3]
-    assert fr["waiting"]["0"]["seq"] == 3 and "rank(s) 1 never entered collective #3 (gloo:all_reduce)" in fr["summary"]
+    assert fr["waiting"]["0"]["seq"] == 3 and "rank(s) 1 never entered torch's collective #3 (gloo:all_reduce)" in fr["summary"]
     assert "no dump from rank(s) 3" in fr["summary"]
 
 
@@ -266,7 +266,7 @@ def test_restart_avoids_the_culprit_node_when_there_is_room(tmp_path, home, tiny
 
 @pytest.mark.ray
 def test_straggler_is_replaced_at_the_next_checkpoint(tmp_path, home, tiny_data, ray_address):
-    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 120, "eval_every": 0}, checkpoint={"every_steps": 10},
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 200, "eval_every": 0}, checkpoint={"every_steps": 10},
                       hang={"straggler_action": "restart"}, fault_tolerance={"max_restarts": 1},
                       model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.04, "slow_rank": 1}})
     proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=300)
