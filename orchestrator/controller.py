@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from orchestrator import cluster
 from orchestrator.config import Config, OnNonFinite, StragglerAction
 from orchestrator.errors import NonFiniteLoss, ResourceError, UserError
-from orchestrator.hang import attribute, flight_recorder_summary, stall_threshold_s
+from orchestrator.hang import attribute, stall_threshold_s
 from orchestrator.policy import Decision, Failure, FailureKind, RestartPolicy
 from orchestrator.progress import Progress
+from orchestrator.stall import check_suspects, collect_flight_recorder
 from orchestrator.store import Store
 
 AVOID_WAIT_S = 10.0  # how long to look for room away from a culprit node before using it again
@@ -222,7 +223,7 @@ class Controller:
         from actors.train_worker import TrainWorker
 
         t0 = time.time()
-        self.attempt, self.acting_on = attempt, None
+        self.attempt, self.acting_on, self.replace = attempt, None, None
         s, h = self.cfg.scaling, self.h
         ranks = cluster.assign_ranks(h.placement.bundle_nodes)
         by_rank = sorted(range(self.world), key=lambda b: ranks[b]["rank"])
@@ -334,38 +335,13 @@ class Controller:
                                         rank=culprit, data=report)
         self.acting_on = (event_id, report)
         if hang.flight_recorder_entries:
-            report["flight_recorder"] = fr = self._flight_recorder(report)
+            folder = self.store.root / "diagnostics" / self.run_id / f"attempt{self.attempt}-step{step}"
+            report["flight_recorder"] = fr = collect_flight_recorder(self.h.health, self.world, report, folder,
+                                                                     hang.heartbeat_s)
             self.out(f"  flight recorder: {fr['summary']}")
             self.store.update_event_data(event_id, report)
         raise GroupFailed(Failure(FailureKind.HANG, msg, rank=culprit, node_id=self._node(culprit),
                                   data={k: report[k] for k in ("verdict", "culprits", "culprit_nodes")}))
-
-    def _flight_recorder(self, report: dict) -> dict:
-        """Ask every rank for its Flight Recorder buffer (answered by the heartbeat thread, which a
-        rank blocked in a collective still runs), wait briefly, analyse, and keep the dumps as files."""
-        import ray
-
-        hang = self.cfg.hang
-        silent = set(report["culprits"]) if report["verdict"] == "stopped" else set()  # frozen: will not answer
-        dumps: dict[int, str | None] = {}
-        try:
-            ray.get(self.h.health.request_dumps.remote(), timeout=5)
-            deadline = time.monotonic() + max(3.0, 3 * hang.heartbeat_s)
-            while time.monotonic() < deadline:
-                dumps = ray.get(self.h.health.take_dumps.remote(), timeout=5)
-                if all(r in dumps for r in range(self.world) if r not in silent):
-                    break
-                time.sleep(0.2)
-        except Exception as e:  # the monitor is gone: report what is known
-            return {"summary": f"no dumps ({type(e).__name__})", "ranks": {}, "culprits": []}
-        fr = flight_recorder_summary(dumps, self.world)
-        folder = self.store.root / "diagnostics" / self.run_id / f"attempt{self.attempt}-step{report['step']}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for r, text in dumps.items():
-            if text is not None:
-                (folder / f"flight_recorder_rank{r}.json").write_text(text)
-        fr["files"] = str(folder)
-        return fr
 
     def _after_stall(self) -> None:
         """Once the hung group is gone: check the suspect nodes, mark the culprit's node to avoid
@@ -374,19 +350,8 @@ class Controller:
             return
         event_id, report = self.acting_on
         hang = self.cfg.hang
-        suspects = report["culprit_nodes"] or sorted(set(self.nodes))  # undecided: every node of the group
-        if hang.node_checks and suspects:
-            from actors.node_check import check_nodes
-
-            group = [n for n in dict.fromkeys(self.nodes) if n not in suspects]
-            healthy = group + [n for n in cluster.node_ips() if n not in suspects and n not in group]
-            self.out(f"checking node {', '.join(n[:12] for n in suspects)} (GPU, host pressure, compute, "
-                     f"all-reduce probe{' to ' + healthy[0][:12] if healthy else ''})")
-            checks = check_nodes(suspects, healthy[:1], timeout_s=hang.node_check_timeout_s)
-            report["node_checks"] = checks
-            found = checks.get("problems") or []
-            self.out("  node checks: " + ("; ".join(found) if found else
-                                           f"no problem found ({checks.get('duration_s', 0):.1f}s)"))
+        if hang.node_checks:
+            report["node_checks"] = check_suspects(report, self.nodes, hang.node_check_timeout_s, self.out)
         if hang.avoid_culprit_node:
             self.avoid_nodes = sorted(set(self.avoid_nodes) | set(report["culprit_nodes"]))
         self.store.update_event_data(event_id, report)

@@ -167,13 +167,17 @@ def test_probe_without_a_peer_fails_with_a_message(monkeypatch):
     assert result["ok"] is False and result["error"]
 
 
-def test_check_nodes_without_ray_does_not_start_a_cluster():
+def test_check_nodes_without_ray_does_not_start_a_cluster(monkeypatch):
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("a Ray cluster from an earlier test is connected")
+    def no_init(*a, **kw):
+        raise AssertionError("check_nodes must not start a cluster")
+
+    # as in a process that never connected (the session cluster may be up in this one)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_init)
     report = check_nodes(["ab" * 28], [])
-    assert report["problems"] == ["node checks need a connected Ray driver"] and not ray.is_initialized()
+    assert report["problems"] == ["node checks need a connected Ray driver"] and report["nodes"] == {}
 
 
 def _alive(class_name: str) -> list:

@@ -1,0 +1,54 @@
+"""What follows a stall once the watchdog has named a culprit: torch's Flight Recorder buffers from
+the ranks, and checks of the suspect nodes. Apart from the control loop, which only decides."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from orchestrator import cluster
+from orchestrator.hang import flight_recorder_summary
+
+
+def collect_flight_recorder(health, world: int, report: dict, folder: Path, heartbeat_s: float) -> dict:
+    """Ask every rank for its Flight Recorder buffer (the heartbeat thread answers, even while the
+    training thread is blocked in a collective), wait briefly, analyse, keep the dumps in `folder`."""
+    import ray
+
+    silent = set(report["culprits"]) if report["verdict"] == "stopped" else set()  # frozen: will not answer
+    dumps: dict[int, str | None] = {}
+    try:
+        ray.get(health.request_dumps.remote(), timeout=5)
+        deadline = time.monotonic() + max(3.0, 3 * heartbeat_s)
+        while time.monotonic() < deadline:
+            dumps = ray.get(health.take_dumps.remote(), timeout=5)
+            if all(r in dumps for r in range(world) if r not in silent):
+                break
+            time.sleep(0.2)
+    except Exception as e:  # the monitor is gone: report what is known
+        return {"summary": f"no dumps ({type(e).__name__})", "ranks": {}, "culprits": []}
+    fr = flight_recorder_summary(dumps, world)
+    folder.mkdir(parents=True, exist_ok=True)
+    for r, text in dumps.items():
+        if text is not None:
+            (folder / f"flight_recorder_rank{r}.json").write_text(text)
+    fr["files"] = str(folder)
+    return fr
+
+
+def check_suspects(report: dict, group_nodes: list[str], timeout_s: float, out) -> dict | None:
+    """Node checks on the culprit's node (every node of the group when the verdict is undecided),
+    compared with a healthy node: one of the group's if there is one, else any live node."""
+    from actors.node_check import check_nodes
+
+    suspects = report["culprit_nodes"] or sorted(set(group_nodes))
+    if not suspects:
+        return None
+    group = [n for n in dict.fromkeys(group_nodes) if n not in suspects]
+    healthy = group + [n for n in cluster.node_ips() if n not in suspects and n not in group]
+    out(f"checking node {', '.join(n[:12] for n in suspects)} (GPU, host pressure, compute, "
+        f"all-reduce probe{' to ' + healthy[0][:12] if healthy else ''})")
+    checks = check_nodes(suspects, healthy[:1], timeout_s=timeout_s)
+    found = checks.get("problems") or []
+    out("  node checks: " + ("; ".join(found) if found else f"no problem found ({checks.get('duration_s', 0):.1f}s)"))
+    return checks
