@@ -28,3 +28,35 @@ def git_state() -> dict:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     return {"commit": git("rev-parse", "--short", "HEAD"), "dirty_files": len(git("status", "--porcelain").splitlines())}
+
+
+def tree_cpu(proc, kinds: dict[str, str], deadline: float = float("inf")) -> dict:
+    """Until `proc` ends (or `deadline`, time.time()), sample the CPU seconds of it and its
+    descendants (Ray's raylet, GCS, agents, actors). Returns lifetime totals per kind: a process
+    whose command line contains a key of `kinds` counts as that kind, the rest as "other"."""
+    import time
+
+    import psutil  # a Ray dependency
+
+    seen: dict[int, tuple[str, float]] = {}
+    named: dict[int, str] = {}  # once named, a process keeps its kind (an exiting one shows no cmdline)
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.Error:
+            procs = []
+        for p in procs:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    cmd = " ".join(p.cmdline())
+                if p.pid not in named:
+                    named[p.pid] = next((kind for key, kind in kinds.items() if key in cmd), None)
+                seen[p.pid] = (named[p.pid] or "other", t.user + t.system)
+            except psutil.Error:
+                pass
+        time.sleep(1.0)
+    totals = dict.fromkeys([*kinds.values(), "other"], 0.0)
+    for kind, cpu in seen.values():
+        totals[kind] += cpu
+    return totals

@@ -62,7 +62,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import git_state, machine
+from benchlib import git_state, machine, tree_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -296,7 +296,7 @@ def launch(config: Path, env: dict, timeout_s: float, cpu: bool = False) -> dict
     usage = {}
     try:
         if cpu:
-            usage = sample_cpu(proc, t0 + timeout_s)
+            usage = tree_cpu(proc, {"TrainWorker": "train_workers", "HealthMonitor": "health_monitor"}, t0 + timeout_s)
         proc.wait(timeout=max(1.0, t0 + timeout_s - time.time()))
     except subprocess.TimeoutExpired:
         timed_out = True
@@ -320,39 +320,6 @@ def stop(proc: subprocess.Popen) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait(timeout=10)
-
-
-def sample_cpu(proc: subprocess.Popen, deadline: float) -> dict:
-    """Until `proc` ends (or the deadline), sample the CPU seconds of it and its descendants; the
-    lifetime totals of the train workers, the health monitor and everything else (as
-    bench/launch_overhead.py)."""
-    import psutil  # a Ray dependency
-
-    seen: dict[int, tuple[str, float]] = {}
-    kinds: dict[int, str] = {}  # once named, a process keeps its kind (an exiting one shows no cmdline)
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.Error:
-            procs = []
-        for p in procs:
-            try:
-                with p.oneshot():
-                    t = p.cpu_times()
-                    cmd = " ".join(p.cmdline())
-                if p.pid not in kinds:
-                    if "TrainWorker" in cmd:
-                        kinds[p.pid] = "train_workers"
-                    elif "HealthMonitor" in cmd:
-                        kinds[p.pid] = "health_monitor"
-                seen[p.pid] = (kinds.get(p.pid, "other"), t.user + t.system)
-            except psutil.Error:
-                pass
-        time.sleep(1.0)
-    totals = {"train_workers": 0.0, "health_monitor": 0.0, "other": 0.0}
-    for kind, cpu in seen.values():
-        totals[kind] += cpu
-    return totals
 
 
 def run_ours_hang(i: int, data_uri: str, args, tmp: Path) -> dict:

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import git_state, machine
+from benchlib import git_state, machine, tree_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -150,7 +150,7 @@ def run_ours(config: str, overrides: list[str], name: str, world: int, home: Pat
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        cpu = sample_cpu(proc)
+        cpu = tree_cpu(proc, {"TrainWorker": "train_workers"})
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             err.seek(0)
@@ -168,32 +168,6 @@ def run_ours(config: str, overrides: list[str], name: str, world: int, home: Pat
         "loss": series("train/loss", 0),
         "cpu_s_total": cpu,
     }
-
-
-def sample_cpu(proc: subprocess.Popen) -> dict:
-    """Wait for `proc`, sampling the CPU seconds of it and its descendants (Ray's raylet, GCS,
-    agents, actors). Returns lifetime totals: the train workers, and everything else."""
-    import psutil  # a Ray dependency
-
-    seen: dict[int, tuple[str, float]] = {}
-    while proc.poll() is None:
-        try:
-            procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.Error:
-            procs = []
-        for p in procs:
-            try:
-                with p.oneshot():
-                    t = p.cpu_times()
-                    kind = "train_workers" if "TrainWorker" in " ".join(p.cmdline()) else "other"
-                seen[p.pid] = (kind, t.user + t.system)
-            except psutil.Error:
-                pass
-        time.sleep(1.0)
-    totals = {"train_workers": 0.0, "other": 0.0}
-    for kind, cpu in seen.values():
-        totals[kind] += cpu
-    return totals
 
 
 # --- the comparison ----------------------------------------------------------------------------
