@@ -21,14 +21,15 @@ class Health:
     def __init__(self, rank: int):
         self.rank = rank
         self.step = -1  # last completed step
+        self.progress = 0  # steps and eval batches done: a long eval is not a stall
         self.phase = "start"
         self.coll_entered = 0
         self.coll_completed = 0
         self.step_started = time.time()
 
     def snapshot(self) -> dict:
-        return {"rank": self.rank, "step": self.step, "phase": self.phase, "coll_entered": self.coll_entered,
-                "coll_completed": self.coll_completed, "time": time.time()}
+        return {"rank": self.rank, "step": self.step, "phase": self.phase, "progress": self.progress,
+                "coll_entered": self.coll_entered, "coll_completed": self.coll_completed, "time": time.time()}
 
 
 def flight_recorder_dump(keep: int = 200) -> str | None:

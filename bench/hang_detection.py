@@ -62,9 +62,11 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import git_state, machine, tree_cpu
-
 ROOT = Path(__file__).resolve().parent.parent
+# run as a script, or imported as bench.NAME by Ray workers (a model factory): benchlib is beside us
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import git_state, machine, tree_cpu  # noqa: E402
+
 BIN = Path(sys.executable).parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODEL = {"n_layer": 2, "n_head": 2, "d_model": 64}

@@ -31,9 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import git_state, machine, tree_cpu
-
 ROOT = Path(__file__).resolve().parent.parent
+# run as a script, or imported as bench.NAME by Ray workers (a model factory): benchlib is beside us
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import git_state, machine, tree_cpu  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 

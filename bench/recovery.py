@@ -41,9 +41,11 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import git_state, machine
-
 ROOT = Path(__file__).resolve().parent.parent
+# run as a script, or imported as bench.NAME by Ray workers (a model factory): benchlib is beside us
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import git_state, machine  # noqa: E402
+
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 

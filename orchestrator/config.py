@@ -93,8 +93,10 @@ class StragglerAction(str, Enum):
 
 @dataclass
 class HangConfig:
-    timeout_s: float = option(60.0, min=1, help="a stall is declared when no rank completes a step for this long ...")
+    timeout_s: float = option(45.0, min=1, help="a stall is declared when no rank completes a step (or an eval batch) for this long ...")
     step_time_factor: float = option(10.0, min=1, help="... or this many recent median step times, whichever is longer")
+    first_step_timeout_s: float = option(
+        300.0, min=1, help="... but never less than this before a group's first step (start-up, restore, first batch)")
     heartbeat_s: float = option(1.0, min=0.1, help="how often each rank reports step, phase and collective counters")
     enabled: bool = option(True, help="heartbeats, the stall watchdog and Flight Recorder dumps (off only to measure their cost)")
     flight_recorder_entries: int = option(

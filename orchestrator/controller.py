@@ -265,7 +265,7 @@ class Controller:
         import ray
 
         progress = Progress(self.cfg.train.max_steps, self.cfg.telemetry.progress_every_s, self.out)
-        self.advanced_at, self.seen_step = time.monotonic(), -1
+        self.advanced_at, self.seen_progress = time.monotonic(), 0
         # ray.wait returns at once when a rank finishes or fails, so failures are seen immediately;
         # the timeout only paces the progress poll, which costs CPU the ranks would otherwise use
         tick = min(self.cfg.telemetry.progress_every_s, 2.0)
@@ -310,19 +310,21 @@ class Controller:
             beats = ray.get(self.h.health.snapshot.remote(), timeout=5)
         except Exception:
             return
-        steps = [b["step"] for b in beats.values()]
-        step = max(steps) if steps else -1
-        if step > self.seen_step:
-            self.seen_step, self.advanced_at = step, now
+        step = max((b["step"] for b in beats.values()), default=-1)
+        moved = max((b.get("progress", 0) for b in beats.values()), default=0)  # steps and eval batches
+        if moved > self.seen_progress:
+            self.seen_progress, self.advanced_at = moved, now
             return
         hang = self.cfg.hang
         median = progress.get("median_step_time_s")
         limit = stall_threshold_s(hang.timeout_s, [median] if median else [], hang.step_time_factor)
+        if step < 0:  # no step done yet in this group: start-up, a restore and the first batch take longer
+            limit = max(limit, hang.first_step_timeout_s)
         if now - self.advanced_at < limit:
             return
         wall = time.time()
         for r in range(self.world):  # a rank that never reported counts as stopped since the start
-            beats.setdefault(r, {"rank": r, "step": -1, "phase": "start", "coll_entered": 0, "coll_completed": 0,
+            beats.setdefault(r, {"rank": r, "step": -1, "phase": "start", "progress": 0, "coll_entered": 0, "coll_completed": 0,
                                  "time": wall - (now - self.advanced_at)})
         report = attribute(beats, now=wall, heartbeat_s=hang.heartbeat_s, nodes=dict(enumerate(self.nodes)))
         report.update(stalled_s=round(now - self.advanced_at, 1), threshold_s=round(limit, 1), step=step)

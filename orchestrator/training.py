@@ -100,6 +100,8 @@ def evaluate(model, val: TokenDataset, cfg: Config, ctx: WorkerContext, health: 
         ids = sampler.local_batch(k, ctx.rank, ctx.world_size)
         total[0] += loss_of(model, val.batch(ids).to(ctx.device)).double() * len(ids)
         total[1] += len(ids)
+        if health is not None:
+            health.progress += 1
     if ctx.world_size > 1:
         if health is not None:
             health.coll_entered += 1
@@ -193,6 +195,7 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
             last = time.perf_counter()  # eval time is not step time
         log(step, metrics)
         health.step = step
+        health.progress += 1
         if checkpointer is not None and checkpointer.due(step + 1, is_last):  # step + 1 optimizer steps done
             health.phase = "checkpoint"
             next_batch = data_index(step + 1, skipped)
