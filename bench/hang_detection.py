@@ -10,7 +10,7 @@ from this module's `hanging_gpt` (our side loads it through `model.factory`).
 
 1. Time to a report naming the culprit (hang start -> report):
    - ours: `orchestrator launch` in a subprocess (embedded Ray cluster, ORCHESTRATOR_HOME in a temp
-     dir) with the DEFAULT hang settings (hang.timeout_s 60, step_time_factor 10, heartbeat_s 1)
+     dir) with the DEFAULT hang settings (hang.timeout_s 45, step_time_factor 10, heartbeat_s 1)
      and fault_tolerance.max_restarts=0. Report = the stall event (`orchestrator diagnose RUN
      --json`, field `time`); we check it names rank 1 (`culprits == [1]`) and its verdict. The
      arrival time of the driver's `STALL` line (printed first; the event is stored after the
@@ -23,9 +23,9 @@ from this module's `hanging_gpt` (our side loads it through `model.factory`).
         backend but NCCL is `torch.distributed.constants.default_pg_timeout` (= the C++
         `_DEFAULT_PG_TIMEOUT`, 30 minutes; NCCL's is 10 minutes). Waiting 30 minutes is not a
         bench, so it is capped at --peer-cap-s: the result is "no error within the cap".
-     b) `timeout=datetime.timedelta(seconds=60)`, the same budget as our default: seconds until
+     b) `timeout=datetime.timedelta(seconds=--peer-timeout-s)` (default: our hang.timeout_s): seconds until
         rank 0 raises, the error's first line, and whether its text names the missing rank.
-   Order: ours, peer 60 s, peer default, ours (then more ours for --repeats > 2).
+   Order: ours, peer with our budget, peer default, ours (then more ours for --repeats > 2).
 
 2. Overhead of heartbeats and collective tracking: `orchestrator launch` of the same small config
    (built-in GPT, no hang, defaults otherwise) with hang.enabled=true vs hang.enabled=false, runs
@@ -66,6 +66,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # run as a script, or imported as bench.NAME by Ray workers (a model factory): benchlib is beside us
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import git_state, machine, tree_cpu  # noqa: E402
+
+from orchestrator.config import HangConfig  # noqa: E402
 
 BIN = Path(sys.executable).parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -444,23 +446,24 @@ def torch_default_timeout() -> dict:
 def detection(data_uri: str, args, tmp: Path) -> dict:
     ours: list[dict] = []
     peer: dict[str, dict] = {}
-    # ours, peer 60 s, peer default, ours, then any further ours
-    peers = ["peer_60s", "peer_default"] if args.peer_cap_s > 0 else []
+    # ours, peer with our budget, peer default, ours, then any further ours
+    peers = ["peer_budget", "peer_default"] if args.peer_cap_s > 0 else []
     order = ["ours"] * min(1, args.repeats) + peers + ["ours"] * max(0, args.repeats - 1)
     for side in order:
         if side == "ours":
             log(f"ours {len(ours) + 1}/{args.repeats}: launch with default hang settings, rank 1 hangs on "
-                f"forward #{args.hang_call} (expect a stall report ~60 s later)")
+                f"forward #{args.hang_call} (expect a stall report ~{HangConfig().timeout_s + 4:.0f} s later)")
             r = run_ours_hang(len(ours), data_uri, args, tmp)
             ours.append(r)
             log(f"ours {len(ours)}: STALL line {fmt_s(r.get('stall_line_s'))}, stall event {fmt_s(r.get('seconds'))} "
                 f"after the hang began, culprits "
                 f"{r.get('culprits')}, verdict {r.get('verdict')}, exit {r['returncode']}"
                 + (f"; {r['error']}" if "error" in r else ""))
-        elif side == "peer_60s":
-            log("peer: bare torch DDP, gloo, timeout=timedelta(seconds=60)")
-            peer["timeout_60s"] = r = run_peer("peer60", 60.0, args.peer_cap_s + 60, data_uri, args, tmp)
-            log(f"peer 60 s: raised={r.get('raised')} after {fmt_s(r.get('seconds', r.get('waited_s')))}, "
+        elif side == "peer_budget":
+            log(f"peer: bare torch DDP, gloo, timeout=timedelta(seconds={args.peer_timeout_s:g})")
+            peer["timeout_budget"] = r = run_peer("peerbudget", args.peer_timeout_s, args.peer_cap_s + args.peer_timeout_s,
+                                                  data_uri, args, tmp)
+            log(f"peer {args.peer_timeout_s:g} s: raised={r.get('raised')} after {fmt_s(r.get('seconds', r.get('waited_s')))}, "
                 f"names rank 1: {r.get('names_rank')}; {r.get('error_first_line', r.get('error', ''))[:160]}")
         else:
             log(f"peer: bare torch DDP, gloo, torch's default timeout, capped at {args.peer_cap_s:.0f}s")
@@ -477,7 +480,7 @@ def detection(data_uri: str, args, tmp: Path) -> dict:
             "stall_line_seconds": lines,
             "stall_line_median_s": statistics.median(lines) if lines else None,
             "culprit_named_every_time": bool(ours) and all(r.get("culprit_named") for r in ours),
-            "settings": "hang.* defaults (timeout_s 60, step_time_factor 10, heartbeat_s 1), max_restarts 0",
+            "settings": f"hang.* defaults (timeout_s {HangConfig().timeout_s:g}, step_time_factor 10, heartbeat_s 1), max_restarts 0",
         },
         "torch": {"default_timeout": torch_default_timeout(), **peer},
     }
@@ -555,6 +558,8 @@ def main() -> None:
     p.add_argument("--hang-call", type=int, default=8, help="rank 1 blocks on this training forward (1-based)")
     p.add_argument("--peer-cap-s", type=float, default=180.0,
                    help="how long the torch-default-timeout peer may wait after the hang began (0: skip both peers)")
+    p.add_argument("--peer-timeout-s", type=float, default=HangConfig().timeout_s,
+                   help="the second peer's timeout= (default: our hang.timeout_s, the same budget)")
     p.add_argument("--run-timeout", type=float, default=300.0, help="bound on one launch (s), step count added")
     p.add_argument("--overhead-repeats", type=int, default=3, help="runs of each overhead arm (0: skip)")
     p.add_argument("--overhead-steps", type=int, default=3000, help="training steps per overhead run")
@@ -600,8 +605,8 @@ def main() -> None:
     o, t = det["ours"], det["torch"]
     log(f"ours: STALL line {', '.join(fmt_s(s) for s in o['stall_line_seconds'])}, stored event "
         f"{', '.join(fmt_s(s) for s in o['seconds'])} after the hang began (culprit named every time: "
-        f"{o['culprit_named_every_time']}); torch 60 s: {fmt_s(t.get('timeout_60s', {}).get('seconds'))}, "
-        f"names rank: {t.get('timeout_60s', {}).get('names_rank')}; torch default: "
+        f"{o['culprit_named_every_time']}); torch with our budget: {fmt_s(t.get('timeout_budget', {}).get('seconds'))}, "
+        f"names rank: {t.get('timeout_budget', {}).get('names_rank')}; torch default: "
         f"{t.get('default', {}).get('result', t.get('default', {}).get('error_first_line'))}")
     for key, r in (ovh or {}).items():
         if key.startswith("ratio_"):

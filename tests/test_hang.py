@@ -279,3 +279,14 @@ def test_straggler_is_replaced_at_the_next_checkpoint(tmp_path, home, tiny_data,
     assert first["action"].startswith("replaced: restarted (attempt 1, from step")
     assert "no spare capacity outside node" in first["action"]
     assert again["culprits"] == [1] and again["action"] == "reported" and "not replaced" in out
+
+
+@pytest.mark.ray
+def test_a_long_eval_is_not_a_stall(tmp_path, home, tiny_data, ray_address):
+    """Each eval takes 6 x 0.8 s, longer than the 4 s stall limit, but its batches are progress."""
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 20, "eval_every": 10, "eval_batches": 6},
+                      data={"global_batch_size": 2}, hang={"timeout_s": 4, "heartbeat_s": 0.5},
+                      fault_tolerance={"max_restarts": 0},
+                      model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.0, "eval_pause_s": 0.8}})
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=240)
+    assert proc.returncode == 0 and "STALL" not in proc.stdout, proc.stdout + proc.stderr

@@ -76,20 +76,23 @@ class Slow(GPT):
     """A GPT that takes at least `pause_s` per training step, without using CPU: keeps a fast
     machine from finishing a run before a test has done its part."""
 
-    def __init__(self, *, pause_s: float, slow_rank: int | None, **kw):
+    def __init__(self, *, pause_s: float, slow_rank: int | None, eval_pause_s: float, **kw):
         super().__init__(**kw)
-        self.pause_s, self.slow_rank = pause_s, slow_rank
+        self.pause_s, self.slow_rank, self.eval_pause_s = pause_s, slow_rank, eval_pause_s
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self.training and (self.slow_rank is None or int(os.environ["RANK"]) == self.slow_rank):
             time.sleep(self.pause_s)
+        if not self.training:
+            time.sleep(self.eval_pause_s)
         return super().forward(idx)
 
 
-def slow_gpt(*, vocab_size: int, block_size: int, pause_s: float = 0.02, slow_rank: int | None = None):
-    """slow_rank=None: every rank; else only that one (a straggler)."""
+def slow_gpt(*, vocab_size: int, block_size: int, pause_s: float = 0.02, slow_rank: int | None = None,
+             eval_pause_s: float = 0.0):
+    """slow_rank=None: every rank; else only that one (a straggler). eval_pause_s: per eval batch."""
     return Slow(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32, pause_s=pause_s,
-                slow_rank=slow_rank)
+                slow_rank=slow_rank, eval_pause_s=eval_pause_s)
 
 
 class Hangs(GPT):
