@@ -46,8 +46,11 @@ def wait_for_step(home, run_id, step, deadline):
 
 def test_sigkilled_workers_recover_bit_exact(tmp_path, home, tiny_data, ray_address):
     steps = 40
+    # paced (0.1 s a step, numerics untouched) so a run does not end between the test seeing a step
+    # and its kill landing: a quiet machine runs this tiny model at 20 steps/s
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": steps, "eval_every": 0},
-                      checkpoint={"every_steps": 5}, fault_tolerance=FT, model={"dropout": 0.1})
+                      checkpoint={"every_steps": 5}, fault_tolerance=FT,
+                      model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.1, "dropout": 0.1}})
     # the reference: the same seed and world size, never interrupted
     run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
     reference = cli_json("runs", home=home)[-1]["id"]

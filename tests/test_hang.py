@@ -99,7 +99,7 @@ def test_rank_stopping_collectives_is_named_in_seconds(tmp_path, home, tiny_data
 
 @pytest.mark.ray
 def test_frozen_rank_is_named_and_the_run_recovers(tmp_path, home, tiny_data, ray_address):
-    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 60, "eval_every": 0}, checkpoint={"every_steps": 5},
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 100, "eval_every": 0}, checkpoint={"every_steps": 5},
                       hang={"timeout_s": 6, "heartbeat_s": 0.5}, fault_tolerance={"max_restarts": 1},
                       model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.05}})
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}

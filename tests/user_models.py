@@ -89,10 +89,10 @@ class Slow(GPT):
 
 
 def slow_gpt(*, vocab_size: int, block_size: int, pause_s: float = 0.02, slow_rank: int | None = None,
-             eval_pause_s: float = 0.0):
+             eval_pause_s: float = 0.0, dropout: float = 0.0):
     """slow_rank=None: every rank; else only that one (a straggler). eval_pause_s: per eval batch."""
     return Slow(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32, pause_s=pause_s,
-                slow_rank=slow_rank, eval_pause_s=eval_pause_s)
+                slow_rank=slow_rank, eval_pause_s=eval_pause_s, dropout=dropout)
 
 
 class Hangs(GPT):
