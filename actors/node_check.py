@@ -26,14 +26,12 @@ from pathlib import Path
 
 import psutil
 
+from orchestrator.cluster import node_label
+
 MIB = 1 << 20
 # Idle, clock settings, sync boost and the software power cap are normal; these slow a GPU down.
 SLOWDOWNS = ("HwSlowdown", "SwThermalSlowdown", "HwThermalSlowdown", "HwPowerBrakeSlowdown")
 VALUE_FIELDS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")  # by NVML_VALUE_TYPE_*
-
-
-def node_label(node_id: str) -> str:
-    return node_id[:12]
 
 
 def _one_line(e: BaseException) -> str:

@@ -11,6 +11,15 @@ from orchestrator.errors import ResourceError
 NODE_ID_LABEL = "ray.io/node-id"
 
 
+def node_label(node_id: str | None) -> str:
+    """A Ray node id short enough for a message (56 hex digits in full)."""
+    return node_id[:12] if node_id else "?"
+
+
+def node_labels(node_ids) -> str:
+    return ", ".join(node_label(n) for n in node_ids)
+
+
 def connect(address: str | None, *, dashboard: bool) -> None:
     """Connect to `address` (or $RAY_ADDRESS), else start an embedded cluster on 127.0.0.1
     (`ray.shutdown()` stops the one and only disconnects from the other)."""
@@ -71,7 +80,7 @@ def reserve(*, run_id: str, num_workers: int, cpus: float, gpus: float, timeout_
         ray.get(pg.ready(), timeout=timeout_s)
     except GetTimeoutError:
         remove_placement_group(pg)
-        avoiding = f" outside node(s) {', '.join(n[:12] for n in avoid_nodes)}" if avoid_nodes else ""
+        avoiding = f" outside node(s) {node_labels(avoid_nodes)}" if avoid_nodes else ""
         raise ResourceError(
             f"cannot reserve {num_workers} workers x {_fmt(bundle)} (= {_fmt({k: v * num_workers for k, v in bundle.items()})})"
             f"{avoiding} within scaling.start_timeout_s={timeout_s:g}: the cluster has {_cluster_summary()}; "

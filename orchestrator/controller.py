@@ -175,7 +175,7 @@ class Controller:
         s = self.cfg.scaling
         kw = dict(run_id=self.run_id, num_workers=n, cpus=s.cpus_per_worker, gpus=s.gpus_per_worker)
         if self.avoid_nodes:
-            names = ", ".join(n[:12] for n in self.avoid_nodes)
+            names = cluster.node_labels(self.avoid_nodes)
             try:
                 placement = cluster.reserve(**kw, timeout_s=min(timeout_s, AVOID_WAIT_S), avoid_nodes=self.avoid_nodes)
                 self._placed(f"restarted without node {names}")
@@ -370,7 +370,7 @@ class Controller:
             return
         _, latest = self._restore_from("latest")
         self.replace = {"event": (alert["id"], alert["data"]), "rank": rank, "node": node, "after": latest or 0}
-        self.out(f"straggler rank {rank} (node {(node or '?')[:12]}) will be replaced at the next checkpoint")
+        self.out(f"straggler rank {rank} (node {cluster.node_label(node)}) will be replaced at the next checkpoint")
 
     def _maybe_replace(self) -> None:
         r = self.replace
@@ -385,7 +385,7 @@ class Controller:
         if r["node"]:
             self.avoid_nodes = sorted(set(self.avoid_nodes) | {r["node"]})
         raise GroupFailed(Failure(FailureKind.STRAGGLER, f"replacing straggler rank {r['rank']} on node "
-                                  f"{(r['node'] or '?')[:12]} at the checkpoint of step {latest}",
+                                  f"{cluster.node_label(r['node'])} at the checkpoint of step {latest}",
                                   rank=r["rank"], node_id=r["node"], step=latest))
 
     def _poll_steps(self) -> None:

@@ -10,6 +10,7 @@ import time
 
 import yaml
 
+from orchestrator.cluster import node_label
 from orchestrator.config import flatten
 from orchestrator.errors import UserError
 from orchestrator.progress import fmt_duration
@@ -251,9 +252,9 @@ def diagnoses(store: Store, run_id: str) -> list[dict]:
             continue
         d = e["data"]
         row = {"time": e["time"], "kind": e["kind"], "step": e["step"], "rank": e["rank"], "message": e["message"]}
-        later = [a for a in attempts if a["started_at"] > e["time"]]
         placement = f"; {d['placement']}" if d.get("placement") else ""
         if e["kind"] == "stall":
+            later = [a for a in attempts if a["started_at"] > e["time"]]
             culprit = d.get("ranks", {}).get(str(e["rank"])) if e["rank"] is not None else None
             row.update(verdict=d.get("verdict"), culprits=d.get("culprits", []), nodes=d.get("culprit_nodes", []),
                        phase=culprit.get("phase") if culprit else None,
@@ -278,16 +279,16 @@ def node_check_lines(checks: dict) -> list[str]:
     lines = []
     for node, n in checks.get("nodes", {}).items():
         if "error" in n:
-            lines.append(f"node {node[:12]} ({n.get('role', '?')}): check failed: {n['error']}")
+            lines.append(f"node {node_label(node)} ({n.get('role', '?')}): check failed: {n['error']}")
             continue
         gpu = n.get("gpu", {})
         gpus = f"{len(gpu.get('gpus', []))} GPU(s)" if gpu.get("available") else "no GPU"
         host, comp = n.get("host", {}), n.get("compute", {})
-        lines.append(f"node {node[:12]} ({n.get('role')}, {n.get('hostname')}): {gpus}, memory "
+        lines.append(f"node {node_label(node)} ({n.get('role')}, {n.get('hostname')}): {gpus}, memory "
                      f"{host.get('memory_percent', '?')}% used, load {(host.get('load') or ['?'])[0]}, "
                      f"compute {comp.get('gflops', '?')} GFLOP/s on {comp.get('device', '?')}")
     for pr in checks.get("probes", []):
-        where = f"{pr['a'][:12]} <-> {pr['b'][:12]}" + (" (same node)" if pr.get("same_node") else "")
+        where = f"{node_label(pr['a'])} <-> {node_label(pr['b'])}" + (" (same node)" if pr.get("same_node") else "")
         lines.append(f"all-reduce probe {where}: " + (
             f"{pr['latency_ms']:.2f} ms latency, {pr['bandwidth_mb_s']:.0f} MB/s ({pr['backend']})" if pr.get("ok")
             else f"FAILED: {pr.get('error')}"))

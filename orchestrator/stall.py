@@ -46,8 +46,8 @@ def check_suspects(report: dict, group_nodes: list[str], timeout_s: float, out) 
         return None
     group = [n for n in dict.fromkeys(group_nodes) if n not in suspects]
     healthy = group + [n for n in cluster.node_ips() if n not in suspects and n not in group]
-    out(f"checking node {', '.join(n[:12] for n in suspects)} (GPU, host pressure, compute, "
-        f"all-reduce probe{' to ' + healthy[0][:12] if healthy else ''})")
+    out(f"checking node {cluster.node_labels(suspects)} (GPU, host pressure, compute, "
+        f"all-reduce probe{' to ' + cluster.node_label(healthy[0]) if healthy else ''})")
     checks = check_nodes(suspects, healthy[:1], timeout_s=timeout_s)
     found = checks.get("problems") or []
     out("  node checks: " + ("; ".join(found) if found else f"no problem found ({checks.get('duration_s', 0):.1f}s)"))
