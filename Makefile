@@ -1,22 +1,40 @@
 # Everything starts from a fresh machine with only Python 3.11: `make test`, `make demo`.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 ORCH := $(VENV)/bin/orchestrator
 STAMP := $(VENV)/.installed
 DEMO_DATA := .orchestrator/data/stdlib
 
-.PHONY: install sysdeps demo test screenshots bench lint clean
+.PHONY: install sysdeps demo test test-ray-floor screenshots bench lint clean
 
 install: $(STAMP)
 
-# torch is pinned here only: 2.13.0 is the CPU wheel on this disk; an unpinned torch pulls a CUDA build.
+# pyproject keeps a torch range; the build is chosen here, as a pip constraint, so that torch and
+# everything else come from one resolver run (a second `pip install` may swap torch for a newer
+# CUDA build). No GPU: the CPU build of 2.13.0 (a ~0.2 GB wheel; with a plain `torch` pip takes a
+# ~6 GB CUDA build). A GPU: 2.13.0's CUDA build. `make install TORCH_BUILD=cpu|cuda` overrides.
+TORCH_VERSION := 2.13.0
+TORCH_BUILD ?= $(shell { command -v nvidia-smi || test -e /dev/nvidia0; } >/dev/null 2>&1 && echo cuda || echo cpu)
+TORCH_PIN_cpu := torch==$(TORCH_VERSION)+cpu
+TORCH_PIN_cuda := torch==$(TORCH_VERSION), !=$(TORCH_VERSION)+cpu
+TORCH_PIN := $(TORCH_PIN_$(TORCH_BUILD))
+ifeq ($(TORCH_PIN),)
+$(error TORCH_BUILD must be cpu or cuda, not '$(TORCH_BUILD)')
+endif
+
+# $(call venv_install,VENV,EXTRA CONSTRAINT LINES): the project and its test extra into VENV.
+define venv_install
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	printf '%s\n' '$(TORCH_PIN)' $(2) > $(1)/constraints.txt
+	$(1)/bin/python -m pip install --quiet -c $(1)/constraints.txt -e '.[test]'
+	$(1)/bin/python -c 'import torch; print("torch", torch.__version__, "in $(1)")'
+	touch $(1)/.installed
+endef
+
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(call venv_install,$(VENV))
 
 $(DEMO_DATA)/index.json: | $(STAMP)
 	$(ORCH) data prepare "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" --out $(DEMO_DATA)
@@ -37,6 +55,24 @@ sysdeps:
 
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q tests
+	$(MAKE) test-ray-floor
+
+# The oldest Ray that pyproject allows, in a venv of its own, on the Ray tests of launch, fault
+# tolerance, checkpoints and placement away from a node (what needs Ray >= 2.49).
+FLOOR_VENV ?= .venv-rayfloor
+RAY_FLOOR := $(shell sed -n 's/.*"ray\[default,train\]>=\([0-9.]*\)[",].*/\1/p' pyproject.toml)
+FLOOR_TESTS := \
+	tests/test_launch.py::test_launch_trains_and_tracks_both_ranks \
+	tests/test_fault_tolerance.py::test_sigkilled_workers_recover_bit_exact \
+	tests/test_checkpoint_ray.py::test_launch_writes_committed_checkpoints_and_lists_them \
+	tests/test_hang.py::test_restart_avoids_the_culprit_node_when_there_is_room
+
+$(FLOOR_VENV)/.installed: pyproject.toml
+	$(call venv_install,$(FLOOR_VENV),'ray==$(RAY_FLOOR)')
+
+test-ray-floor: $(FLOOR_VENV)/.installed sysdeps
+	$(FLOOR_VENV)/bin/python -c 'import ray; assert ray.__version__ == "$(RAY_FLOOR)", ray.__version__'
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
 
 # The browser tests, writing their screenshots into docs/screenshots (a plain test run does not).
 screenshots: $(STAMP) sysdeps
@@ -52,7 +88,7 @@ bench-%: $(STAMP) sysdeps
 	$(PY) bench/$*.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check orchestrator actors checkpointing dataloading tests bench
+	$(VENV)/bin/ruff check common orchestrator actors checkpointing dataloading tests bench
 
 clean:
-	rm -rf $(VENV) .orchestrator .pytest_cache
+	rm -rf $(VENV) $(FLOOR_VENV) .orchestrator .pytest_cache

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from checkpointing.layout import step_dir
 from checkpointing.records import CheckpointRecords
 from checkpointing.slots import SlotTable
+from checkpointing.storage import check_destination, resolve_uri
 
 
 class CheckpointCoordinator:
@@ -76,6 +78,12 @@ class CheckpointCoordinator:
     def history(self) -> list[dict[str, Any]]:
         return list(self.outcomes)
 
+    def corrupt(self, step: int, reason: str) -> None:
+        """A restore found the committed checkpoint of `step` corrupt: mark it so in the store."""
+        if self.records is not None:
+            self.records.mark_corrupt(run_id=self.run_id, step=step, uri=f"{self.uri.rstrip('/')}/{step_dir(step)}",
+                                      error=reason)
+
 
 def start(cfg, run_id: str, store_root: str, node_id: str):
     """Check the destination, then start the run's coordinator (no CPU) on the driver's node,
@@ -83,8 +91,6 @@ def start(cfg, run_id: str, store_root: str, node_id: str):
     alerts through the `ckpt/failed` metric the writer logs.)"""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from checkpointing.storage import check_destination, resolve_uri
 
     c = cfg.checkpoint
     uri = resolve_uri(c.uri, run_id, store_root)

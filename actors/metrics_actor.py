@@ -11,24 +11,29 @@ import time
 import numpy as np
 
 from actors.prometheus_export import Exporter
-from actors.webhook import WebhookPoster
-from orchestrator.anomaly import AnomalyDetector
-from orchestrator.series import columns as to_columns
-from orchestrator.store import Store
+from actors.webhook import WebhookPoster, as_event
+from common.errors import StoreFull
 
 
 class MetricsActor:
-    def __init__(self, run_id: str, store_root: str, attempt: int = 0, *,
+    def __init__(self, run_id: str, store_root: str, attempt: int = 0, *, open_store, detector,
                  prometheus_host: str | None = None, prometheus_port: int | None = None,
                  alert_webhook: str | None = None):
+        """open_store(store_root) -> the tracking store (orchestrator.store.Store); detector: the
+        anomaly detector the batches go through (orchestrator.anomaly.AnomalyDetector). Both come
+        in from the driver, so this shell imports nothing of the orchestrator's."""
         self.run_id = run_id
-        self.attempt = attempt
-        self.store = Store(store_root)
+        self.store = open_store(store_root)
+        # Ray restarts this actor with these same arguments, and the driver's set_attempt is not
+        # repeated: the attempt in progress is the latest the driver recorded (before set_attempt)
+        self.attempt = max(attempt, self.store.latest_attempt(run_id) or 0)
+        self.full = False  # a store_full event is out; the next write that succeeds re-arms it
         self.latest: dict[int, dict[str, tuple[int, float]]] = {}
         self.step_times: list[float] = []
         self.exporter = Exporter(run_id, host=prometheus_host, port=prometheus_port)
-        self.detector = AnomalyDetector()
+        self.detector = detector
         self.new_alerts: list[dict] = []  # not yet shown by the driver
+        self.new_lines: list[str] = []  # rank 0's output lines not yet shown by the driver
         self.webhook = WebhookPoster(alert_webhook) if alert_webhook else None
 
     def set_attempt(self, attempt: int) -> None:
@@ -42,40 +47,91 @@ class MetricsActor:
         """host:port of the /metrics endpoint, or None when disabled."""
         return self.exporter.address
 
-    def log(self, rank: int, points: list[tuple[str, int, float, float]]) -> int:
-        """Row-shaped points (key, step, value, time) from one rank. Returns how many were stored."""
-        return self.log_columns(rank, None, to_columns((key, step, value) for key, step, value, _ in points))
-
     def log_columns(self, rank: int, seq: int | None, columns: dict, dropped: int = 0) -> int:
-        """One batch from a rank's MetricSender: {key: (steps, values)}. Applied once per seq."""
+        """One batch from a rank's MetricSender: {key: (steps, values)}. Applied once per seq,
+        together with the events it raises: one transaction, so neither survives without the other."""
         if dropped:
             step = max((int(s[-1]) for s, _ in columns.values() if len(s)), default=0)
             columns = {**columns, "telemetry/dropped_points": (np.array([step]), np.array([float(dropped)]))}
-        stored = self.store.points.append(self.run_id, rank, self.attempt, columns, seq=seq)
+        cooldowns = dict(self.detector.last_alert)  # a batch that is not stored must alert again when re-sent
+        events = []
+        try:
+            with self.store.transaction():
+                stored = self.store.points.append(self.run_id, rank, self.attempt, columns, seq=seq)
+                if stored:
+                    events = [self._record(a.kind, a.severity, a.message, step=a.step, rank=a.rank, data=a.data)
+                              for a in self.detector.observe(rank, columns)]
+                    if rank in self.detector.scores:  # the straggler score, per rank, next to its inputs
+                        step, score = self.detector.scores.pop(rank)
+                        self.store.points.append(self.run_id, rank, self.attempt,
+                                                 {"health/straggler_score": (np.array([step]), np.array([score]))})
+        except BaseException as e:
+            self.detector.last_alert = cooldowns
+            if isinstance(e, StoreFull):
+                self._store_full(e, rank, columns)
+            raise
         if stored:
+            self.full = False
             self._remember(rank, columns)
-            for a in self.detector.observe(rank, columns):
-                self.alert(a.kind, a.severity, a.message, step=a.step, rank=a.rank, data=a.data)
-            if rank in self.detector.scores:  # the straggler score, per rank, next to its inputs
-                step, score = self.detector.scores.pop(rank)
-                self.store.points.append(self.run_id, rank, self.attempt,
-                                         {"health/straggler_score": (np.array([step]), np.array([score]))})
+        for event in events:
+            self._announce(event)
         return stored
 
     def alert(self, kind: str, severity: str, message: str, *, step: int | None = None, rank: int | None = None,
               data: dict | None = None) -> None:
         """Record an event: in the store, in the driver's live output, and at the webhook if set."""
-        event_id = self.store.add_event(self.run_id, kind=kind, severity=severity, message=message, step=step,
-                                        rank=rank, data=data)
-        event = {"id": event_id, "run": self.run_id, "kind": kind, "severity": severity, "message": message, "step": step,
-                 "rank": rank, "data": data or {}, "time": time.time()}
+        self._announce(self._record(kind, severity, message, step=step, rank=rank, data=data))
+
+    def _record(self, kind: str, severity: str, message: str, *, step: int | None = None, rank: int | None = None,
+                data: dict | None = None, store: bool = True) -> dict:
+        event_id = (self.store.add_event(self.run_id, kind=kind, severity=severity, message=message, step=step,
+                                         rank=rank, data=data) if store else None)
+        return {"id": event_id, "run": self.run_id, "kind": kind, "severity": severity, "message": message,
+                "step": step, "rank": rank, "data": data or {}, "time": time.time()}
+
+    def _announce(self, event: dict) -> None:
+        """Once stored (or when it cannot be): the driver's live output and the webhook."""
         self.new_alerts.append(event)
         if self.webhook:
             self.webhook.post(event)
 
+    def _store_full(self, error: StoreFull, rank: int, columns: dict) -> None:
+        """Once per episode, not per re-sent batch: an event if a row still fits, and always the
+        driver's output and the webhook. The sender keeps the batch and sends it again."""
+        if self.full:
+            return
+        self.full = True
+        step = max((int(s[-1]) for s, _ in columns.values() if len(s)), default=None)
+        points = sum(len(s) for s, _ in columns.values())
+        kw = dict(step=step, rank=rank, data={"points_waiting": points, "attempt": self.attempt})
+        try:
+            event = self._record("store_full", "error", str(error), **kw)
+        except Exception:  # no room even for the event
+            event = self._record("store_full", "error", str(error), store=False, **kw)
+        self._announce(event)
+
     def poll(self) -> dict:
-        """What the driver's watch loop needs, in one call: progress and the alerts not yet shown."""
-        return {"progress": self.progress(), "alerts": self.take_alerts()}
+        """What the driver's watch loop needs, in one call: progress, the alerts and rank 0's
+        output lines not yet shown."""
+        self._record_deliveries()
+        lines, self.new_lines = self.new_lines, []
+        return {"progress": self.progress(), "alerts": self.take_alerts(), "lines": lines}
+
+    def log_lines(self, rank: int, lines: list[tuple[float, str, str]]) -> None:
+        """A rank's output lines (time, stream, text), stored with the run; rank 0's also shown live."""
+        self.store.logs.add(self.run_id, self.attempt, rank, lines)
+        if rank == 0:
+            self.new_lines.extend(text for _, _, text in lines)
+            del self.new_lines[:-1000]  # a driver that stopped polling must not make this grow forever
+
+    def _record_deliveries(self) -> None:
+        """Webhook deliveries and failures become events; stored directly, never announced, so a
+        failed delivery is not posted to the webhook again."""
+        for result in self.webhook.take_results() if self.webhook else []:
+            try:
+                self.store.add_event(self.run_id, **as_event(result))
+            except Exception:  # a full store: the delivery record is the least of it
+                pass
 
     def take_alerts(self) -> list[dict]:
         alerts, self.new_alerts = self.new_alerts, []
@@ -112,5 +168,6 @@ class MetricsActor:
     def close(self) -> None:
         if self.webhook:
             self.webhook.close()
+            self._record_deliveries()
         self.exporter.close()
         self.store.close()

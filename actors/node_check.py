@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from orchestrator.cluster import node_label
+from common.labels import node_label
 
 MIB = 1 << 20
 # Idle, clock settings, sync boost and the software power cap are normal; these slow a GPU down.

@@ -98,7 +98,7 @@ def hanging_gpt(*, vocab_size: int, block_size: int, n_layer: int, n_head: int, 
     calls, beat_thread = 0, None
 
     def heartbeat_cpu() -> float:
-        """CPU seconds of this process's heartbeat thread (actors/health.py), nan when it has none."""
+        """CPU seconds of this process's heartbeat thread (orchestrator/hang/health.py), nan when it has none."""
         nonlocal beat_thread
         if beat_thread is None:
             beat_thread = next((t.ident for t in threading.enumerate() if t.name == "heartbeat"), None)

@@ -124,7 +124,7 @@ def run_bare(cfg, world: int, warmup: int, tmp: Path) -> dict:
     import torch.multiprocessing as mp
 
     out_dir = Path(tempfile.mkdtemp(prefix="bare-", dir=tmp))
-    # Same transport as our workers use on a loopback cluster (they set it in TrainWorker.setup).
+    # Same transport as our workers use on a loopback cluster (rendezvous.join sets it).
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     t0 = time.perf_counter()
     mp.spawn(bare_worker, args=(world, free_port(), cfg, warmup, str(out_dir)), nprocs=world, join=True)

@@ -437,16 +437,16 @@ def run_ours(i: int, args, data_uri: str, tmp: Path, gcs: str, backoff_s: float 
 
 
 def probe_restart(reps: int, workers: int) -> list[dict]:
-    """Rebuild a worker group the way orchestrator/controller.py does (placement group, one
-    TrainWorker actor per rank, node_info, free_port, setup), timing each part. The imports that
-    setup() does (torch, and torch._inductor.config through torch.use_deterministic_algorithms)
+    """Rebuild a worker group the way orchestrator/worker_group.py does (placement group, one
+    TrainWorker actor per rank, node_info, free_port, rendezvous.join), timing each part. The imports that
+    join() does (torch, and torch._inductor.config through torch.use_deterministic_algorithms)
     are timed on their own first, in the same processes, so setup_rest_s is what is left:
     set_num_threads, the deterministic flag and init_process_group."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from actors.train_worker import TrainWorker
-    from orchestrator import cluster
+    from orchestrator import cluster, rendezvous
     from orchestrator.config import config_from_dict
 
     class RestartProbe(TrainWorker):
@@ -456,12 +456,12 @@ def probe_restart(reps: int, workers: int) -> list[dict]:
             t = time.perf_counter()
             import torch.distributed  # noqa: F401
 
-            import orchestrator.training  # noqa: F401  (setup() imports it too)
+            import orchestrator.training  # noqa: F401  (join() imports it too)
             t1 = time.perf_counter()
             import torch._inductor.config  # noqa: F401
             return t1 - t, time.perf_counter() - t1
 
-    cfg = config_from_dict({"data": {"uri": "unused"}}).to_dict()
+    cfg = config_from_dict({"data": {"uri": "unused"}})
     rows = []
     for rep in range(reps):
         t0 = time.perf_counter()
@@ -469,15 +469,16 @@ def probe_restart(reps: int, workers: int) -> list[dict]:
         t1 = time.perf_counter()
         group = [ray.remote(RestartProbe).options(
             num_cpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(placement.pg, placement_group_bundle_index=b),
-        ).remote(cfg, None, None) for b in range(workers)]
+        ).remote() for b in range(workers)]
         try:
             infos = ray.get([w.node_info.remote() for w in group])
             t2 = time.perf_counter()
             imports = ray.get([w.imports.remote() for w in group])
             t3 = time.perf_counter()
-            port = ray.get(group[0].free_port.remote())
-            ray.get([w.setup.remote(rank=r, local_rank=r, world_size=workers, local_world_size=workers, node_rank=0,
-                                    master_addr=infos[0]["ip"], master_port=port) for r, w in enumerate(group)])
+            port = ray.get(group[0].execute.remote(rendezvous.free_port))
+            ray.get([w.execute.remote(rendezvous.join, cfg, rank=r, local_rank=r, world_size=workers,
+                                      local_world_size=workers, node_rank=0, master_addr=infos[0]["ip"],
+                                      master_port=port) for r, w in enumerate(group)])
             t4 = time.perf_counter()
         finally:
             for w in group:

@@ -7,5 +7,4 @@ Public API:
     corrupt_recorder (records.py)      on_corrupt callback: marks a checkpoint corrupt in the store
     set_rng_state (format.py)          restore a rank's RNG states from LoadedCheckpoint.rank_state["rng"]
     resolve_uri / check_destination    where a run's checkpoints go, checked at launch (storage.py)
-    checkpoint_report (report.py)      what `orchestrator checkpoints RUN` shows
 """

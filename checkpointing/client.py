@@ -5,6 +5,7 @@ The writer only sees `call(method, *args, **kwargs)`, so it never imports Ray.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 
@@ -13,8 +14,6 @@ class LocalClient:
     coordinator method is a few dict operations, guarded by one lock."""
 
     def __init__(self, coordinator):
-        import threading
-
         self.coordinator = coordinator
         self.lock = threading.Lock()
 

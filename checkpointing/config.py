@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from orchestrator.schema import option
+from common.schema import MAX_SECONDS, MAX_STEPS, option
 
 
 class BestMode(str, Enum):
@@ -17,17 +17,17 @@ class BestMode(str, Enum):
 @dataclass
 class CheckpointConfig:
     uri: str | None = option(None, help="any fsspec URL; default $ORCHESTRATOR_HOME/checkpoints/RUN_ID")
-    every_steps: int = option(0, min=0, help="0 saves only at the end")
+    every_steps: int = option(0, min=0, max=MAX_STEPS, help="0 saves only at the end")
     storage_options: dict[str, Any] = option({}, help="passed to fsspec, e.g. {client_kwargs: {endpoint_url: ...}}")
-    max_concurrent_writes: int = option(8, min=1, help="write requests in flight across the whole run")
-    per_node_writes: int = option(2, min=1, help="write requests in flight per node")
-    start_jitter_s: float = option(0.05, min=0, help="random delay before asking for a write slot")
-    slot_lease_s: float = option(600.0, min=1, help="a slot not released within this is reclaimed (dead rank)")
-    retries: int = option(6, min=0, help="retries per file on throttling and transient errors")
-    backoff_s: float = option(0.2, min=0, help="first retry delay; doubles each time, with jitter")
-    max_backoff_s: float = option(10.0, min=0)
-    commit_timeout_s: float = option(600.0, min=1, help="rank 0 waits this long for every rank's shards")
-    keep_last: int = option(3, min=1, help="always keep the newest N committed checkpoints")
-    keep_every: int = option(0, min=0, help="also keep steps divisible by this (0: none)")
+    max_concurrent_writes: int = option(8, min=1, max=100_000, help="write requests in flight across the whole run")
+    per_node_writes: int = option(2, min=1, max=10_000, help="write requests in flight per node")
+    start_jitter_s: float = option(0.05, min=0, max=3600, help="random delay before asking for a write slot")
+    slot_lease_s: float = option(600.0, min=1, max=MAX_SECONDS, help="a slot not released within this is reclaimed (dead rank)")
+    retries: int = option(6, min=0, max=1000, help="retries per file on throttling and transient errors")
+    backoff_s: float = option(0.2, min=0, max=3600, help="first retry delay; doubles each time, with jitter")
+    max_backoff_s: float = option(10.0, min=0, max=MAX_SECONDS)
+    commit_timeout_s: float = option(600.0, min=1, max=MAX_SECONDS, help="rank 0 waits this long for every rank's shards")
+    keep_last: int = option(3, min=1, max=1_000_000, help="always keep the newest N committed checkpoints")
+    keep_every: int = option(0, min=0, max=MAX_STEPS, help="also keep steps divisible by this (0: none)")
     keep_best: str | None = option(None, help="also keep the best checkpoint by this metric, e.g. eval/loss")
     keep_best_mode: BestMode = option(BestMode.MIN)

@@ -5,46 +5,32 @@ Loading on M ranks what N ranks saved: every rank reads the replicated files (mo
 meta); rank r reads `rank_{r}` when r < N, else gets no per-rank state (seed it from the run
 seed, rank and step). The sampler state is global (seed, epoch, samples consumed), so it does
 not depend on N.
+
+A sharded checkpoint (FSDP) has no model.pt/optim.pt: `shards` holds its DCP files, and
+`read_sharded` fills a state dict shaped for this rank (any world size; whole tensors too).
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from checkpointing import format, manifest
+from checkpointing import format
 from checkpointing.errors import CheckpointError, CorruptCheckpoint
-from checkpointing.retry import with_retries
+from checkpointing.layout import (
+    MANIFEST,
+    META,
+    MODEL,
+    OPTIM,
+    rank_file,
+    scan,
+    step_dir,
+    verify,
+)
 from checkpointing.storage import open_fs
-
-
-def read(fs, path: str) -> bytes:
-    """One file's bytes; throttling, resets and truncated bodies are retried, a missing file is not."""
-    return with_retries(lambda: fs.cat_file(path), retries=5, backoff_s=0.2, max_backoff_s=5.0)
-
-
-@dataclass
-class Layout:
-    committed: list[int]  # steps with a manifest, ascending
-    partial: list[int]  # step folders without one (in progress or failed), ascending
-
-
-def scan(fs, root: str) -> Layout:
-    root = root.rstrip("/")
-    fs.invalidate_cache(root)
-    try:
-        names = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        return Layout([], [])
-    steps = sorted(s for s in (format.parse_step_dir(n) for n in names) if s is not None)
-    done = {format.parse_step_dir(p.rsplit("/", 2)[-2]) for p in fs.glob(f"{root}/step_*/{format.MANIFEST}")}
-    return Layout([s for s in steps if s in done], [s for s in steps if s not in done])
-
-
-def read_manifest(fs, root: str, step: int) -> dict[str, Any]:
-    return manifest.decode(read(fs, f"{root.rstrip('/')}/{format.step_dir(step)}/{format.MANIFEST}"), step)
 
 
 @dataclass
@@ -56,40 +42,43 @@ class LoadedCheckpoint:
     model: dict[str, Any] | None
     optimizer: dict[str, Any] | None
     rank_state: dict[str, Any] | None  # {"rng": ..., "sampler": ...}; None when this rank did not exist
+    shards: dict[str, bytes] | None = None  # a sharded checkpoint's files (verified), for read_sharded
 
-
-def verify(fs, root: str, step: int) -> dict[str, bytes]:
-    """Read every file of a committed checkpoint and check size and sha256; returns the bytes.
-    Reading all files (not only this rank's) lets every rank reach the same verdict."""
-    m = read_manifest(fs, root, step)
-    path = f"{root.rstrip('/')}/{format.step_dir(step)}"
-    blobs = {}
-    for f in m["files"]:
-        try:
-            data = read(fs, f"{path}/{f['name']}")
-        except FileNotFoundError:
-            raise CorruptCheckpoint(step, f"{f['name']} is missing") from None
-        manifest.check_file(m, f["name"], data)
-        blobs[f["name"]] = data
-    blobs[format.MANIFEST] = json.dumps(m).encode()
-    return blobs
+    @property
+    def sharded(self) -> bool:
+        return self.shards is not None
 
 
 def load_step(fs, root: str, step: int, *, rank: int = 0) -> LoadedCheckpoint:
     blobs = verify(fs, root, step)
-    m = json.loads(blobs.pop(format.MANIFEST))
+    m = json.loads(blobs.pop(MANIFEST))
     try:
-        meta = format.decode(blobs[format.META])
+        meta = format.decode(blobs[META])
         meta = dict(meta)
         meta["config"] = json.loads(meta.pop("config_json"))
-        model = format.decode(blobs[format.MODEL]) if format.MODEL in blobs else None
-        optim = format.decode(blobs[format.OPTIM]) if format.OPTIM in blobs else None
-        name = format.rank_file(rank)
+        model = format.decode(blobs[MODEL]) if MODEL in blobs else None
+        optim = format.decode(blobs[OPTIM]) if OPTIM in blobs else None
+        name = rank_file(rank)
         rank_state = format.decode(blobs[name]) if name in blobs else None
     except Exception as e:  # checksums matched, yet it does not decode: written wrong, not trusted
         raise CorruptCheckpoint(step, f"cannot decode: {type(e).__name__}: {e}") from None
-    return LoadedCheckpoint(step=step, uri=f"{root.rstrip('/')}/{format.step_dir(step)}", manifest=m, meta=meta,
-                            model=model, optimizer=optim, rank_state=rank_state)
+    shards = {n: b for n, b in blobs.items() if format.is_shard_file(n)} or None
+    if shards is not None and format.SHARD_INDEX not in shards:
+        raise CorruptCheckpoint(step, f"sharded, but {format.SHARD_INDEX} is not in the manifest")
+    return LoadedCheckpoint(step=step, uri=f"{root.rstrip('/')}/{step_dir(step)}", manifest=m, meta=meta,
+                            model=model, optimizer=optim, rank_state=rank_state, shards=shards)
+
+
+def read_sharded(loaded: LoadedCheckpoint, state: dict[str, Any], *, process_group=None) -> None:
+    """Every rank together (a collective): fill `state` in place from a sharded checkpoint, e.g.
+    {"model": msd, "optim": osd} from torch's get_state_dict on this rank's model. Files that do
+    not decode (checksums matched, yet written wrong) are reported as CorruptCheckpoint."""
+    if loaded.shards is None:
+        raise CheckpointError(f"checkpoint {loaded.uri} is not sharded (it holds model.pt/optim.pt)")
+    try:
+        format.decode_sharded(loaded.shards, state, process_group=process_group)
+    except pickle.UnpicklingError as e:
+        raise CorruptCheckpoint(loaded.step, f"cannot decode {format.SHARD_INDEX}: {e}") from None
 
 
 def load_latest(uri: str, *, rank: int = 0, storage_options: dict | None = None, max_step: int | None = None,

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from checkpointing.errors import CorruptCheckpoint
-from checkpointing.format import FORMAT_VERSION
+
+# Of manifests and meta files; a newer one is refused by this reader. A checkpoint says the
+# lowest version that can read it: replicated ones stay 1 (readers from before sharding load
+# them), sharded ones are 2 (a reader of 1 would find no model.pt: it must refuse them instead).
+FORMAT_VERSION = 2
+REPLICATED_FORMAT = 1
+SHARDED_FORMAT = 2
+SHARD_KINDS = ("shard", "shard_index")
 
 
 @dataclass(frozen=True)
@@ -23,7 +30,9 @@ class FileEntry:
     size: int
     sha256: str
     rank: int
-    kind: str  # "replicated" (one copy, from rank 0), "rank" (one per rank), "shard" (one slice per rank)
+    # "replicated" (one copy, from rank 0), "rank" (one per rank), "shard" (one slice of the
+    # sharded state per rank), "shard_index" (where every slice lives; one copy, from rank 0)
+    kind: str
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "size": self.size, "sha256": self.sha256, "rank": self.rank, "kind": self.kind}
@@ -34,14 +43,16 @@ def sha256(data: bytes) -> str:
 
 
 def entry(name: str, data: bytes, rank: int) -> FileEntry:
-    kind = "rank" if name.startswith("rank_") else "shard" if ".shard_" in name else "replicated"
+    kind = ("rank" if name.startswith("rank_") else "shard" if ".shard_" in name
+            else "shard_index" if name.endswith(".metadata") else "replicated")
     return FileEntry(name=name, size=len(data), sha256=sha256(data), rank=rank, kind=kind)
 
 
 def build(*, step: int, run_id: str, world_size: int, files: list[dict[str, Any]],
           metrics: dict[str, float] | None = None, timings: dict[str, float] | None = None) -> dict[str, Any]:
+    sharded = any(f.get("kind") in SHARD_KINDS for f in files)
     return {
-        "format": FORMAT_VERSION,
+        "format": SHARDED_FORMAT if sharded else REPLICATED_FORMAT,
         "step": step,
         "run_id": run_id,
         "world_size": world_size,

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from checkpointing.layout import step_dir
+
 STATUSES = ("committed", "failed", "corrupt")
 
 SCHEMA = """
@@ -67,8 +69,6 @@ class CheckpointRecords:
 
 def corrupt_recorder(db_path: str | os.PathLike, run_id: str, uri: str) -> Callable[[Any], None]:
     """An `on_corrupt` callback for loader.load_latest that marks the checkpoint corrupt in the store."""
-    from checkpointing.format import step_dir
-
     def record(error) -> None:
         records = CheckpointRecords(db_path)
         try:

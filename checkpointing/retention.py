@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from checkpointing import format
 from checkpointing.config import BestMode, CheckpointConfig
+from checkpointing.layout import MANIFEST, read_manifest, scan, step_dir
 
 
 def plan(committed: list[int], *, keep_last: int, keep_every: int = 0, best_metric: str | None = None,
@@ -30,8 +30,6 @@ def apply_retention(fs, root: str, cfg: CheckpointConfig, *, retry: Callable[[Ca
                     ) -> list[int]:
     """Delete what the plan drops, and partial folders older than the newest commit. Returns the
     deleted steps."""
-    from checkpointing.loader import read_manifest, scan
-
     layout = scan(fs, root)
     if not layout.committed:
         return []
@@ -44,9 +42,9 @@ def apply_retention(fs, root: str, cfg: CheckpointConfig, *, retry: Callable[[Ca
     newest = layout.committed[-1]
     doomed = [s for s in layout.committed if s not in keep] + [s for s in layout.partial if s < newest]
     for s in sorted(doomed):
-        path = f"{root.rstrip('/')}/{format.step_dir(s)}"
+        path = f"{root.rstrip('/')}/{step_dir(s)}"
         # the manifest goes first: a half-deleted folder is then "partial", never a broken commit
-        retry(lambda path=path: _rm_if_exists(fs, f"{path}/{format.MANIFEST}"))
+        retry(lambda path=path: _rm_if_exists(fs, f"{path}/{MANIFEST}"))
         retry(lambda path=path: _rm_if_exists(fs, path, recursive=True))
     return sorted(doomed)
 

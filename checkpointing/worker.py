@@ -7,15 +7,14 @@ from checkpointing.storage import open_fs
 from checkpointing.writer import Checkpointer
 
 
-def make_checkpointer(cfg, *, rank: int, world_size: int, coordinator) -> Checkpointer:
-    """cfg: the run's Config; coordinator: the CheckpointCoordinator actor handle."""
+def make_checkpointer(cfg, *, config: dict, rank: int, world_size: int, coordinator) -> Checkpointer:
+    """cfg: the run's CheckpointConfig; config: the run's whole config as stored with each
+    checkpoint (secrets already redacted); coordinator: the CheckpointCoordinator actor handle."""
     import ray
-
-    from orchestrator.config import redact
 
     client = RayClient(coordinator)
     info = client.call("join", rank)  # also clears what this rank left behind before a restart
-    fs, root = open_fs(info["uri"], cfg.checkpoint.storage_options)
+    fs, root = open_fs(info["uri"], cfg.storage_options)
     return Checkpointer(fs=fs, root=root, client=client, rank=rank, world_size=world_size, run_id=info["run_id"],
-                        config=redact(cfg.to_dict()), cfg=cfg.checkpoint,
+                        config=config, cfg=cfg,
                         node=ray.get_runtime_context().get_node_id())

@@ -7,6 +7,10 @@ slot from the coordinator (after a jittered start), retries throttling and trans
 backoff, and checks the stored size. Rank 0 then waits for every rank's report and commits by
 writing the manifest, last; a checkpoint that cannot be written is reported as failed and
 training goes on.
+
+A sharded state (FSDP) is encoded by DCP, whose save is a collective across ranks: it runs in the
+same background thread, over a process group of its own (gloo) so it never interleaves with the
+training step's collectives, and before any upload, so every rank reaches it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from checkpointing import format, manifest
 from checkpointing.config import CheckpointConfig
 from checkpointing.errors import WriteFailed
+from checkpointing.layout import MANIFEST, step_dir
 from checkpointing.retention import apply_retention
 from checkpointing.retry import with_retries
 
@@ -123,6 +128,7 @@ class Checkpointer:
         self.thread: threading.Thread | None = None
         self.current: SaveResult | None = None
         self.results: list[SaveResult] = []
+        self.process_group = None  # for sharded saves; made on the first one, by every rank at once
 
     def due(self, steps_done: int, is_last: bool) -> bool:
         every = self.cfg.every_steps
@@ -136,6 +142,11 @@ class Checkpointer:
         self._finish_previous(log)
         host = format.capture(step=step, rank=self.rank, world_size=self.world_size, run_id=self.run_id,
                               model=model, optimizer=optimizer, sampler_state=sampler_state, config=self.config)
+        if format.SHARDS in host and self.process_group is None and self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                self.process_group = dist.new_group(backend="gloo")
         blocked = self.clock() - t0
         if log is not None:
             log(step - 1, {"ckpt/blocked_s": blocked})
@@ -171,16 +182,18 @@ class Checkpointer:
     # --- background thread -----------------------------------------------------------------
 
     def step_path(self, step: int) -> str:
-        return f"{self.root}/{format.step_dir(step)}"
+        return f"{self.root}/{step_dir(step)}"
 
     def _upload(self, result: SaveResult, box: list[dict[str, Any]], metrics: dict[str, float]) -> None:
         t0 = self.clock()
         host = box.pop()
         path = self.step_path(result.step)
         try:
+            if format.SHARDS in host:  # the collective first, before anything else can fail
+                host.update(format.encode_sharded(host.pop(format.SHARDS).state, process_group=self.process_group))
             self.files.retry(lambda: self.fs.makedirs(path, exist_ok=True))
             for i, (name, obj) in enumerate(host.items()):
-                data = format.encode(obj)
+                data = obj if isinstance(obj, bytes) else format.encode(obj)
                 listed = manifest.entry(name, data, self.rank).to_dict()  # hashing before taking a slot
                 self.files.write(f"{path}/{name}", data, jitter=i == 0)
                 result.files.append(listed)
@@ -228,7 +241,7 @@ class Checkpointer:
         m = manifest.build(step=step, run_id=self.run_id, world_size=self.world_size, files=files,
                            metrics=metrics, timings={"blocked_s": blocked, "upload_s": upload})
         try:
-            self.files.write(f"{path}/{format.MANIFEST}", manifest.encode(m), jitter=False)
+            self.files.write(f"{path}/{MANIFEST}", manifest.encode(m), jitter=False)
         except Exception as e:
             return self._fail(result, f"manifest: {type(e).__name__}: {_first_line(e)}")
         result.status = "committed"

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import fsspec
 
+from common.errors import DataError
 from dataloading.index import Shard, join
-from orchestrator.errors import DataError
 
 CHUNK = 4 << 20
 STALE_TMP_S = 3600

@@ -16,11 +16,11 @@ import fsspec
 import numpy as np
 import torch
 
+from common.errors import DataError
 from dataloading.cache import ShardCache
 from dataloading.config import DataConfig, ShuffleMode
-from dataloading.index import INDEX_NAME, Index, Shard, join, read_index
+from dataloading.index import INDEX_NAME, Index, Shard, join, read_index, token_dtype
 from dataloading.sampler import BlockOrder, GlobalSampler
-from orchestrator.errors import DataError
 
 
 def is_local(fs) -> bool:
@@ -36,7 +36,7 @@ class TokenDataset:
         self.storage_options = dict(storage_options or {})
         self.index: Index = read_index(uri, storage_options=self.storage_options)
         self.seq_len = self.index.seq_len
-        self.dtype = np.dtype(self.index.dtype)
+        self.dtype = token_dtype(self.index.dtype)  # little-endian uint8/16/32, checked by read_index
         self.shards: list[Shard] = self.index.shards(split)
         if not self.shards:
             raise DataError(f"{join(uri, INDEX_NAME)}: split {split!r} has no shards")
@@ -138,7 +138,8 @@ class TokenDataset:
         if not 0 <= i < self.num_sequences:
             raise IndexError(f"sequence {i} out of range [0, {self.num_sequences})")
         s = int(self.shard_of(i))
-        return np.array(self._array(s)[i - int(self._starts[s])])  # a copy: writable, safe for torch
+        row = self._array(s)[i - int(self._starts[s])]
+        return row.astype(row.dtype.newbyteorder("="))  # a copy in native order: writable, safe for torch
 
     def batch(self, ids) -> torch.Tensor:
         """(len(ids), seq_len) int64 tensor of the given global sequence ids, in order."""

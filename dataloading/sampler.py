@@ -24,9 +24,9 @@ from collections.abc import Callable
 import numpy as np
 import torch.utils.data
 
+from common.errors import ConfigError, DataError
 from dataloading.config import ShuffleMode
 from dataloading.permutation import Permutation, round_keys
-from orchestrator.errors import ConfigError, DataError
 
 STATE_VERSION = 1
 TABLE_BLOCKS = 1 << 16

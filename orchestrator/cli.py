@@ -1,18 +1,34 @@
 """The `orchestrator` command. Errors are one line on stderr and a non-zero exit; a bug's traceback
-goes to a crash log in the store, never to the user's terminal."""
+goes to a crash log in the store, never to the user's terminal.
+
+What commands print from the store is made safe for a terminal and for parsers here: control
+characters are escaped in text output, and `--json` output is strict JSON (NaN and infinities
+become null). Output cut short by its reader (`| head`) ends quietly with exit 141, as SIGPIPE
+ends other tools.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import math
+import os
+import re
 import shlex
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
-from orchestrator import run_views
-from orchestrator.errors import UserError
+from common.errors import UserError
+from orchestrator import log_view, run_views
+from orchestrator.config import parse_yaml, redact_override, scrub_text
+from orchestrator.hang import view as diagnose_view
 from orchestrator.run_views import out, table
+from orchestrator.store import Store
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,10 +40,19 @@ def build_parser() -> Parser:
     p = Parser(prog="orchestrator", description="Distributed PyTorch training on Ray, tracked and fault tolerant.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    launch = sub.add_parser("launch", help="start a run from a YAML config")
-    launch.add_argument("config", help="path to a YAML config")
+    launch = sub.add_parser("launch", help="start a run from a YAML config (or a script: --script PATH [-- ARGS])")
+    launch.add_argument("config", nargs="?", help="path to a YAML config")
+    launch.add_argument("--script", help="run this torchrun-style script per rank (no config file needed; "
+                                         "arguments for it after --)")
+    launch.add_argument("--workers", type=int, help="ranks for --script (scaling.num_workers)")
     launch.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     launch.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local cluster)")
+
+    check = sub.add_parser("validate", help="every check launch makes before training (config, data, model, "
+                                            "checkpoint destination, ports, cluster), without training")
+    check.add_argument("config", help="path to a YAML config")
+    check.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    check.add_argument("--address", help="Ray cluster whose resources to check (default: $RAY_ADDRESS, else skipped)")
 
     resume = sub.add_parser("resume", help="continue a run from its latest good checkpoint (same run id)")
     resume.add_argument("run")
@@ -42,11 +67,18 @@ def build_parser() -> Parser:
     fork.add_argument("--address", help="Ray cluster address")
 
     runs = sub.add_parser("runs", help="list runs in the tracking store")
-    runs.add_argument("--status", choices=["running", "completed", "failed", "interrupted"])
+    runs.add_argument("--status", choices=["running", "completed", "failed", "interrupted", "lost"])
     runs.add_argument("--tag", action="append", default=[], metavar="key[=value]", help="only runs with this tag")
     runs.add_argument("--where", action="append", default=[], metavar="config.path=value",
                       help="only runs whose resolved config has this value, e.g. optim.lr=0.001")
     runs.add_argument("--json", action="store_true")
+
+    logs = sub.add_parser("logs", help="a run's output lines (scripts' stdout and stderr), by rank and attempt")
+    logs.add_argument("run")
+    logs.add_argument("--rank", type=int, help="only this rank")
+    logs.add_argument("--attempt", type=int, help="only this attempt (0 = the first)")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
+    logs.add_argument("--json", action="store_true")
 
     show = sub.add_parser("show", help="one run's status, config and summary")
     show.add_argument("run")
@@ -84,24 +116,39 @@ def build_parser() -> Parser:
     ui = sub.add_parser("ui", help="serve the web UI for the tracking store")
     ui.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; others need --token)")
     ui.add_argument("--port", type=int, default=8080, help="port (0 = a free one)")
-    ui.add_argument("--token", help="access token, required when --host is not loopback")
+    ui.add_argument("--token", nargs="?", const="",
+                    help="require this access token (on loopback too; required off it); "
+                         "--token alone makes a fresh one, kept off the command line where `ps` shows it")
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
-    prep = data_sub.add_parser("prepare", help="turn text files into byte-token shards")
+    prep = data_sub.add_parser("prepare", help="turn text, .jsonl and .parquet files into token shards")
     prep.add_argument("sources", nargs="+", metavar="SRC", help="files or directories")
     prep.add_argument("--out", required=True, help="destination URI (a folder or s3://bucket/prefix)")
     prep.add_argument("--seq-len", type=int, default=129, help="tokens per sequence (model context + 1)")
-    prep.add_argument("--val-fraction", type=float, default=0.01, help="share of files held out for eval")
-    prep.add_argument("--include", default="*.py,*.txt,*.md,*.rst", help="comma-separated file patterns")
+    prep.add_argument("--val-fraction", type=float, default=0.01,
+                      help="share of text files (of records, for .jsonl/.parquet) held out for eval")
+    prep.add_argument("--include", default="*.py,*.txt,*.md,*.rst",
+                      help="comma-separated file patterns for directories (e.g. '*.jsonl,*.parquet')")
     prep.add_argument("--shard-mb", type=float, default=16.0)
+    prep.add_argument("--text-field", default="text", metavar="NAME", help="the text field (.jsonl) or column (.parquet)")
+    tok = prep.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", metavar="PATH", help="a Hugging Face tokenizer.json (default: byte tokens)")
+    tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
+                     help="train a byte-level BPE tokenizer of this vocabulary size on the input first")
+    prep.add_argument("--eos", metavar="TOKEN", help="document separator token (default: the tokenizer's EOS)")
     return p
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """Like parse_args, but key.path=value overrides may also follow options (`fork R --step 8 a.b=1`)."""
     parser = build_parser()
+    passed: list[str] = []
+    if argv[:1] == ["launch"] and "--" in argv:  # what follows -- is the script's
+        cut = argv.index("--")
+        argv, passed = argv[:cut], argv[cut + 1:]
     args, extra = parser.parse_known_args(argv)
+    args.script_args = passed
     if extra:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -113,29 +160,133 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse(argv)
-        return COMMANDS[args.command](args, argv) or 0
+        _check_arguments(args)
+        if args.command in ("show", "metrics", "compare", "diagnose", "checkpoints", "tag", "note", "resume",
+                            "fork", "logs"):  # on existing runs: no store is an error (exit 2), never made empty
+            Store(create=False).close()
+        return _dispatch(args, argv)
     except KeyboardInterrupt:
         print("orchestrator: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except UserError as e:
         cause = e.__cause__
         if cause is not None and type(cause).__name__ == "WorkerTraceback":
             print(str(cause), file=sys.stderr)  # the worker's own traceback, shown once
-        print(f"orchestrator: error: {e}", file=sys.stderr)
+        print(f"orchestrator: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # a bug of ours: keep the traceback, show one line
-        log = _crash_log()
-        print(f"orchestrator: internal error: {type(e).__name__}: {e} (traceback in {log})", file=sys.stderr)
+        where = _crash_log()
+        print(f"orchestrator: internal error: {type(e).__name__}: {one_line(str(e))}{where}", file=sys.stderr)
         return 1
 
 
+# Commands that print what the store holds (names, tags, notes, messages: anyone's text).
+STORE_VIEWS = {"runs", "show", "metrics", "compare", "diagnose", "checkpoints", "tag", "note", "validate", "logs"}
+
+
+def _dispatch(args, argv) -> int:
+    handler = COMMANDS[args.command]
+    if args.command not in STORE_VIEWS:
+        return handler(args, argv) or 0
+    if getattr(args, "json", False):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = handler(args, argv) or 0
+        sys.stdout.write(strict_json(buf.getvalue()))
+    else:
+        with contextlib.redirect_stdout(_Escaped(sys.stdout)):
+            code = handler(args, argv) or 0
+    sys.stdout.flush()
+    return code
+
+
+def _check_arguments(args) -> None:
+    """Bad arguments the commands would only trip over later (as a traceback)."""
+    for item in getattr(args, "where", None) or []:
+        _, eq, text = item.partition("=")
+        if eq:
+            parse_yaml(text, f"--where {item!r}")  # ConfigError: one line, exit 2
+
+
+# C0 and C1 controls (but newline and tab), DEL, and the bidirectional overrides that reorder text.
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c not in (0x09, 0x0A)}
+_ESCAPES.update({c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]})
+
+
+def escape_controls(text: str) -> str:
+    """`text` with terminal control characters shown as escapes (\\x1b), so stored text cannot
+    move the cursor, recolour or hide output."""
+    return text.translate(_ESCAPES)
+
+
+def one_line(text: str) -> str:
+    """An error message as one safe line: lines joined, controls escaped, credentials removed."""
+    joined = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return escape_controls(scrub_text(joined))
+
+
+class _Escaped(io.TextIOBase):
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(escape_controls(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def strict_json(text: str) -> str:
+    """A command's JSON output as strict JSON: NaN and infinities (which json.dumps writes as
+    NaN/Infinity, invalid JSON) become null. Text that is not one JSON document is left alone."""
+    body = text.strip()
+    if not body:
+        return text
+    try:
+        value = json.loads(body, parse_constant=lambda name: None,
+                           parse_float=lambda s: float(s) if math.isfinite(float(s)) else None)
+    except ValueError:
+        return text
+    return json.dumps(value, indent=1 if "\n" in body else None, allow_nan=False) + "\n"
+
+
+def _reader_gone() -> int:
+    # stdout's reader closed the pipe: send what is still buffered nowhere, say nothing
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
+
+
 def _crash_log() -> str:
+    """' (traceback in PATH)': in the store's logs, else the temp dir; never raises."""
     from orchestrator.store import home
 
-    path = home() / "logs" / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(traceback.format_exc())
-    return str(path)
+    text = traceback.format_exc()
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (lambda: home() / "logs", lambda: Path(tempfile.gettempdir())):
+        try:
+            path = folder() / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold paths and values
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return f" (traceback in {path})"
+        except Exception:  # noqa: BLE001, S112 (a read-only home: try the next place)
+            continue
+    return " (no traceback saved: no writable place)"
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(?:\.[\w-]+)*=")
+
+
+def stored_command(argv: list[str]) -> str:
+    """The command line as stored with a run: secret override values redacted, credentials in
+    URLs (e.g. --address) removed."""
+    words = [redact_override(a) if _OVERRIDE.match(a) else scrub_text(a) for a in argv]
+    return shlex.join(["orchestrator", *words])
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -145,14 +296,41 @@ def cmd_launch(args, argv) -> int:
     from orchestrator.config import load_config
     from orchestrator.driver import launch
 
-    cfg = load_config(args.config, args.overrides)
-    launch(cfg, address=args.address, command=shlex.join(["orchestrator", *argv]), out=out)
+    overrides = list(args.overrides)
+    if args.script:  # a script without a config file: the defaults, its path, its arguments
+        overrides += [f"entrypoint.script={Path(args.script).absolute()}", f"entrypoint.args={json.dumps(args.script_args)}"]
+        if args.workers is not None:
+            overrides.append(f"scaling.num_workers={args.workers}")
+        if not any(o.startswith("run.name=") for o in overrides):
+            overrides.append(f"run.name={Path(args.script).stem}")
+    elif args.config is None:
+        raise UserError("orchestrator launch: give a config file, or --script PATH (see `orchestrator launch --help`)")
+    elif args.workers is not None or args.script_args:
+        raise UserError("orchestrator launch: --workers and arguments after -- go with --script")
+    cfg = load_config(args.config, overrides)
+    launch(cfg, address=args.address, command=stored_command(argv), out=out)
     return 0
+
+
+def cmd_validate(args, argv) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.validate import run_checks
+
+    cfg = load_config(args.config, args.overrides)  # a config problem is the one problem: nothing else can run
+    out(f"ok: config {args.config}" + (f" with {len(args.overrides)} override(s)" if args.overrides else ""))
+    problems = 0
+    for check in run_checks(cfg, address=args.address):
+        if check.status == "error":
+            problems += 1
+            print(f"error: {one_line(check.message)}", file=sys.stderr)
+        else:
+            out(f"{check.status}: {one_line(check.message)}")
+    return 2 if problems else 0
 
 
 
 def cmd_checkpoints(args, argv) -> int:
-    from checkpointing.report import checkpoint_report, report_rows
+    from orchestrator.checkpoint_views import checkpoint_report, report_rows
 
     report = checkpoint_report(args.run, check=args.verify)
     if args.json:
@@ -179,14 +357,15 @@ def cmd_fork(args, argv) -> int:
     from orchestrator.driver import fork
 
     fork(args.run, args.step, args.overrides, name=args.name, address=args.address,
-         command=shlex.join(["orchestrator", *argv]), out=out)
+         command=stored_command(argv), out=out)
     return 0
 
 
 def cmd_ui(args, argv) -> int:
-    from orchestrator.ui.server import serve
+    from orchestrator.ui.server import new_token, serve
 
-    serve(host=args.host, port=args.port, token=args.token, out=out)
+    token = new_token() if args.token == "" else args.token
+    serve(host=args.host, port=args.port, token=token, out=out)
     return 0
 
 
@@ -195,16 +374,17 @@ def cmd_data(args, argv) -> int:
 
     include = [s.strip() for s in args.include.split(",") if s.strip()]
     prepare(args.sources, args.out, seq_len=args.seq_len, val_fraction=args.val_fraction, include=include,
-            shard_mb=args.shard_mb, log=out)
+            shard_mb=args.shard_mb, text_field=args.text_field, tokenizer=args.tokenizer,
+            train_tokenizer=args.train_tokenizer, eos=args.eos, log=out)
     return 0
 
 
 COMMANDS = {
-    "launch": cmd_launch, "resume": cmd_resume, "fork": cmd_fork, "data": cmd_data,
+    "launch": cmd_launch, "validate": cmd_validate, "resume": cmd_resume, "fork": cmd_fork, "data": cmd_data,
     "checkpoints": cmd_checkpoints, "ui": cmd_ui,
     "runs": run_views.cmd_runs, "show": run_views.cmd_show, "metrics": run_views.cmd_metrics,
     "compare": run_views.cmd_compare, "tag": run_views.cmd_tag, "note": run_views.cmd_note,
-    "diagnose": run_views.cmd_diagnose,
+    "diagnose": diagnose_view.cmd_diagnose, "logs": log_view.cmd_logs,
 }
 
 if __name__ == "__main__":

@@ -6,18 +6,10 @@ import logging
 import os
 from dataclasses import dataclass
 
-from orchestrator.errors import ResourceError
+from common.errors import ResourceError
+from common.labels import node_label, node_labels  # noqa: F401 (messages here and in callers)
 
 NODE_ID_LABEL = "ray.io/node-id"
-
-
-def node_label(node_id: str | None) -> str:
-    """A Ray node id short enough for a message (56 hex digits in full)."""
-    return node_id[:12] if node_id else "?"
-
-
-def node_labels(node_ids) -> str:
-    return ", ".join(node_label(n) for n in node_ids)
 
 
 def connect(address: str | None, *, dashboard: bool) -> None:
@@ -119,26 +111,3 @@ def node_ips() -> dict[str, str]:
     import ray
 
     return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
-
-
-def assign_ranks(bundle_nodes: list[str]) -> list[dict]:
-    """Ranks for the bundles: ranks on one node are contiguous, nodes ordered by first bundle.
-    Returns, per bundle, rank/local_rank/node_rank/local_world_size."""
-    order: list[str] = []
-    for node in bundle_nodes:
-        if node not in order:
-            order.append(node)
-    per_node = {node: [i for i, n in enumerate(bundle_nodes) if n == node] for node in order}
-    out: list[dict] = [{} for _ in bundle_nodes]
-    rank = 0
-    for node_rank, node in enumerate(order):
-        for local_rank, bundle in enumerate(per_node[node]):
-            out[bundle] = {
-                "rank": rank,
-                "local_rank": local_rank,
-                "node_rank": node_rank,
-                "local_world_size": len(per_node[node]),
-                "node_id": node,
-            }
-            rank += 1
-    return out

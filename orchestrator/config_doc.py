@@ -5,15 +5,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from common.schema import describe
 from orchestrator.config import Config
-from orchestrator.schema import describe
 
 HEADER = """# Configuration reference
 
 Generated from the config dataclasses by `python -m orchestrator.config_doc`; a test fails when
 this file and the code disagree. Every key is optional. Set keys in the YAML file or override
 them on the command line: `orchestrator launch c.yaml train.max_steps=100 optim.lr=1e-3`
-(values are parsed as YAML: numbers, true/false, null, [lists]).
+(values are parsed as YAML: numbers, true/false, null, [lists]). Numbers must be finite (no
+`.nan`, `.inf`); a whole number may be written `1e6`; ranges in parentheses are inclusive.
 
 | key | type | default | meaning |
 | --- | --- | --- | --- |

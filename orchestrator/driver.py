@@ -4,18 +4,22 @@ starts the run-level actors, hands the attempts to the controller, and records t
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import socket
 import threading
 import time
 
+from checkpointing.layout import scan
+from checkpointing.storage import open_fs, resolve_uri
+from common.errors import UserError
 from orchestrator import cluster, provenance
-from orchestrator.config import Config, redact
-from orchestrator.controller import Controller, Handles, RunFailed  # noqa: F401 (RunFailed: public)
-from orchestrator.errors import UserError
+from orchestrator.config import REDACTED, Config, apply_override, config_from_dict, flatten, redact
+from orchestrator.controller import Controller, RunFailed  # noqa: F401 (RunFailed: public)
 from orchestrator.progress import fmt_duration
-from orchestrator.store import Store
+from orchestrator.store import DRIVER_BEAT_S, Store
+from orchestrator.validate import preflight
 
 
 def new_run_id(name: str) -> str:
@@ -33,26 +37,6 @@ def _stop_on_sigterm() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupt)
 
-
-def preflight(cfg: Config) -> None:
-    """Checks that need no cluster: fail in a second, not after Ray has started."""
-    from orchestrator.errors import ConfigError
-
-    if not cfg.data.uri:
-        raise ConfigError("data.uri: required; point it at a dataset made by `orchestrator data prepare`")
-    from dataloading.index import read_index
-
-    index = read_index(cfg.data.uri, storage_options=cfg.data.storage_options)
-    n = index.num_sequences("train")
-    if n < cfg.data.global_batch_size:
-        raise UserError(
-            f"{cfg.data.uri}: train split has {n} sequences, fewer than one global batch "
-            f"(data.global_batch_size={cfg.data.global_batch_size})"
-        )
-    if cfg.model.factory:
-        from orchestrator.gpt import load_factory
-
-        load_factory(cfg.model.factory)
 
 
 def launch(cfg: Config, *, address: str | None = None, command: str = "", out=print, store: Store | None = None) -> str:
@@ -86,11 +70,19 @@ def resume(ref: str, overrides: list[str], *, address: str | None = None, out=pr
     store = store or Store()
     run = store.run(ref)
     if run["status"] == "running":
-        raise UserError(f"run {run['id']} is marked running; stop its driver first (or wait for it to finish)")
+        host = run.get("driver_host") or run["host"]
+        raise UserError(f"run {run['id']} is running (its driver, pid {run.get('driver_pid') or '?'} on {host}, is "
+                        f"alive); stop it first, or wait for it to finish")
     cfg = config_for(run, overrides)
     _check_compatible(run, cfg)
     preflight(cfg)
     attempts = store.attempts(run["id"])
+    if run["status"] == "lost":  # taking over from a driver that died: its open attempt ended with it
+        out(f"run {run['id']} lost its driver (pid {run.get('driver_pid')} on {run.get('driver_host')}); taking it over")
+        for a in attempts:
+            if a["ended_at"] is None:
+                store.end_attempt(run["id"], a["attempt"], "lost", cause="driver_lost",
+                                  message="the driver stopped (killed, or its host was lost)")
     store.reopen_run(run["id"], config=redact(cfg.to_dict()))
     out(f"resuming run {run['id']} (attempt {len(attempts)})")
     return _drive(cfg, run["id"], store, out, address=address, restore="latest", first_attempt=len(attempts))
@@ -99,8 +91,6 @@ def resume(ref: str, overrides: list[str], *, address: str | None = None, out=pr
 def config_for(run: dict, overrides: list[str]) -> Config:
     """The stored (redacted) config of a run with overrides applied. Redacted values must come back
     as overrides: they were never stored."""
-    from orchestrator.config import REDACTED, apply_override, config_from_dict, flatten
-
     raw = json.loads(json.dumps(run["config"]))
     for item in overrides:
         apply_override(raw, item)
@@ -124,15 +114,10 @@ def _check_compatible(run: dict, cfg: Config) -> None:
 
 
 def _ckpt_uri(run: dict, store: Store) -> str:
-    from checkpointing.storage import resolve_uri
-
     return resolve_uri(run["config"].get("checkpoint", {}).get("uri"), run["id"], str(store.root))
 
 
 def _committed_or_explain(run: dict, cfg: Config, step: int, store: Store) -> None:
-    from checkpointing.loader import scan
-    from checkpointing.storage import open_fs
-
     uri = _ckpt_uri(run, store)
     fs, root = open_fs(uri, cfg.checkpoint.storage_options)
     committed = scan(fs, root).committed
@@ -150,32 +135,70 @@ def _record_new_run(cfg: Config, run_id: str, store: Store, command: str, **line
     )
 
 
+class DriverBeat:
+    """Tells the store, every DRIVER_BEAT_S, that this driver is alive, so a driver that dies
+    leaves a run shown as `lost` (which `resume` takes over) instead of `running` forever."""
+
+    def __init__(self, store_root, run_id: str):
+        self.root, self.run_id = store_root, run_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="driver-beat", daemon=True)
+
+    def start(self) -> DriverBeat:
+        Store(self.root).driver_beat(self.run_id, host=socket.gethostname(), pid=os.getpid())  # before returning
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        store = Store(self.root)  # its own connection: the main thread may be inside a transaction
+        try:
+            while not self._stop.wait(DRIVER_BEAT_S):
+                try:
+                    store.driver_beat(self.run_id, host=socket.gethostname(), pid=os.getpid())
+                except Exception:  # a busy or full store: the next beat tries again
+                    pass
+        finally:
+            store.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=DRIVER_BEAT_S + 5)
+
+
 def _drive(cfg: Config, run_id: str, store: Store, out, *, address: str | None, restore=None,
            first_attempt: int = 0, source_uri: str | None = None) -> str:
     s = cfg.scaling
     out(f"run {run_id}: {s.num_workers} workers x {cluster._fmt(cluster.bundle_for(s.cpus_per_worker, s.gpus_per_worker))}, "
         f"{cfg.train.max_steps} steps, store {store.path}")
-    h = Handles()
+    group = None
+    beat = DriverBeat(store.root, run_id).start()
     try:
         cluster.connect(address, dashboard=cfg.cluster.dashboard)
         _stop_on_sigterm()  # after ray.init, which installs its own SIGTERM handler
         url = cluster.dashboard_url()
         if url:
             out(f"Ray dashboard: {url}")
-        controller = Controller(cfg, run_id, store, h, out, first_attempt=first_attempt, restore=restore,
+        # after connect(): importing Ray before it sets the loopback option would bind elsewhere
+        from orchestrator.worker_group import WorkerGroup
+
+        group = WorkerGroup(cfg, run_id, store.root, out)
+        controller = Controller(cfg, run_id, store, group, out, first_attempt=first_attempt, restore=restore,
                                 source_uri=source_uri)
-        summary = controller.run(lambda: _start_run_actors(cfg, run_id, store, h, out))
+        summary = controller.run()
     except KeyboardInterrupt:
+        beat.stop()
         store.finish_run(run_id, "interrupted", error="interrupted by the user (Ctrl-C)")
         out(f"\ninterrupted: run {run_id} marked interrupted")
-        _teardown(h)
+        _teardown(group)
         raise
     except BaseException as e:
+        beat.stop()
         store.finish_run(run_id, "failed", error=str(e))
-        _teardown(h)
+        _teardown(group)
         raise
+    beat.stop()
     store.finish_run(run_id, "completed", summary=summary)
-    _teardown(h)
+    _teardown(group)
     first, last, ev = summary.get("first_loss"), summary.get("last_loss"), summary.get("eval_loss")
     loss = f"train/loss {first:.3f} -> {last:.3f}" if first is not None else ""
     loss += f", eval/loss {ev:.3f}" if ev is not None else ""
@@ -186,47 +209,11 @@ def _drive(cfg: Config, run_id: str, store: Store, out, *, address: str | None, 
     return run_id
 
 
-def _start_run_actors(cfg: Config, run_id: str, store: Store, h: Handles, out) -> None:
-    """The metrics actor and the checkpoint coordinator live on the driver's node, next to the
-    store file, for the whole run (all attempts)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def _teardown(group) -> None:
+    if group is not None:
+        group.teardown()
+    else:
+        import ray
 
-    from actors import checkpoint_coordinator
-    from actors.health import HealthMonitor
-    from actors.metrics_actor import MetricsActor
-
-    here = ray.get_runtime_context().get_node_id()
-    t = cfg.telemetry
-    h.metrics = ray.remote(MetricsActor).options(
-        name=f"{cfg.run.name}:{run_id}:metrics", num_cpus=0, max_restarts=-1,  # senders replay into the restarted actor
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-    ).remote(run_id, str(store.root), prometheus_host=t.prometheus_host, prometheus_port=t.prometheus_port,
-             alert_webhook=t.alert_webhook)
-    try:
-        prometheus = ray.get(h.metrics.prometheus_address.remote())
-    except ray.exceptions.RayActorError as e:
-        raise UserError(f"telemetry.prometheus_port={t.prometheus_port}: cannot serve metrics on "
-                        f"{t.prometheus_host}: {str(e).strip().splitlines()[-1]}") from None
-    if prometheus:
-        out(f"Prometheus metrics: http://{prometheus}/metrics")
-    h.checkpoints = checkpoint_coordinator.start(cfg, run_id, str(store.root), here)
-    if cfg.hang.enabled:
-        h.health = ray.remote(HealthMonitor).options(
-            name=f"{cfg.run.name}:{run_id}:health", num_cpus=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-        ).remote()
-
-
-def _teardown(h: Handles) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        return
-    for actor in h.workers + [a for a in (h.metrics, h.checkpoints, h.health) if a is not None]:
-        try:
-            ray.kill(actor)
-        except Exception:
-            pass
-    cluster.release(h.placement)
-    ray.shutdown()  # stops an embedded cluster; only disconnects from an external one
+        if ray.is_initialized():
+            ray.shutdown()

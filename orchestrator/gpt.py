@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from orchestrator.errors import ConfigError
+from common.errors import ConfigError
 
 
 class CausalSelfAttention(nn.Module):

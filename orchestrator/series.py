@@ -9,6 +9,7 @@ every spike survives and a 10M-point series reads in milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from dataclasses import dataclass
 
@@ -113,35 +114,66 @@ class SeriesStore:
     def __init__(self, db: sqlite3.Connection):
         self.db = db
         db.executescript(SCHEMA)
-        self._ids: dict[tuple, int] = {}
+        self._ids: dict[tuple, int] = {}  # series ids known to be committed
+        self._new_ids: dict[tuple, int] = {}  # created in the open transaction: valid only if it commits
+        self._open = False
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """One write transaction; a nested use joins the open one. The Store's own writes made
+        inside it (e.g. events) commit or roll back with the points."""
+        if self._open:
+            yield
+            return
+        # IMMEDIATE: take the write lock up front; a deferred transaction that reads first cannot
+        # wait for another writer (SQLite answers "database is locked" at once instead)
+        self.db.execute("BEGIN IMMEDIATE")
+        self._open, committed = True, False
+        try:
+            yield
+            self.db.execute("COMMIT")
+            committed = True
+        except BaseException:
+            # after SQLITE_FULL (and some I/O errors) SQLite has rolled back already: a second
+            # ROLLBACK would fail and hide the real error
+            if self.db.in_transaction:
+                with contextlib.suppress(Exception):
+                    self.db.execute("ROLLBACK")
+            raise
+        finally:
+            self._open = False
+            if committed:
+                self._ids.update(self._new_ids)
+            else:  # ids handed out by the rolled-back transaction will be handed out again
+                self._ids.clear()
+            self._new_ids.clear()
 
     def series_id(self, run_id: str, key: str, rank: int, attempt: int) -> int:
         k = (run_id, key, rank, attempt)
         sid = self._ids.get(k)
         if sid is None:
+            sid = self._new_ids.get(k)
+        if sid is None:
             self.db.execute("INSERT OR IGNORE INTO series (run_id, key, rank, attempt) VALUES (?, ?, ?, ?)", k)
             sid = self.db.execute(
                 "SELECT id FROM series WHERE run_id = ? AND key = ? AND rank = ? AND attempt = ?", k
             ).fetchone()[0]
-            self._ids[k] = sid
+            (self._new_ids if self._open else self._ids)[k] = sid
         return sid
 
     def append(self, run_id: str, rank: int, attempt: int, data: dict[str, tuple[np.ndarray, np.ndarray]],
                *, seq: int | None = None) -> int:
-        """Add points for many keys of one rank in one transaction. Returns the number stored.
-        With `seq` (the sender's batch number), a batch already applied is skipped: 0 is returned."""
+        """Add points for many keys of one rank in one transaction (or in the caller's open one).
+        Returns the number stored. With `seq` (the sender's batch number), a batch already applied
+        is skipped: 0 is returned."""
         total = 0
         full = []
-        # IMMEDIATE: take the write lock up front; a deferred transaction that reads first cannot
-        # wait for another writer (SQLite answers "database is locked" at once instead)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.transaction():
             if seq is not None:
                 row = self.db.execute(
                     "SELECT last_seq FROM ingest WHERE run_id = ? AND rank = ? AND attempt = ?", (run_id, rank, attempt)
                 ).fetchone()
                 if row is not None and seq <= row[0]:
-                    self.db.execute("COMMIT")
                     return 0
                 self.db.execute(
                     "INSERT INTO ingest (run_id, rank, attempt, last_seq) VALUES (?, ?, ?, ?)"
@@ -167,11 +199,6 @@ class SeriesStore:
                 total += len(steps)
             for sid in full:
                 self._seal(sid)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            self._ids.clear()
-            raise
         return total
 
     def _seal(self, sid: int) -> None:

@@ -8,8 +8,10 @@ series:  metric points per (run, key, rank, attempt), stored in columnar chunks 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -17,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.errors import UserError
+from common.errors import StoreError, StoreFull, UserError
+from orchestrator.run_logs import LogStore
 from orchestrator.series import (
     Points,
     SeriesStore,
@@ -29,7 +32,9 @@ from orchestrator.series import (
     to_rows,
 )
 
-STATUSES = ("running", "completed", "failed", "interrupted")
+STATUSES = ("running", "completed", "failed", "interrupted")  # stored; "lost" is derived (see _run_row)
+DRIVER_BEAT_S = 5.0  # how often a live driver says so
+LOST_AFTER_S = 60.0  # a running run whose driver has not beaten for this long is lost
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -47,7 +52,10 @@ CREATE TABLE IF NOT EXISTS runs (
     world_size INTEGER,
     error TEXT,
     summary TEXT,
-    meta TEXT
+    meta TEXT,
+    driver_host TEXT,
+    driver_pid INTEGER,
+    driver_beat REAL
 );
 CREATE TABLE IF NOT EXISTS tags (
     run_id TEXT NOT NULL,
@@ -92,32 +100,141 @@ ATTEMPT_COLUMNS = ["attempt", "started_at", "resumed_from_step", "ended_at", "st
                    "node", "failed_step", "steps_lost", "recovery_s"]
 RUN_COLUMNS = [
     "id", "name", "status", "parent", "fork_step", "config", "created_at", "ended_at",
-    "git_commit", "host", "command", "world_size", "error", "summary", "meta",
+    "git_commit", "host", "command", "world_size", "error", "summary", "meta", "driver_host", "driver_pid",
+    "driver_beat",
 ]
+COLUMN_TYPES = {"driver_pid": "INTEGER", "driver_beat": "REAL"}  # added to older stores with these types
+
+
+def driver_gone(host: str | None, pid: int | None, beat: float | None, now: float | None = None) -> bool:
+    """A driver that stopped beating LOST_AFTER_S ago, or whose process is gone from this host."""
+    if beat is None:
+        return False  # a run recorded before drivers beat: nothing to judge by
+    if host == socket.gethostname() and pid is not None:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # exists, another user's
+            pass
+    return (now or time.time()) - float(beat) > LOST_AFTER_S
 
 
 def home() -> Path:
     return Path(os.environ.get("ORCHESTRATOR_HOME", ".orchestrator")).absolute()
 
 
+
+def store_error(e: sqlite3.Error, path: Path) -> Exception:
+    """What SQLite reported, as one line naming the store and what to do; others (e.g. locked) unchanged."""
+    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
+    if code == sqlite3.SQLITE_FULL:
+        return StoreFull(f"the tracking store {path} is full: no space left on its disk (or a size limit reached);"
+                         " free some, then resume the run")
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return StoreError(f"{path} is not a readable tracking store ({e}); move it aside to start a new one,"
+                          " or set ORCHESTRATOR_HOME to the directory of another store")
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return StoreError(f"cannot write the tracking store {path} ({e}): expected a directory this user can write"
+                          " (SQLite keeps store.db-wal and store.db-shm next to store.db)")
+    return e
+
+
+class _Connection(sqlite3.Connection):
+    """Every statement's errors become store_error's clear lines (a full disk mid-run included)."""
+
+    path: Path
+
+    def _reraise(self, e: sqlite3.Error):
+        err = store_error(e, self.path)
+        if err is e:
+            raise e
+        raise err from e
+
+    def execute(self, *args):
+        try:
+            return super().execute(*args)
+        except sqlite3.Error as e:
+            self._reraise(e)
+
+    def executemany(self, *args):
+        try:
+            return super().executemany(*args)
+        except sqlite3.Error as e:
+            self._reraise(e)
+
+    def executescript(self, *args):
+        try:
+            return super().executescript(*args)
+        except sqlite3.Error as e:
+            self._reraise(e)
+
+
+def _private(path: Path) -> None:
+    """Make our own store files unreadable to others (stores made before this were 0644)."""
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(OSError):  # absent, or not ours to change
+            st = os.stat(p)
+            if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+                os.chmod(p, 0o600)
+
+
 class Store:
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, *, create: bool = True):
+        """create=False (commands that only use existing runs): no store at `root` is an error;
+        none is made."""
         self.root = Path(root) if root is not None else home()
-        self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / "store.db"
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
-        self._migrate()
-        self.points = SeriesStore(self.db)
+        self._open_files(create)
+        try:
+            # mode=rw: the file exists by now, and a read must never create one
+            self.db = sqlite3.connect(self.path.absolute().as_uri() + "?mode=rw", uri=True, factory=_Connection,
+                                      timeout=30, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise store_error(e, self.path) from e
+        self.db.path = self.path
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+            self._migrate()
+            self.points = SeriesStore(self.db)
+            self.logs = LogStore(self.db)
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _open_files(self, create: bool) -> None:
+        """The directory 0700 and store.db 0600 when made here; SQLite gives -wal and -shm the
+        mode of store.db."""
+        try:
+            if self.root.exists() and not self.root.is_dir():
+                raise StoreError(f"{self.root} is a file; expected a directory for the tracking store"
+                                 " (set ORCHESTRATOR_HOME to one)")
+            if not create:
+                if not self.path.is_file():
+                    raise StoreError(f"no tracking store at {self.root}: `orchestrator launch CONFIG.yaml` makes one"
+                                     " there, or set ORCHESTRATOR_HOME to the directory of an existing store")
+            else:
+                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as e:
+            raise StoreError(f"cannot {'create' if create else 'open'} the tracking store directory {self.root}:"
+                             f" {e.strerror}; expected a directory this user can write (set ORCHESTRATOR_HOME to one)"
+                             ) from e
+        _private(self.path)
+
+    def transaction(self):
+        """`with store.transaction():` points and events written inside commit together, or not at all."""
+        return self.points.transaction()
 
     def _migrate(self) -> None:
         """Add columns that older stores lack (tables themselves are created IF NOT EXISTS)."""
         have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
         for col in RUN_COLUMNS:
             if col not in have:
-                self.db.execute(f"ALTER TABLE runs ADD COLUMN {col} TEXT")
+                self.db.execute(f"ALTER TABLE runs ADD COLUMN {col} {COLUMN_TYPES.get(col, 'TEXT')}")
 
     def close(self) -> None:
         self.db.close()
@@ -186,6 +303,10 @@ class Store:
         self.db.execute("UPDATE attempts SET recovery_s = ? WHERE run_id = ? AND attempt = ?",
                         (recovery_s, run_id, attempt))
 
+    def latest_attempt(self, run_id: str) -> int | None:
+        """The attempt most recently started (the driver records it before the workers start)."""
+        return self.db.execute("SELECT MAX(attempt) FROM attempts WHERE run_id = ?", (run_id,)).fetchone()[0]
+
     def attempts(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.db.execute(
             f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM attempts WHERE run_id = ? ORDER BY attempt", (run_id,)
@@ -242,8 +363,15 @@ class Store:
             raise UserError(f"no run {ref!r} in {self.path}{hint}")
         return self._run_row(row)
 
+    def driver_beat(self, run_id: str, *, host: str, pid: int) -> None:
+        """The driver of a running run is alive (called every DRIVER_BEAT_S)."""
+        self.db.execute("UPDATE runs SET driver_host = ?, driver_pid = ?, driver_beat = ? WHERE id = ?",
+                        (host, pid, time.time(), run_id))
+
     def _run_row(self, row: tuple) -> dict[str, Any]:
         d = dict(zip(RUN_COLUMNS, row, strict=True))
+        if d["status"] == "running" and driver_gone(d["driver_host"], d["driver_pid"], d["driver_beat"]):
+            d["status"] = "lost"
         d["config"] = json.loads(d["config"])
         d["summary"] = json.loads(d["summary"]) if d["summary"] else None
         d["meta"] = json.loads(d["meta"]) if d["meta"] else {}
@@ -257,8 +385,9 @@ class Store:
         by_rank: dict[int, list[tuple[str, int, float]]] = {}
         for key, step, rank, value, _ in points:
             by_rank.setdefault(rank, []).append((key, step, value))
-        for rank, rows in by_rank.items():
-            self.points.append(run_id, rank, attempt, columns(rows))
+        with self.transaction():
+            for rank, rows in by_rank.items():
+                self.points.append(run_id, rank, attempt, columns(rows))
 
     def lineage(self, run_id: str) -> list[tuple[str, int | None]]:
         """(run id, steps below which its points count) from the oldest ancestor to this run: a fork

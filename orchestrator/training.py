@@ -11,20 +11,21 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from actors.health import Health
+from common.errors import ConfigError, DataError, NonFiniteLoss
 from dataloading.dataset import TokenDataset
 from dataloading.sampler import GlobalSampler, batch_fingerprint
 from orchestrator import telemetry
 from orchestrator.config import Config
-from orchestrator.errors import DataError, NonFiniteLoss
 from orchestrator.gpt import build_model
+from orchestrator.hang.health import Health
+from orchestrator.parallel import autocast, grad_sync, is_sharded, wrap_model
 from orchestrator.restore import restore_state
 
 LogFn = Callable[[int, dict[str, float]], None]
@@ -40,14 +41,17 @@ class WorkerContext:
 def setup_torch(cfg: Config, rank: int) -> None:
     torch.set_num_threads(cfg.scaling.torch_threads)
     if cfg.train.deterministic:
-        use_deterministic_algorithms()
+        use_deterministic_algorithms(compiling=cfg.train.compile)
 
 
-def use_deterministic_algorithms() -> None:
+def use_deterministic_algorithms(*, compiling: bool = False) -> None:
     """torch.use_deterministic_algorithms(True) without its import of torch._inductor, which costs
-    seconds on every worker start (and so on every restart). Inductor's flag is set too when it is
-    already loaded; the loop here never compiles."""
+    seconds on every worker start (and so on every restart), unless the model will be compiled:
+    then inductor is told too."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+    if compiling:
+        torch.use_deterministic_algorithms(True)
+        return
     torch._C._set_deterministic_algorithms(True)
     inductor = sys.modules.get("torch._inductor.config")
     if inductor is not None:
@@ -74,8 +78,26 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
 
 def loss_of(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     x, y = batch[:, :-1], batch[:, 1:]
-    logits = model(x)
+    logits = model(x).float()  # bf16 logits under autocast: the softmax in fp32 (a no-op for fp32)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+def micro_batches(cfg: Config, world_size: int) -> int:
+    """train.grad_accum_steps, checked against this group's per-rank batch (an elastic group may
+    be smaller than scaling.num_workers)."""
+    n, per_rank = cfg.train.grad_accum_steps, cfg.data.global_batch_size // world_size
+    if per_rank % n:
+        raise ConfigError(f"train.grad_accum_steps={n} must divide the per-rank batch data.global_batch_size / "
+                          f"world size = {cfg.data.global_batch_size}/{world_size} = {per_rank}")
+    return n
+
+
+@contextmanager
+def counted(health: Health, collective: bool):
+    """Counts a phase that runs collectives (what the hang watchdog reads)."""
+    health.coll_entered += collective
+    yield
+    health.coll_completed += collective
 
 
 def open_data(cfg: Config) -> tuple[TokenDataset, TokenDataset | None]:
@@ -98,7 +120,9 @@ def evaluate(model, val: TokenDataset, cfg: Config, ctx: WorkerContext, health: 
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     for k in range(min(cfg.train.eval_batches, sampler.batches_per_epoch)):
         ids = sampler.local_batch(k, ctx.rank, ctx.world_size)
-        total[0] += loss_of(model, val.batch(ids).to(ctx.device)).double() * len(ids)
+        with autocast(ctx.device, cfg.train.precision):
+            loss = loss_of(model, val.batch(ids).to(ctx.device))
+        total[0] += loss.double() * len(ids)
         total[1] += len(ids)
         if health is not None:
             health.progress += 1
@@ -129,8 +153,13 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     train_data, val_data = open_data(cfg)
     seq_len = train_data.seq_len
-    model = build_model(cfg.model, vocab_size=train_data.index.vocab_size, block_size=seq_len - 1).to(ctx.device)
-    ddp = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.world_size > 1 else model
+    accum = micro_batches(cfg, ctx.world_size)
+    model = build_model(cfg.model, vocab_size=train_data.index.vocab_size, block_size=seq_len - 1)
+    # `ddp` is what is called (a DDP wrapper, or the FSDP-sharded model itself); `model` is the module
+    ddp = wrap_model(model, strategy=cfg.parallelism.strategy, device=ctx.device, world_size=ctx.world_size,
+                     compile=cfg.train.compile)
+    sharded = is_sharded(model)
+    multi = ctx.world_size > 1
     health = health or Health(ctx.rank)
     optimizer = make_optimizer(model, cfg)
     sampler = train_data.sampler(cfg.data, seed=cfg.run.seed)  # data.shuffle etc.; prefetches remote shards
@@ -153,21 +182,31 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
         ids = sampler.local_batch(batch_index, ctx.rank, ctx.world_size)
         batch = train_data.batch(ids).to(ctx.device, non_blocking=True)
 
-        health.phase = "forward"
-        compute_started = time.perf_counter()
-        loss = loss_of(ddp, batch)
-        compute_s = time.perf_counter() - compute_started  # forward only: no collective in it
         optimizer.zero_grad(set_to_none=True)
-        # DDP's gradient all-reduces run inside backward and are all waited for before it returns:
-        # counting them per step here costs nothing (a Python comm hook per bucket cost ~3% here)
-        health.phase = "backward"
-        health.coll_entered += ctx.world_size > 1
-        loss.backward()
-        health.coll_completed += ctx.world_size > 1
+        compute_s, total = 0.0, None
+        # accumulation: the rank's batch in `accum` equal micro-batches (the global batch, and so
+        # the data order, is unchanged); each loss scaled by 1/accum, gradients reduced on the last
+        for i, micro in enumerate(batch.chunk(accum) if accum > 1 else (batch,)):
+            last = i == accum - 1
+            with grad_sync(ddp, last):
+                health.phase = "forward"
+                compute_started = time.perf_counter()
+                with counted(health, multi and sharded), autocast(ctx.device, cfg.train.precision):
+                    loss = loss_of(ddp, micro)  # FSDP all-gathers each block's weights in here
+                compute_s += time.perf_counter() - compute_started  # DDP: no collective in it
+                # DDP's gradient all-reduces run inside backward and are all waited for before it
+                # returns: counting them per step here costs nothing (a Python comm hook per bucket
+                # cost ~3% here)
+                health.phase = "backward"
+                with counted(health, multi and (last or sharded)):
+                    (loss if accum == 1 else loss / accum).backward()
+            total = loss.detach() if total is None else total + loss.detach()
         health.phase = "optimizer"
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        loss_value = loss.item()
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced across ranks
+            grad_norm = grad_norm.full_tensor()
+        loss_value = total.item() if accum == 1 else total.item() / accum
         if not math.isfinite(loss_value):  # before the update: the weights stay as they were
             raise NonFiniteLoss(batch_index, loss_value)
         optimizer_started = time.perf_counter()

@@ -140,7 +140,7 @@ class _Handler(BaseHTTPRequestHandler):
                     st.in_flight -= 1
 
     def _forward(self, method: str, path: str, body: bytes):
-        conn = http.client.HTTPConnection(*self.state.upstream, timeout=30)
+        conn = http.client.HTTPConnection(*self.state.upstream, timeout=120)
         try:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "content-length")}
             headers["Content-Length"] = str(len(body))
@@ -242,8 +242,8 @@ def storage_options(endpoint_url: str) -> dict:
     return {
         "key": "testing", "secret": "testing", "skip_instance_cache": True,
         "client_kwargs": {"endpoint_url": endpoint_url, "region_name": "us-east-1"},
-        "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}, "connect_timeout": 5,
-                          "read_timeout": 10},
+        "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}, "connect_timeout": 60,
+                          "read_timeout": 120},  # generous: moto shares a busy machine
     }
 
 

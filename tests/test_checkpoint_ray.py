@@ -9,7 +9,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is
 
 import pytest
 
-from checkpointing.loader import load_latest, scan
+from checkpointing.layout import scan
+from checkpointing.loader import load_latest
 from checkpointing.storage import open_fs
 from tests import s3_server
 from tests.conftest import cli_json, run_cli, tiny_config

@@ -15,7 +15,8 @@ from actors.checkpoint_coordinator import CheckpointCoordinator
 from checkpointing import format, retention
 from checkpointing.config import BestMode, CheckpointConfig
 from checkpointing.errors import CheckpointError, CorruptCheckpoint
-from checkpointing.loader import load_latest, scan
+from checkpointing.layout import scan
+from checkpointing.loader import load_latest
 from checkpointing.retry import backoff_delay, with_retries
 from checkpointing.slots import SlotTable
 from checkpointing.storage import check_destination, resolve_uri
@@ -278,7 +279,7 @@ def test_coordinator_records_outcomes_in_the_store(tmp_path):
 
 
 def test_report_lists_committed_failed_and_corrupt(tmp_path):
-    from checkpointing.report import checkpoint_report, report_rows
+    from orchestrator.checkpoint_views import checkpoint_report, report_rows
     from orchestrator.store import Store
 
     store = Store(tmp_path / "home")

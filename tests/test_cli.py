@@ -59,8 +59,8 @@ def test_unknown_command_and_missing_argument(home, capsys):
 
 
 def test_unknown_run_and_metric(home, capsys, tmp_path):
-    assert "no run 'nope'" in one_line_error(capsys, ["show", "nope"])
     store = Store()
+    assert "no run 'nope'" in one_line_error(capsys, ["show", "nope"])
     store.create_run(run_id="r1", name="n", config={}, git_commit=None, host="h", command="c", world_size=1)
     store.log_metrics("r1", [("train/loss", 0, 0, 1.0, 0.0)])
     assert "did you mean train/loss?" in one_line_error(capsys, ["metrics", "r1", "--key", "train/los"])
@@ -77,6 +77,9 @@ def test_data_prepare_errors(tmp_path, home, capsys):
 
 
 def test_runs_json_contract_on_empty_store(home, capsys):
+    assert main(["runs", "--json"]) == 0  # no store at all: an empty list, and no store made
+    assert json.loads(capsys.readouterr().out) == [] and not home.exists()
+    Store().close()
     assert main(["runs", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
 

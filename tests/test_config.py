@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from common.errors import ConfigError
 from orchestrator.config import Backend, Config, config_from_dict, load_config, redact
-from orchestrator.errors import ConfigError
 
 
 def write(tmp_path, text: str):

@@ -12,10 +12,10 @@ import fsspec
 import numpy as np
 import pytest
 
+from common.errors import DataError
 from dataloading.config import DataConfig, ShuffleMode
 from dataloading.dataset import TokenDataset
 from dataloading.prepare import prepare
-from orchestrator.errors import DataError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

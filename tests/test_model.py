@@ -1,13 +1,12 @@
-"""The built-in GPT, the tokenizer and the model factory. No Ray."""
+"""The built-in GPT and the model factory. No Ray."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from orchestrator import tokenizer
+from common.errors import ConfigError
 from orchestrator.config import ModelConfig
-from orchestrator.errors import ConfigError
 from orchestrator.gpt import GPT, build_model
 
 torch.set_num_threads(1)
@@ -17,16 +16,6 @@ def small(**kw) -> GPT:
     torch.manual_seed(0)
     args = dict(vocab_size=256, block_size=16, n_layer=2, n_head=2, d_model=32) | kw
     return GPT(**args)
-
-
-def test_tokenizer_round_trips_text_and_bytes():
-    text = "def f(x):\n    return x + 1  # é ✓\n"
-    tokens = tokenizer.encode(text)
-    assert len(tokens) == len(text.encode("utf-8"))
-    assert all(0 <= t < tokenizer.VOCAB_SIZE for t in tokens)
-    assert tokenizer.decode(tokens) == text
-    assert tokenizer.decode(list(tokens)) == text
-    assert tokenizer.decode([0xFF]) == "\ufffd"  # invalid UTF-8 never raises
 
 
 def test_logits_shape():

@@ -81,7 +81,8 @@ def test_node_loss_shrinks_then_regrows_with_the_same_data_order(tmp_path, home,
     attempts = Store(home).attempts(run_id)
     assert [a["status"] for a in attempts] == ["failed", "resized", "completed"], attempts
     assert attempts[0]["cause"] in ("node_lost", "died") and attempts[0]["rank"] == 1
-    assert attempts[0]["steps_lost"] <= 10  # at most the checkpoint interval
+    # at most the interval, plus the steps of a checkpoint still uploading when the node went
+    assert attempts[0]["steps_lost"] <= 20
     fps = cli_json("metrics", run_id, "--key", "data/batch_fingerprint", "--rank", "0", home=home)["points"]
     assert [p["step"] for p in fps] == list(range(steps))
     assert [p["value"] for p in fps] == expected_fingerprints(tiny_data, 1, 8, steps)  # same data, whatever the size

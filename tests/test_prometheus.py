@@ -15,6 +15,9 @@ import urllib.request
 import pytest
 
 from actors.metrics_actor import MetricsActor
+from orchestrator.anomaly import AnomalyDetector
+from orchestrator.series import columns
+from orchestrator.store import Store
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
@@ -27,7 +30,7 @@ def free_port() -> int:
 
 def query(port: int, expr: str) -> list[dict]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=5) as r:
+    with urllib.request.urlopen(url, timeout=60) as r:  # a busy machine slows Prometheus too
         return json.load(r)["data"]["result"]
 
 
@@ -73,16 +76,16 @@ def prometheus(tmp_path):
 
 def test_prometheus_scrapes_run_gauges(tmp_path, prometheus):
     prom_port, targets = prometheus
-    actor = MetricsActor("run-abc", str(tmp_path / "home"), prometheus_host="127.0.0.1", prometheus_port=0)
+    actor = MetricsActor("run-abc", str(tmp_path / "home"), open_store=Store, detector=AnomalyDetector(), prometheus_host="127.0.0.1", prometheus_port=0)
     try:
         host, port = actor.prometheus_address().split(":")
         assert host == "127.0.0.1" and int(port) > 0
         for step in range(5):
             for rank in (0, 1):
-                actor.log(rank, [("train/loss", step, 4.0 - step * 0.5 + rank, 0.0),
-                                 ("train/step_time_s", step, 0.1 * (rank + 1), 0.0),
-                                 ("train/tokens_per_s", step, 1000.0, 0.0),
-                                 ("sys/gpu0/util", step, 50.0 + rank, 0.0)])
+                actor.log_columns(rank, None, columns([("train/loss", step, 4.0 - step * 0.5 + rank),
+                                                       ("train/step_time_s", step, 0.1 * (rank + 1)),
+                                                       ("train/tokens_per_s", step, 1000.0),
+                                                       ("sys/gpu0/util", step, 50.0 + rank)]))
         targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"]}]))
         results = {}
         deadline = time.monotonic() + 60
@@ -104,7 +107,7 @@ def test_prometheus_scrapes_run_gauges(tmp_path, prometheus):
 
 
 def test_no_endpoint_by_default(tmp_path):
-    actor = MetricsActor("r", str(tmp_path))
+    actor = MetricsActor("r", str(tmp_path), open_store=Store, detector=AnomalyDetector())
     assert actor.prometheus_address() is None
     actor.close()
 

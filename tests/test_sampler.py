@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import ConfigError, DataError
 from dataloading.config import ShuffleMode
 from dataloading.permutation import Permutation, round_keys
 from dataloading.sampler import BlockOrder, DistributedGlobalSampler, GlobalSampler, batch_fingerprint
-from orchestrator.errors import ConfigError, DataError
 
 MODES = [dict(mode="global"), dict(mode="block", block_size=7, window_blocks=3)]
 

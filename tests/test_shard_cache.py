@@ -16,11 +16,11 @@ import fsspec
 import numpy as np
 import pytest
 
+from common.errors import DataError
 from dataloading.cache import ShardCache
 from dataloading.config import DataConfig
 from dataloading.index import Shard
 from dataloading.prepare import prepare
-from orchestrator.errors import DataError
 
 # TokenDataset (and so torch) is imported inside the tests that use it: the spawned "ranks" below
 # re-import this module, and three torch imports on a small machine cost seconds.

@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
+from common.errors import UserError
 from orchestrator import series
-from orchestrator.errors import UserError
 from orchestrator.store import Store
 
 

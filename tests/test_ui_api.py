@@ -9,7 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from orchestrator.errors import UserError
+from common.errors import UserError
 from orchestrator.store import Store
 from orchestrator.ui.server import make_server, start_in_thread
 
@@ -52,7 +52,7 @@ def base(store):
 
 
 def get(url: str, headers: dict | None = None):
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as r:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=60) as r:
         return r.status, dict(r.headers), r.read()
 
 
@@ -180,8 +180,8 @@ def test_cli_serves_until_interrupted(home):
         url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
         assert json.loads(get(url + "api/runs")[2])["runs"] == []
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
+        assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(timeout=10)
+            proc.wait(timeout=60)

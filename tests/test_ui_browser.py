@@ -21,7 +21,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 DOC_SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 SHOTS = DOC_SHOTS  # set by the `ui` fixture
 STEPS, SPIKE_STEP, SPIKE, FORK_STEP = 5000, 3217, 40.0, 2500
-WAIT_MS = 15_000  # every wait is bounded
+WAIT_MS = 60_000  # every wait is bounded, generously: chromium on a busy 2-core machine is slow
 EVIL = '<img src=x onerror="document.title=1">'
 
 

@@ -9,6 +9,7 @@ every bucket is exact. Narrow ranges (fewer steps than RAW_READ_LIMIT) simply re
 from __future__ import annotations
 
 import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -24,6 +25,7 @@ from orchestrator.series import (
     merge_buckets,
     to_rows,
 )
+from orchestrator.ui.params import BadRequest
 
 BIG = 2**62
 FLOAT_FIELDS = ("value", "min", "max", "first", "last")
@@ -59,41 +61,45 @@ def segments(store, run_id: str, key: str, rank: int | None = None) -> list[Segm
 
 
 class RangeReader:
-    """Reads buckets of a step range; keeps the block summaries of a few long series in memory."""
+    """Reads buckets of a step range; keeps the block summaries of a few long series in memory.
+    Shared by the request threads, each reading through its own `points` (connection)."""
 
-    def __init__(self, points, cache_size: int = 16):
-        self.points = points
+    def __init__(self, cache_size: int = 16):
         self.cache_size = cache_size
         self._summaries: dict[int, tuple[int, np.ndarray, Points]] = {}
+        self._lock = threading.Lock()  # guards the dict only, never a read
 
-    def summaries(self, seg: Segment) -> tuple[np.ndarray, Points]:
-        hit = self._summaries.get(seg.sid)
+    def summaries(self, points, seg: Segment) -> tuple[np.ndarray, Points]:
+        with self._lock:
+            hit = self._summaries.get(seg.sid)
         if hit is None or hit[0] != seg.n:  # the series grew: read again
-            summ, tail = self.points.block_summaries(seg.sid)
-            if len(self._summaries) >= self.cache_size:
-                self._summaries.pop(next(iter(self._summaries)))
-            hit = self._summaries[seg.sid] = (seg.n, summ, tail)
+            summ, tail = points.block_summaries(seg.sid)
+            hit = (seg.n, summ, tail)
+            with self._lock:
+                if len(self._summaries) >= self.cache_size:
+                    self._summaries.pop(next(iter(self._summaries)))
+                self._summaries[seg.sid] = hit
         return hit[1], hit[2]
 
-    def aggregate(self, seg: Segment, lo: int, hi: int, edges: np.ndarray) -> dict | None:
+    def aggregate(self, points, seg: Segment, lo: int, hi: int, edges: np.ndarray) -> dict | None:
         a, b = max(lo, seg.lo), min(hi, seg.hi)
         if a > b:
             return None
         if seg.n <= RAW_READ_LIMIT or b - a < RAW_READ_LIMIT:
-            return bucket_points(self.points.read(seg.sid, a, b), edges)
-        summ, tail = self.summaries(seg)
+            return bucket_points(points.read(seg.sid, a, b), edges)
+        summ, tail = self.summaries(points, seg)
         inside = summ[(summ[:, S_FIRST_STEP] >= a) & (summ[:, S_LAST_STEP] <= b)]
         if not len(inside):
-            return bucket_points(self.points.read(seg.sid, a, b), edges)
+            return bucket_points(points.read(seg.sid, a, b), edges)
         ca, cb = int(inside[0, S_FIRST_STEP]), int(inside[-1, S_LAST_STEP])
         parts = [bucket_summaries(inside, edges)]
         keep = (tail.steps >= ca) & (tail.steps <= cb)
         if keep.any():
             parts.append(bucket_points(Points(tail.steps[keep], tail.values[keep]), edges))
         if a < ca:  # the partial block (and any tail points) before the first whole block
-            parts.append(bucket_points(self.points.read(seg.sid, a, ca - 1), edges))
+            parts.append(bucket_points(points.read(seg.sid, a, ca - 1), edges))
         if cb < b:
-            parts.append(bucket_points(self.points.read(seg.sid, cb + 1, b), edges))
+            parts.append(bucket_points(points.read(seg.sid, cb + 1, b), edges))
         return merge_buckets(parts)
 
 
@@ -121,11 +127,11 @@ def metric(store, reader: RangeReader, run_id: str, key: str, *, buckets: int, r
     lo = span[0] if lo is None else lo
     hi = span[1] if hi is None else hi
     if hi < lo:
-        raise ValueError(f"empty step range lo={lo} > hi={hi}")
-    edges = bucket_edges(lo, hi, buckets)
+        raise BadRequest(f"empty step range: lo={lo} is above hi={hi} (the run's steps are {span[0]}..{span[1]})")
+    edges = safe_edges(lo, hi, buckets)
     own, inherited = [], []
     for s in segs:
-        agg = reader.aggregate(s, lo, hi, edges)
+        agg = reader.aggregate(store.points, s, lo, hi, edges)
         if agg is not None:
             (own if s.run_id == run_id else inherited).append(agg)
     width = max(1, len(ranks))
@@ -136,6 +142,15 @@ def metric(store, reader: RangeReader, run_id: str, key: str, *, buckets: int, r
             result["full"] = result["full"] and all(r["count"] <= width for r in rows)
     result.update(lo=lo, hi=hi)
     return result
+
+
+def safe_edges(lo: int, hi: int, buckets: int) -> np.ndarray:
+    """bucket_edges, also for ranges so wide that span * buckets overflows int64 (lo near -2**62)."""
+    span = hi - lo + 1
+    if span * (buckets + 1) < 2**63:
+        return bucket_edges(lo, hi, buckets)
+    buckets = max(1, min(buckets, span))
+    return np.array([lo + i * span // buckets for i in range(buckets + 1)], dtype=np.int64)
 
 
 def _finite(row: dict) -> dict:

@@ -66,7 +66,7 @@ const runsState = { sort: "created_at", dir: -1, filter: "", status: "", selecte
 function pageRuns(id) {
   const app = document.getElementById("app");
   const filter = el("input", { type: "search", id: "runs-filter", placeholder: "filter: name, id, tag, status", value: runsState.filter });
-  const status = el("select", { id: "runs-status" }, ["", "running", "completed", "failed", "interrupted"].map(
+  const status = el("select", { id: "runs-status" }, ["", "running", "completed", "failed", "interrupted", "stopped", "lost"].map(
     (s) => el("option", { value: s, text: s || "any status", selected: s === runsState.status })));
   const compareBtn = el("button", { id: "compare-selected", text: "Compare selected" });
   const count = el("span", { class: "muted", id: "runs-count" });

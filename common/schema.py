@@ -7,23 +7,35 @@ key and type and names the dotted path on any mistake. No ML framework is import
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import field
 from enum import Enum
 from typing import Any
 
-from orchestrator.errors import ConfigError
+from common.errors import ConfigError
 
 
 def option(default: Any, *, min: float | None = None, max: float | None = None, help: str = "") -> Any:
-    """A field with an optional inclusive range; `help` documents it in one place."""
+    """A field with an optional inclusive range; `help` documents it in one place. Floats must be
+    finite and integers within INT_LIMIT even where no range is given."""
     meta = {"min": min, "max": max, "help": help}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# No option needs more: keeps every integer a valid SQLite/C int64 and exact in JSON (2**53).
+INT_LIMIT = 2**53
+
+# Ranges sections share; past these a value is a typo, not a plan.
+MAX_STEPS = 10**9  # optimizer steps (and step intervals)
+MAX_WORKERS = 100_000  # ranks
+MAX_SECONDS = 30 * 86400.0  # timeouts and periods: a month (thread waits refuse ~2**33 s)
 
 
 def build(cls: type, raw: Any, path: str, where: str) -> Any:
@@ -73,11 +85,15 @@ def _coerce(value: Any, tp: Any, path: str, where: str, meta: typing.Mapping[str
         return dict(value)
     if tp is Any:
         return value
+    raw = value
     if tp is float and isinstance(value, str):
         value = _float_or_same(value)  # PyYAML reads 1e-4 (no dot) as a string
+    if tp is int:
+        value = _int_or_same(value)
     ok = {
         bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
+        # a float here is past INT_LIMIT (or inf): the range check below refuses it
+        int: isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and abs(value) > INT_LIMIT,
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
         str: isinstance(value, str),
     }[tp]
@@ -85,11 +101,28 @@ def _coerce(value: Any, tp: Any, path: str, where: str, meta: typing.Mapping[str
         raise ConfigError(f"{where}: {path}: expected {_type_name(tp)}, got {kind(value)} {value!r}")
     if tp is float:
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {path}: expected a finite number, got {raw!r}")
     lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and value < lo or hi is not None and value > hi:
-        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise ConfigError(f"{where}: {path}: expected a value {rng}, got {value!r}")
+    if tp is int:
+        lo = -INT_LIMIT if lo is None else lo
+        hi = INT_LIMIT if hi is None else hi
+    if lo is not None and value < lo:
+        raise ConfigError(f"{where}: {path}: expected a value >= {bound(lo)}, got {_show(raw)}")
+    if hi is not None and value > hi:
+        rng = f"<= {bound(hi)}" if lo is None else f"between {bound(lo)} and {bound(hi)}"
+        raise ConfigError(f"{where}: {path}: expected a value {rng}, got {_show(raw)}")
     return value
+
+
+def bound(value: float) -> str:
+    """A range end as people write it: 2592000, not 2592000.0."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _show(value) -> str:
+    # a 10**26 typed out in full is no easier to read than 1e+26
+    return f"{value:.6g}" if isinstance(value, int) and abs(value) >= 10**20 else repr(value)
 
 
 def _float_or_same(text: str):
@@ -97,6 +130,24 @@ def _float_or_same(text: str):
         return float(text)
     except ValueError:
         return text
+
+
+def _int_or_same(value):
+    """An integral number written as 1e6, '1e6' or 1000.0 -> 1000000; past INT_LIMIT a float (maybe
+    inf) that the range check refuses; anything else unchanged (and refused as not an integer)."""
+    if isinstance(value, str):
+        try:
+            number = decimal.Decimal(value.strip())
+        except decimal.InvalidOperation:
+            return value
+        if not number.is_finite():
+            return value
+        if number.adjusted() > 15:  # past INT_LIMIT; never int(): 1e999999999 has a billion digits
+            return float(number)
+        return int(number) if number == number.to_integral_value() else value
+    if isinstance(value, float) and (value.is_integer() or math.isinf(value)):
+        return int(value) if abs(value) <= INT_LIMIT else value
+    return value
 
 
 def _type_name(tp: type) -> str:
@@ -109,8 +160,6 @@ def kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
         type(value), type(value).__name__
     )
-
-
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
@@ -128,9 +177,9 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         meta = f.metadata
         bounds = []
         if meta.get("min") is not None:
-            bounds.append(f">= {meta['min']}")
+            bounds.append(f">= {bound(meta['min'])}")
         if meta.get("max") is not None:
-            bounds.append(f"<= {meta['max']}")
+            bounds.append(f"<= {bound(meta['max'])}")
         if isinstance(tp, type) and issubclass(tp, Enum):
             bounds.append(" / ".join(m.value for m in tp))
         help_text = meta.get("help", "") + (f" ({', '.join(bounds)})" if bounds else "")

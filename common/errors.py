@@ -21,6 +21,16 @@ class ResourceError(UserError):
     exit_code = 3
 
 
+class StoreError(UserError):
+    """The tracking store cannot be used where it is: not a directory, not writable, corrupt, absent."""
+
+
+class StoreFull(StoreError):
+    """A write found no room: the disk is full, or a size limit was reached."""
+
+    exit_code = 1  # not bad input
+
+
 class NonFiniteLoss(RuntimeError):
     """Raised in a worker when the training loss is NaN or inf (fault_tolerance.on_nonfinite)."""
 
@@ -31,3 +41,14 @@ class NonFiniteLoss(RuntimeError):
 
     def __reduce__(self):  # crosses process boundaries (Ray) intact
         return (NonFiniteLoss, (self.step, self.value))
+
+
+class UserCodeError(RuntimeError):
+    """The user's own training code raised: one line naming their frame, and their traceback."""
+
+    def __init__(self, message: str, user_traceback: str = ""):
+        super().__init__(message)
+        self.user_traceback = user_traceback
+
+    def __reduce__(self):  # crosses process boundaries (Ray) intact
+        return (UserCodeError, (str(self), self.user_traceback))

@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from actors.node_check import check_nodes
 from orchestrator import cluster
-from orchestrator.hang import flight_recorder_summary
+from orchestrator.hang.rules import flight_recorder_summary
 
 
 def collect_flight_recorder(health, world: int, report: dict, folder: Path, heartbeat_s: float) -> dict:
@@ -39,8 +40,6 @@ def collect_flight_recorder(health, world: int, report: dict, folder: Path, hear
 def check_suspects(report: dict, group_nodes: list[str], timeout_s: float, out) -> dict | None:
     """Node checks on the culprit's node (every node of the group when the verdict is undecided),
     compared with a healthy node: one of the group's if there is one, else any live node."""
-    from actors.node_check import check_nodes
-
     suspects = report["culprit_nodes"] or sorted(set(group_nodes))
     if not suspects:
         return None

@@ -1,0 +1,85 @@
+"""Users' own training code, run per rank with every service around it.
+
+  run_function  `entrypoint.function: "module:fn"`: fn(ctx, **kwargs) in the rank's process
+  run_script    `entrypoint.script: PATH`: the script, unchanged, in a child process with
+                torchrun's environment; its output captured line by line (script.py)
+
+`load_function` is also the pre-flight check (validate.py): a bad module or signature is one
+line before any worker starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from common.errors import ConfigError, UserCodeError, UserError
+from orchestrator import rank, rendezvous
+from orchestrator.config import Config
+
+_ROOT = Path(__file__).resolve().parent.parent
+OURS = tuple(str(_ROOT / p) + "/" for p in ("orchestrator", "actors", "checkpointing", "dataloading", "common"))
+
+
+def load_function(spec: str, workdir: str | None):
+    """The user's function from "module:function", importable from the working directory."""
+    if workdir and workdir not in sys.path:
+        sys.path.insert(0, workdir)
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # a user module can fail to import in any way
+        raise ConfigError(f"entrypoint.function={spec!r}: cannot import {module_name}: "
+                          f"{type(e).__name__}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"entrypoint.function={spec!r}: {module_name} has no function {attr!r}")
+    try:
+        inspect.signature(fn).bind(object())
+    except TypeError:
+        raise ConfigError(f"entrypoint.function={spec!r}: expected a function taking ctx as its first argument, "
+                          f"got {attr}{inspect.signature(fn)}") from None
+    except ValueError:  # a builtin without a signature: let the call decide
+        pass
+    return fn
+
+
+def run_function(cfg: Config, *, skipped: list[int] = (), **kw) -> dict:
+    """Call the user's function with a ctx; return the summary the controller shows."""
+    from orchestrator.context import TrainContext  # torch: only in the rank's process
+
+    e = cfg.entrypoint
+    fn = load_function(e.function, e.workdir)
+    with rank.services(cfg, **kw) as s:
+        ctx = TrainContext(cfg, s)
+        try:
+            fn(ctx, **e.kwargs)
+        except Exception as err:
+            raise user_code_error(err, where=e.function) from None
+        if s.checkpointer is not None:
+            s.checkpointer.close(s.sender)  # waits for the last upload and its commit
+        s.health.phase = "done"
+    rendezvous.leave()
+    return {"steps": max(0, ctx.last_step + 1 - ctx.start_step), "start_step": ctx.start_step,
+            "first_loss": ctx.first_loss, "last_loss": ctx.last_loss, "eval_loss": None,
+            "train_time_s": time.perf_counter() - ctx.started}
+
+
+def user_code_error(err: BaseException, *, where: str) -> Exception:
+    """The user's exception, as one line naming their innermost frame, with the traceback of
+    their frames only (ours and Ray's left out) for the CLI to show once. A UserError (ctx used
+    wrongly) stays one: restarting cannot help."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(OURS)]
+    if not frames:
+        frames = traceback.extract_tb(err.__traceback__)[-1:]
+    last = frames[-1] if frames else None
+    at = f" (at {last.filename}:{last.lineno} in {last.name})" if last else ""
+    text = "".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(type(err), err))
+    if isinstance(err, UserError):
+        return UserError(f"{str(err).strip()}{at}")
+    return UserCodeError(f"{where} raised {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}{at}",
+                         "Traceback (the user's frames):\n" + text)

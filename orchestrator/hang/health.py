@@ -1,0 +1,87 @@
+"""Heartbeats, the rank side: each rank's training thread updates a few counters (collectives
+are counted per step around backward, where DDP's all-reduces run and are waited for); a thread
+of its own sends them to the run's health monitor (actors/health.py) every `hang.heartbeat_s`,
+so a rank stuck in a collective, a data read or a frozen process still shows what it was doing.
+
+The same thread answers the driver's request for torch Flight Recorder dumps after a stall: the
+training thread may be blocked inside a collective, but this one is free (gloo and NCCL waits
+release the GIL). A frozen process answers nothing, which is evidence too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+
+class Health:
+    """What a rank is doing; written by the training thread (plain attribute stores, no locks)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.step = -1  # last completed step
+        self.progress = 0  # steps and eval batches done: a long eval is not a stall
+        self.phase = "start"
+        self.coll_entered = 0
+        self.coll_completed = 0
+        self.step_started = time.time()
+        self.pid = os.getpid()  # the process whose stack a stall report shows (a script's child)
+
+    def snapshot(self) -> dict:
+        return {"rank": self.rank, "step": self.step, "phase": self.phase, "progress": self.progress,
+                "coll_entered": self.coll_entered, "coll_completed": self.coll_completed, "time": time.time()}
+
+
+def flight_recorder_dump(keep: int = 200) -> str | None:
+    """This process's Flight Recorder ring buffer as JSON text, its last `keep` entries (what
+    the missing-rank analysis reads; hundreds of full buffers would flood the monitor), or None
+    when torch has none (TORCH_FR_BUFFER_SIZE unset, no process group, a torch without it)."""
+    try:
+        from torch._C._distributed_c10d import _dump_fr_trace_json
+    except ImportError:
+        return None
+    try:
+        dump = json.loads(_dump_fr_trace_json(True, False))
+    except Exception:
+        return None
+    dump["entries"] = dump.get("entries", [])[-keep:]
+    return json.dumps(dump)
+
+
+class Heartbeat:
+    def __init__(self, monitor, health: Health, every_s: float):
+        self.monitor, self.health, self.every_s = monitor, health, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._answered: int | None = None  # the last dump request served; None: not seen one yet
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import ray
+
+        last = None
+        while True:
+            try:
+                if last is not None and ray.wait([last], timeout=0)[0]:  # never blocks on the monitor
+                    self._serve(ray.get(last))
+                last = self.monitor.beat.remote(self.health.snapshot())
+            except Exception:  # the monitor is gone: the driver is tearing down
+                last = None
+            if self._stop.wait(self.every_s):
+                return
+
+    def _serve(self, request: int) -> None:
+        if self._answered is None:  # requests made before this rank started were for an earlier group
+            self._answered = request
+        elif request > self._answered:
+            self._answered = request
+            self.monitor.put_dump.remote(self.health.rank, request, flight_recorder_dump())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.every_s + 2)

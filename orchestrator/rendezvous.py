@@ -1,0 +1,116 @@
+"""Rendezvous in one place: which bundle gets which rank, where the master listens, and joining
+the torch.distributed process group with torchrun's environment variables set, so code that
+reads them (env:// init, LOCAL_RANK for the device) works unchanged.
+
+`assign_ranks` runs in the driver; `free_port`, `join` and `leave` run in the rank's process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+from orchestrator.config import Backend, Config
+
+
+def assign_ranks(bundle_nodes: list[str]) -> list[dict]:
+    """Ranks for the bundles: ranks on one node are contiguous, nodes ordered by first bundle.
+    Returns, per bundle, rank/local_rank/node_rank/local_world_size/node_id."""
+    order = list(dict.fromkeys(bundle_nodes))
+    out: list[dict] = [{} for _ in bundle_nodes]
+    rank = 0
+    for node_rank, node in enumerate(order):
+        bundles = [i for i, n in enumerate(bundle_nodes) if n == node]
+        for local_rank, bundle in enumerate(bundles):
+            out[bundle] = {"rank": rank, "local_rank": local_rank, "node_rank": node_rank,
+                           "local_world_size": len(bundles), "node_id": node}
+            rank += 1
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Member:
+    """This process's place in the group, once joined."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    backend: str
+    device: object  # torch.device
+
+
+_member: Member | None = None
+
+
+def member() -> Member:
+    if _member is None:
+        raise RuntimeError("this process has not joined a worker group (orchestrator.rendezvous.join)")
+    return _member
+
+
+def torchrun_env(*, rank: int, local_rank: int, world_size: int, local_world_size: int, node_rank: int,
+                 master_addr: str, master_port: int, run_id: str, attempt: int, max_restarts: int) -> dict[str, str]:
+    """The variables torchrun (torch.distributed.elastic) sets for each worker."""
+    env = {
+        "RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": world_size, "LOCAL_WORLD_SIZE": local_world_size,
+        "GROUP_RANK": node_rank, "NODE_RANK": node_rank, "ROLE_RANK": rank, "ROLE_WORLD_SIZE": world_size,
+        "ROLE_NAME": "default", "MASTER_ADDR": master_addr, "MASTER_PORT": master_port,
+        "TORCHELASTIC_RESTART_COUNT": attempt, "TORCHELASTIC_MAX_RESTARTS": max_restarts,
+        "TORCHELASTIC_RUN_ID": run_id,
+    }
+    return {k: str(v) for k, v in env.items()}
+
+
+def join(cfg: Config, *, rank: int, local_rank: int, world_size: int, local_world_size: int, node_rank: int,
+         master_addr: str, master_port: int, run_id: str = "", attempt: int = 0, init_group: bool = True) -> str:
+    """Set the environment, choose the backend and device, join the process group (unless
+    init_group is False: a script joins it itself, from the environment). Returns the backend."""
+    global _member
+    import torch  # here, not at the top: the driver imports this module for assign_ranks
+    import torch.distributed as dist
+
+    os.environ.update(torchrun_env(rank=rank, local_rank=local_rank, world_size=world_size,
+                                   local_world_size=local_world_size, node_rank=node_rank, master_addr=master_addr,
+                                   master_port=master_port, run_id=run_id, attempt=attempt,
+                                   max_restarts=cfg.fault_tolerance.max_restarts))
+    if cfg.hang.enabled and cfg.hang.flight_recorder_entries:
+        # read by torch when the process group is created; a user's own setting wins
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(cfg.hang.flight_recorder_entries))
+    if master_addr.startswith("127.") and "GLOO_SOCKET_IFNAME" not in os.environ:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # a loopback cluster: keep gloo off other interfaces
+    use_gpu = torch.cuda.is_available() and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    backend = cfg.distributed.backend
+    if backend == Backend.AUTO:
+        backend = Backend.NCCL if use_gpu else Backend.GLOO
+    if backend == Backend.NCCL and not use_gpu:
+        raise RuntimeError("distributed.backend=nccl but this worker has no GPU; use gloo or set scaling.gpus_per_worker")
+    # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPUs, so its first visible device is ours.
+    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
+    from orchestrator.training import setup_torch
+
+    setup_torch(cfg, rank)
+    if world_size > 1 and init_group:
+        dist.init_process_group(backend.value, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=cfg.distributed.timeout_s))
+    _member = Member(rank=rank, local_rank=local_rank, world_size=world_size, local_world_size=local_world_size,
+                     node_rank=node_rank, backend=backend.value, device=device)
+    return backend.value
+
+
+def leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,134 @@
+"""A user's script, unchanged, as one rank: a child process of the rank's worker with torchrun's
+environment (rendezvous.join set it; the script calls init_process_group itself), its stdout and
+stderr captured line by line into the run's logs, and `orchestrator.worker.log` calls (optional)
+fed to tracking and the watchdog through a pipe.
+
+Without worker.log, every output line counts as a sign of life: a script silent for longer than
+hang.first_step_timeout_s is declared stalled.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from common.errors import UserCodeError
+from orchestrator import rank, rendezvous
+from orchestrator.config import Config
+
+TAIL = 30  # stderr lines kept for the failure report
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the worker that started it dies (a killed rank leaves no orphan
+    holding the rendezvous port or a GPU)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the worker's stop() still kills it
+        pass
+
+
+class Lines:
+    """Collects output lines and ships them to the metrics actor in batches, from its own thread."""
+
+    def __init__(self, metrics, rank_: int, health, every_s: float):
+        self.metrics, self.rank, self.health, self.every_s = metrics, rank_, health, every_s
+        self.buf: list[tuple[float, str, str]] = []
+        self.lock = threading.Lock()
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="script-lines", daemon=True)
+        self._thread.start()
+
+    def read(self, pipe, stream: str) -> None:
+        for raw in iter(pipe.readline, b""):
+            text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            with self.lock:
+                self.buf.append((time.time(), stream, text))
+            if stream == "stderr":
+                self.tail.append(text)
+            self.health.progress += 1  # output is a sign of life
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.ship()
+
+    def ship(self) -> None:
+        with self.lock:
+            batch, self.buf = self.buf, []
+        if batch:
+            try:
+                self.metrics.log_lines.remote(self.rank, batch)
+            except Exception:  # the metrics actor is restarting: these lines are lost, the run is not
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.every_s + 5)
+        self.ship()
+
+
+def _read_worker_log(fd: int, services) -> None:
+    """JSON lines from orchestrator.worker.log: metrics for tracking, steps for the watchdog."""
+    health = services.health
+    with os.fdopen(fd, "rb") as f:
+        for raw in f:
+            try:
+                msg = json.loads(raw)
+                step = int(msg["step"])
+                services.sender.log({k: float(v) for k, v in msg["metrics"].items()}, step=step)
+            except (ValueError, KeyError, TypeError):
+                continue  # a malformed line from user code must not stop the run
+            if step > health.step:
+                health.step = step
+            health.progress += 1
+
+
+def run_script(cfg: Config, *, metrics, checkpoints=None, health_monitor=None, restore_step=None, restore_uri=None,
+               skipped=()) -> dict:
+    """Run the script to its end; a non-zero exit raises (the group restarts under the restart
+    policy, and the script resumes from its own snapshots, as under torchrun --max-restarts)."""
+    e = cfg.entrypoint
+    me = rendezvous.member()
+    started = time.perf_counter()
+    with rank.services(cfg, metrics=metrics, health_monitor=health_monitor) as s:
+        s.health.phase = "script"
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, "ORCHESTRATOR_WORKER_FD": str(write_fd), "PYTHONUNBUFFERED": "1"}
+        lines = Lines(metrics, me.rank, s.health, cfg.telemetry.flush_every_s)
+        try:
+            proc = subprocess.Popen([sys.executable, e.script, *e.args], cwd=e.workdir or None, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_fd,),
+                                    preexec_fn=_die_with_parent)
+        finally:
+            os.close(write_fd)
+        s.health.pid = proc.pid  # what a stall report's stack dump looks at
+        readers = [threading.Thread(target=lines.read, args=(proc.stdout, "stdout"), daemon=True),
+                   threading.Thread(target=lines.read, args=(proc.stderr, "stderr"), daemon=True),
+                   threading.Thread(target=_read_worker_log, args=(read_fd, s), daemon=True)]
+        for t in readers:
+            t.start()
+        try:
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            for t in readers:
+                t.join(timeout=10)
+            lines.close()
+        s.health.phase = "done"
+    if code != 0:
+        why = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        last = next((line for line in reversed(lines.tail) if line.strip()), "")
+        raise UserCodeError(f"{os.path.basename(e.script)} {why}" + (f": {last.strip()}" if last else ""),
+                            f"last lines of rank {me.rank}'s stderr:\n" + "\n".join(lines.tail))
+    return {"steps": max(0, s.health.step + 1), "start_step": 0, "first_loss": None, "last_loss": None,
+            "eval_loss": None, "train_time_s": time.perf_counter() - started}

@@ -1,0 +1,286 @@
+"""Every Ray call the controller makes, in one adapter: the run's actors (metrics, checkpoint
+coordinator, health monitor), the placement group, the worker actors of one attempt, and what
+the controller asks of them. Tests replace it with a fake (tests/test_controller.py)."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from actors import checkpoint_coordinator
+from actors.health import HealthMonitor
+from actors.metrics_actor import MetricsActor
+from actors.train_worker import TrainWorker
+from checkpointing.layout import scan
+from checkpointing.storage import open_fs
+from common.errors import NonFiniteLoss, ResourceError, UserError
+from orchestrator import cluster, entrypoints, rank, rendezvous, script
+from orchestrator.anomaly import AnomalyDetector
+from orchestrator.config import Config
+from orchestrator.hang.followup import check_suspects, collect_flight_recorder
+from orchestrator.policy import Failure, FailureKind, GroupError
+from orchestrator.store import Store
+
+AVOID_WAIT_S = 10.0  # how long to look for room away from a culprit node before using it again
+
+
+@dataclass
+class Handles:
+    placement: cluster.Placement | None = None
+    metrics: object = None
+    checkpoints: object = None
+    health: object = None
+    workers: list = field(default_factory=list)
+
+
+class WorkerGroup:
+    def __init__(self, cfg: Config, run_id: str, store_root: Path, out):
+        self.cfg, self.run_id, self.store_root, self.out = cfg, run_id, Path(store_root), out
+        self.h = Handles()
+        self.nodes: list[str] = []  # node id of each rank of the current group
+        self.refs: list = []  # the ranks' train() results
+        self.pending: list = []
+
+    # --- the run's actors (once per run) ----------------------------------------------------
+
+    def start_run_actors(self) -> str | None:
+        """The metrics actor, the checkpoint coordinator and the health monitor, on the driver's
+        node next to the store file, for every attempt. Returns the Prometheus address, if any."""
+        if self.h.metrics is not None:
+            return None
+        cfg, run_id = self.cfg, self.run_id
+        here = ray.get_runtime_context().get_node_id()
+        t = cfg.telemetry
+        self.h.metrics = ray.remote(MetricsActor).options(
+            name=f"{cfg.run.name}:{run_id}:metrics", num_cpus=0, max_restarts=-1,  # senders replay into the restarted actor
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        ).remote(run_id, str(self.store_root), open_store=Store, detector=AnomalyDetector(),
+                 prometheus_host=t.prometheus_host, prometheus_port=t.prometheus_port, alert_webhook=t.alert_webhook)
+        try:
+            prometheus = ray.get(self.h.metrics.prometheus_address.remote())
+        except ray.exceptions.RayActorError as e:
+            raise UserError(f"telemetry.prometheus_port={t.prometheus_port}: cannot serve metrics on "
+                            f"{t.prometheus_host}: {str(e).strip().splitlines()[-1]}") from None
+        self.h.checkpoints = checkpoint_coordinator.start(cfg, run_id, str(self.store_root), here)
+        if cfg.hang.enabled:
+            self.h.health = ray.remote(HealthMonitor).options(
+                name=f"{cfg.run.name}:{run_id}:health", num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+            ).remote()
+        return prometheus
+
+    def set_attempt(self, attempt: int) -> None:
+        ray.get(self.h.metrics.set_attempt.remote(attempt))
+
+    def committed_steps(self) -> tuple[str, list[int]]:
+        """(the run's checkpoint location, its committed steps, oldest first)."""
+        uri = ray.get(self.h.checkpoints.info.remote())["uri"]
+        fs, root = open_fs(uri, self.cfg.checkpoint.storage_options)
+        return uri, scan(fs, root).committed
+
+    # --- reservations -----------------------------------------------------------------------
+
+    def reserve(self, sizes: list[int], avoid_nodes: tuple[str, ...]) -> tuple[int, str | None]:
+        """A placement group for the largest of `sizes` that fits within scaling.start_timeout_s.
+        Returns (workers, a note on where it went when nodes were to be avoided)."""
+        if self.h.placement is not None:
+            return len(self.h.placement.bundle_nodes), None
+        timeout = self.cfg.scaling.start_timeout_s
+        if len(sizes) == 1:
+            return sizes[0], self._reserve_group(sizes[0], timeout, avoid_nodes)
+        deadline = time.monotonic() + timeout
+        while True:
+            for n in sizes:
+                try:
+                    note = self._reserve_group(n, 2.0, avoid_nodes)
+                except ResourceError as e:
+                    last_error = e
+                    continue
+                if n < sizes[0]:
+                    batch = self.cfg.data.global_batch_size
+                    same = (f" (global batch {batch} stays, {batch // n} per rank)"
+                            if self.cfg.entrypoint.kind == "builtin" else "")
+                    self.out(f"elastic: {n} of {sizes[0]} workers fit now; going on with {n}{same}")
+                return n, note
+            if time.monotonic() >= deadline:
+                raise ResourceError(f"{last_error} (elastic: tried {', '.join(map(str, sizes))} workers)")
+
+    def _reserve_group(self, n: int, timeout_s: float, avoid_nodes: tuple[str, ...]) -> str | None:
+        """After a stall with a culprit node, first try without that node (hang.avoid_culprit_node),
+        falling back to it when the cluster has no room elsewhere."""
+        s = self.cfg.scaling
+        kw = dict(run_id=self.run_id, num_workers=n, cpus=s.cpus_per_worker, gpus=s.gpus_per_worker)
+        if not avoid_nodes:
+            self.h.placement = cluster.reserve(**kw, timeout_s=timeout_s)
+            return None
+        names = cluster.node_labels(avoid_nodes)
+        try:
+            self.h.placement = cluster.reserve(**kw, timeout_s=min(timeout_s, AVOID_WAIT_S), avoid_nodes=list(avoid_nodes))
+            return f"restarted without node {names}"
+        except ResourceError:
+            self.h.placement = cluster.reserve(**kw, timeout_s=timeout_s)
+            return f"no spare capacity outside node {names}: restarted on it"
+
+    def free_resources(self) -> dict:
+        return ray.available_resources()
+
+    # --- one attempt ------------------------------------------------------------------------
+
+    def start(self, attempt: int) -> dict:
+        """Worker actors on the reserved bundles, rendezvous. Returns what the controller reports."""
+        t0 = time.time()
+        cfg, h = self.cfg, self.h
+        world = len(h.placement.bundle_nodes)
+        ranks = rendezvous.assign_ranks(h.placement.bundle_nodes)
+        by_rank = sorted(range(world), key=lambda b: ranks[b]["rank"])
+        s = cfg.scaling
+        h.workers = [
+            ray.remote(TrainWorker).options(
+                name=f"{cfg.run.name}:{self.run_id}:rank{ranks[b]['rank']}" + (f":a{attempt}" if attempt else ""),
+                num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(h.placement.pg, placement_group_bundle_index=b),
+            ).remote()
+            for b in by_rank
+        ]
+        self.nodes = [ranks[b]["node_id"] for b in by_rank]
+        infos = self._gather([w.node_info.remote() for w in h.workers], "start")
+        master_addr = infos[0]["ip"]
+        master_port = self._gather([h.workers[0].execute.remote(rendezvous.free_port)], "start")[0]
+        config, script = cfg.to_dict(), cfg.entrypoint.kind == "script"  # a script joins the group itself
+        joins = [
+            w.execute.remote(rank.with_config, rendezvous.join, config, rank=ranks[b]["rank"],
+                             local_rank=ranks[b]["local_rank"], world_size=world,
+                             local_world_size=ranks[b]["local_world_size"], node_rank=ranks[b]["node_rank"],
+                             master_addr=master_addr, master_port=master_port, run_id=self.run_id, attempt=attempt,
+                             init_group=not script)
+            for w, b in zip(h.workers, by_rank, strict=True)
+        ]
+        backends = self._gather(joins, "rendezvous")
+        if h.health is not None:
+            ray.get(h.health.reset.remote())
+        return {"workers": [{"rank": r, **info} for r, info in enumerate(infos)], "world": world,
+                "nodes": len({i["node_id"] for i in infos}), "backend": backends[0],
+                "master": f"{master_addr}:{master_port}", "seconds": time.time() - t0}
+
+    def train(self, step0: int | None, source_uri: str | None, skipped: tuple[int, ...]) -> None:
+        h = self.h
+        run = {"builtin": rank.run, "function": entrypoints.run_function,
+               "script": script.run_script}[self.cfg.entrypoint.kind]
+        config = self.cfg.to_dict()
+        self.refs = [w.execute.remote(rank.with_config, run, config, metrics=h.metrics, checkpoints=h.checkpoints,
+                                      health_monitor=h.health, restore_step=step0, restore_uri=source_uri,
+                                      skipped=list(skipped))
+                     for w in h.workers]
+        self.pending = list(self.refs)
+
+    def wait(self, timeout_s: float) -> list[dict] | None:
+        """The ranks' summaries once every rank has finished, else None after at most timeout_s.
+        A failed rank raises GroupError at once (ray.wait returns as soon as one finishes)."""
+        done, self.pending = ray.wait(self.pending, num_returns=1, timeout=timeout_s)
+        for ref in done:
+            self._gather([ref], "training", ranks=[self.refs.index(ref)])
+        return None if self.pending else self._gather(self.refs, "training")
+
+    def poll(self) -> dict | None:
+        """Progress and new alerts from the metrics actor; None while it restarts."""
+        try:
+            return ray.get(self.h.metrics.poll.remote(), timeout=5)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            return None  # ranks keep their batches until it is back
+
+    def progress(self) -> dict | None:
+        try:
+            return ray.get(self.h.metrics.progress.remote(), timeout=2)
+        except Exception:  # the metrics actor is restarting
+            return None
+
+    def take_alerts(self) -> list[dict]:
+        return ray.get(self.h.metrics.take_alerts.remote())
+
+    def heartbeats(self) -> dict[int, dict] | None:
+        if self.h.health is None:
+            return None
+        try:
+            return ray.get(self.h.health.snapshot.remote(), timeout=5)
+        except Exception:
+            return None
+
+    def flight_recorder(self, report: dict, folder: Path) -> dict:
+        return collect_flight_recorder(self.h.health, len(self.nodes), report, folder, self.cfg.hang.heartbeat_s)
+
+    def check_suspects(self, report: dict) -> dict | None:
+        return check_suspects(report, self.nodes, self.cfg.hang.node_check_timeout_s, self.out)
+
+    def stop(self) -> None:
+        """Kill the worker group and give back its resources; the run's actors stay."""
+        for w in self.h.workers:
+            try:
+                ray.kill(w)
+            except Exception:
+                pass
+        self.h.workers, self.refs, self.pending = [], [], []
+        if self.h.checkpoints is not None:
+            for r in range(self.cfg.scaling.num_workers):
+                self.h.checkpoints.release_rank.remote(r)  # slots of killed writers
+        cluster.release(self.h.placement)  # a lost node's bundles cannot come back; reserve afresh
+        self.h.placement = None
+
+    def teardown(self) -> None:
+        if not ray.is_initialized():
+            return
+        for actor in self.h.workers + [a for a in (self.h.metrics, self.h.checkpoints, self.h.health) if a is not None]:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        cluster.release(self.h.placement)
+        ray.shutdown()  # stops an embedded cluster; only disconnects from an external one
+
+    # --- failures ---------------------------------------------------------------------------
+
+    def node(self, rank: int | None) -> str | None:
+        return self.nodes[rank] if rank is not None and 0 <= rank < len(self.nodes) else None
+
+    def _gather(self, refs: list, phase: str, ranks: list[int] | None = None) -> list:
+        """ray.get, with a failure turned into GroupError naming the rank, its node and the cause."""
+        ranks = ranks if ranks is not None else list(range(len(refs)))
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            r = _failed_rank(refs, ranks)
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            lines = str(cause).strip().splitlines()
+            kind, data = FailureKind.EXCEPTION, {}
+            if isinstance(cause, UserError):
+                kind = FailureKind.USER_ERROR
+            elif isinstance(cause, NonFiniteLoss):
+                kind = FailureKind.NON_FINITE
+                data = {"batch": cause.step, "value": cause.value}
+            text = getattr(cause, "user_traceback", None) or re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+            tb = f"--- rank {r} traceback ---\n" + text
+            msg = f"rank {r} failed during {phase}: {type(cause).__name__}: {lines[-1] if lines else ''}"
+            raise GroupError(Failure(kind, msg, rank=r, node_id=self.node(r), traceback=tb, data=data)) from None
+        except ray.exceptions.RayActorError as e:
+            r = _failed_rank(refs, ranks)
+            node = self.node(r)
+            alive = node is None or node in cluster.node_ips()
+            kind = FailureKind.DIED if alive else FailureKind.NODE_LOST
+            what = "died (process killed or out of memory)" if alive else f"was lost with its node {node}"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GroupError(Failure(kind, f"rank {r} {what} during {phase}: {first}", rank=r, node_id=node)) from None
+
+
+def _failed_rank(refs: list, ranks: list[int]) -> int | None:
+    for ref, r in zip(refs, ranks, strict=True):
+        try:
+            ray.get(ref, timeout=0)
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError):
+            return r
+        except ray.exceptions.GetTimeoutError:
+            continue
+    return None

@@ -1,0 +1,251 @@
+"""The control loop with a fake worker group and a fake clock: every path a real run takes
+(restarts, the budget, stalls, regrowing, straggler replacement, SIGTERM), in milliseconds, with
+the real store recording it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from common.errors import ResourceError
+from orchestrator.config import config_from_dict
+from orchestrator.controller import Controller, RunFailed
+from orchestrator.policy import Failure, FailureKind, GroupError
+from orchestrator.store import Store
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+class FakeGroup:
+    """Scripts per attempt: a list of what each wait() does: "step" (one more step done),
+    "hang" (nothing moves), "done" (every rank finished) or a Failure (the group failed)."""
+
+    def __init__(self, clock: Clock, scripts: list[list], *, committed=(), free=None, alerts=None, frozen_rank=None):
+        self.clock, self.scripts = clock, list(scripts)
+        self.committed = list(committed)
+        self.free = free or {}
+        self.alerts = alerts or {}  # step -> alerts the metrics actor reports then
+        self.frozen_rank = frozen_rank
+        self.reserved, self.started, self.stops, self.checked = [], [], 0, []
+        self.nodes: list[str] = []
+        self.world = 0
+
+    # what the controller calls
+    def reserve(self, sizes, avoid_nodes):
+        for n in sizes:
+            if n <= self.free.get("workers", sizes[0]):
+                self.reserved.append((n, tuple(avoid_nodes)))
+                self.world = n
+                return n, ("restarted without node " + ", ".join(avoid_nodes)) if avoid_nodes else None
+        raise ResourceError(f"cannot reserve {sizes[0]} workers")
+
+    def start_run_actors(self):
+        return None
+
+    def set_attempt(self, attempt):
+        self.attempt = attempt
+
+    def committed_steps(self):
+        return "mem://ckpt", sorted(self.committed)
+
+    def start(self, attempt):
+        self.started.append(attempt)
+        self.script = self.scripts.pop(0)
+        self.step = -1
+        self.nodes = [f"node-{r}" for r in range(self.world)]
+        if self.script and self.script[0] == "fail-start":
+            raise GroupError(Failure(FailureKind.DIED, "rank 0 died during start", rank=0, node_id="node-0"))
+        return {"workers": [], "world": self.world, "nodes": self.world, "backend": "gloo", "master": "x:1",
+                "seconds": 0.1}
+
+    def train(self, step0, source_uri, skipped):
+        self.step0, self.skipped = step0, skipped
+        self.step = (step0 or 0) - 1
+
+    def wait(self, timeout_s):
+        self.clock.t += timeout_s
+        what = self.script.pop(0) if self.script else "hang"
+        if isinstance(what, Failure):
+            raise GroupError(what)
+        if what == "done":
+            return [{"steps": self.step + 1, "train_time_s": 1.0, "first_loss": 5.0, "last_loss": 1.0}] * self.world
+        if what == "step":
+            self.step += 1
+        if what == "ckpt":
+            self.step += 1
+            self.committed.append(self.step + 1)
+        return None
+
+    def poll(self):
+        return {"progress": self.progress(), "alerts": self.alerts.pop(self.step, [])}
+
+    def progress(self):
+        return {"step": self.step, "max_step": self.step, "median_step_time_s": 0.1} if self.step >= 0 else {}
+
+    def take_alerts(self):
+        return []
+
+    def heartbeats(self):
+        now = time.time()
+        beats = {}
+        for r in range(self.world):
+            frozen = r == self.frozen_rank
+            beats[r] = {"rank": r, "step": self.step, "phase": "forward" if frozen else "backward",
+                        "progress": self.step + 1, "coll_entered": self.step + (0 if frozen else 1),
+                        "coll_completed": self.step, "time": now - (100 if frozen else 0)}
+        return beats
+
+    def flight_recorder(self, report, folder):
+        return {"summary": "fake recorder", "ranks": {}, "culprits": []}
+
+    def check_suspects(self, report):
+        self.checked.append(list(report["culprit_nodes"]))
+        return {"problems": []}
+
+    def free_resources(self):
+        return {"CPU": self.free.get("CPU", 0)}
+
+    def node(self, rank):
+        return self.nodes[rank] if rank is not None and 0 <= rank < len(self.nodes) else None
+
+    def stop(self):
+        self.stops += 1
+
+
+def setup(tmp_path, scripts, *, first_attempt=0, restore=None, **kw):
+    sections = {"data": {"uri": "unused", "global_batch_size": 8}, "scaling": {"num_workers": 2},
+                "train": {"max_steps": 100}, "telemetry": {"progress_every_s": 1.0},
+                "hang": {"timeout_s": 5, "first_step_timeout_s": 5, "heartbeat_s": 1.0}}
+    for key, value in kw.pop("cfg", {}).items():
+        sections.setdefault(key, {}).update(value)
+    cfg = config_from_dict(sections)
+    store = Store(tmp_path / "home")
+    store.create_run(run_id="r1", name="t", config={}, git_commit=None, host="h", command="", world_size=2)
+    clock = Clock()
+    group = FakeGroup(clock, scripts, **kw)
+    lines: list[str] = []
+    c = Controller(cfg, "r1", store, group, lines.append, first_attempt=first_attempt, restore=restore,
+                   clock=clock, sleep=clock.sleep)
+    return c, group, store, lines
+
+
+def died(rank=1):
+    return Failure(FailureKind.DIED, f"rank {rank} died (process killed or out of memory) during training",
+                   rank=rank, node_id=f"node-{rank}")
+
+
+def test_a_clean_run_completes_and_records_one_attempt(tmp_path):
+    c, group, store, lines = setup(tmp_path, [["step", "step", "done"]])
+    summary = c.run()
+    assert summary["steps"] == 2 and summary["restarts"] == 0
+    assert [(a["attempt"], a["status"]) for a in store.attempts("r1")] == [(0, "completed")]
+    assert any(line.startswith("rendezvous done: 2 ranks") for line in lines)
+
+
+def test_two_deaths_restart_from_the_latest_checkpoint_and_complete(tmp_path):
+    scripts = [["ckpt", "step", died()], ["fail-start"], ["step", "ckpt", "done"]]
+    c, group, store, lines = setup(tmp_path, scripts)
+    summary = c.run()
+    assert summary["restarts"] == 2
+    attempts = store.attempts("r1")
+    assert [a["status"] for a in attempts] == ["failed", "failed", "completed"]
+    assert attempts[0]["cause"] == "died" and attempts[0]["steps_lost"] == 1  # step 1 done, checkpoint at 1
+    assert [a["resumed_from_step"] for a in attempts] == [None, 1, 1]
+    assert group.stops == 2 and group.started == [0, 1, 2]
+    assert attempts[2]["recovery_s"] is not None
+    assert [e["kind"] for e in store.events("r1")] == ["failure_died", "failure_died"]
+    assert sum("RESTART" in line for line in lines) == 2
+
+
+def test_the_restart_budget_ends_the_run_with_a_clear_message(tmp_path):
+    c, group, store, _ = setup(tmp_path, [[died()], [died()]], cfg={"fault_tolerance": {"max_restarts": 1}})
+    with pytest.raises(RunFailed, match=r"rank 1 died .* \(after 1 restart; fault_tolerance.max_restarts=1\)"):
+        c.run()
+    assert [a["status"] for a in store.attempts("r1")] == ["failed", "failed"]
+
+
+def test_no_resources_raise_the_clusters_error(tmp_path):
+    c, group, _, _ = setup(tmp_path, [["done"]], free={"workers": 1})
+    with pytest.raises(ResourceError, match="cannot reserve 2 workers"):
+        c.run()
+
+
+def test_a_frozen_rank_is_named_checked_and_avoided_on_restart(tmp_path):
+    c, group, store, lines = setup(tmp_path, [["step"] + ["hang"] * 20, ["step", "done"]], frozen_rank=1)
+    c.run()
+    stall = store.events("r1", kind="stall")
+    assert len(stall) == 1 and stall[0]["rank"] == 1
+    assert stall[0]["data"]["verdict"] == "stopped" and stall[0]["data"]["culprit_nodes"] == ["node-1"]
+    assert stall[0]["data"]["node_checks"] == {"problems": []}
+    assert stall[0]["data"]["placement"] == "restarted without node node-1"
+    assert group.checked == [["node-1"]]
+    assert group.reserved[1] == (2, ("node-1",))
+    assert store.attempts("r1")[0]["cause"] == "hang"
+
+
+def test_a_stall_without_evidence_names_nobody_and_avoids_no_node(tmp_path):
+    c, group, store, _ = setup(tmp_path, [["step"] + ["hang"] * 20, ["done"]])
+    c.run()
+    stall = store.events("r1", kind="stall")[0]
+    assert stall["rank"] is None and stall["data"]["verdict"] == "undecided"
+    assert group.reserved[1] == (2, ())
+
+
+def test_an_elastic_run_regrows_at_the_next_checkpoint_without_using_a_restart(tmp_path):
+    # one worker fits at first; then room for the second appears, and the next checkpoint regrows
+    c, group, store, lines = setup(tmp_path, [["step", "step", "step", "ckpt", "step"], ["step", "done"]],
+                                   free={"workers": 1, "CPU": 4}, cfg={"scaling": {"min_workers": 1},
+                                                                       "fault_tolerance": {"max_restarts": 0}})
+    group.reserve_sizes = []
+    orig = group.reserve
+
+    def reserve(sizes, avoid):
+        group.reserve_sizes.append(list(sizes))
+        if len(group.reserved) == 1:
+            group.free["workers"] = 2
+        return orig(sizes, avoid)
+
+    group.reserve = reserve
+    summary = c.run()
+    assert group.reserve_sizes[0] == [2, 1] and [n for n, _ in group.reserved] == [1, 2]
+    assert summary["restarts"] == 0
+    assert [a["status"] for a in store.attempts("r1")] == ["resized", "completed"]
+    assert any("regrowing at the next checkpoint" in line for line in lines)
+
+
+def test_a_straggler_is_replaced_at_the_next_checkpoint_away_from_its_node(tmp_path):
+    alert = {"id": 0, "kind": "straggler", "severity": "warning", "rank": 1, "message": "rank 1 is slow",
+             "data": {"score": 0.5}}
+    c, group, store, lines = setup(tmp_path, [["step", "step", "ckpt", "step"], ["done"]], alerts={1: [alert]},
+                                   cfg={"hang": {"straggler_action": "restart"}})
+    alert["id"] = store.add_event("r1", kind="straggler", severity="warning", message="rank 1 is slow", rank=1)
+    summary = c.run()
+    assert summary["restarts"] == 1
+    assert [a["status"] for a in store.attempts("r1")] == ["replaced", "completed"]
+    assert group.reserved[1] == (2, ("node-1",))
+    assert store.events("r1", kind="straggler")[0]["data"]["placement"] == "restarted without node node-1"
+
+
+def test_sigterm_ends_the_attempt_as_interrupted_and_reaches_the_driver(tmp_path):
+    c, group, store, _ = setup(tmp_path, [["step", KeyboardInterrupt]])
+    real_wait = group.wait
+
+    def wait(timeout_s):
+        if group.script and group.script[0] is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return real_wait(timeout_s)
+
+    group.wait = wait
+    with pytest.raises(KeyboardInterrupt):
+        c.run()
+    assert [a["status"] for a in store.attempts("r1")] == ["interrupted"] and group.stops == 1

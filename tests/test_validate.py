@@ -1,0 +1,99 @@
+"""`orchestrator validate`: every pre-training check of `launch`, without training; ok lines and
+exit 0, or one line per problem and exit 2. Ray only for the cluster check."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from common.errors import UserError
+from orchestrator import cli
+from orchestrator.config import load_config
+from orchestrator.validate import preflight, run_checks
+from tests.conftest import run_cli, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def no_ray_address(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def validate(capsys, *argv) -> tuple[int, list[str], list[str]]:
+    code = cli.main(["validate", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err.splitlines()
+
+
+def test_a_good_config_passes_every_check_and_skips_the_cluster(tmp_path, home, tiny_data, capsys):
+    cfg = tiny_config(tmp_path, tiny_data, checkpoint={"uri": str(tmp_path / "ckpt" / "new")},
+                      telemetry={"alert_webhook": "https://hooks.example/T/B/X", "prometheus_port": 0})
+    code, out, err = validate(capsys, str(cfg), "train.max_steps=5")
+    assert code == 0 and err == []
+    assert out[0] == f"ok: config {cfg} with 1 override(s)"
+    assert any(line.startswith("ok: data.uri ") and "train sequences" in line for line in out)
+    assert "ok: model: built-in GPT, 2 layers, 2 heads, d_model 64" in out
+    assert any(line.startswith("ok: checkpoint.uri=") and "writable" in line for line in out)
+    assert any(line.startswith("ok: telemetry.prometheus_port: 0") for line in out)
+    assert "ok: telemetry.alert_webhook: an https URL on hooks.example (not called)" in out
+    assert out[-1].startswith("skipped: cluster resources: no --address and no RAY_ADDRESS")
+    assert not (tmp_path / "ckpt").exists()  # the marker and the directories made for it are gone
+    assert not home.exists()  # validating creates no store
+
+
+def test_every_problem_is_one_line_and_exit_2(tmp_path, home, tiny_data, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        cfg = tiny_config(tmp_path, str(tmp_path / "no-data"), model={"factory": "no_such_module_xyz:build"},
+                          checkpoint={"uri": str(blocker / "ckpt")},
+                          telemetry={"prometheus_port": busy.getsockname()[1]})
+        code, out, err = validate(capsys, str(cfg))
+    assert code == 2 and len(err) == 4, err
+    assert err[0].startswith("error: ") and "no dataset index here" in err[0]
+    assert "model.factory='no_such_module_xyz:build': cannot import no_such_module_xyz" in err[1]
+    assert "checkpoint.uri=" in err[2] and "cannot write there" in err[2]
+    assert "telemetry.prometheus_port=" in err[3] and "cannot listen on 127.0.0.1" in err[3]
+    assert "ok: telemetry.alert_webhook: null, alerts are stored only" in out
+    assert not any("Traceback" in line for line in err)
+
+
+def test_too_few_sequences_for_one_global_batch(tmp_path, home, tiny_data, capsys):
+    cfg = tiny_config(tmp_path, tiny_data)
+    code, out, err = validate(capsys, str(cfg), "data.global_batch_size=1000000", "scaling.num_workers=1")
+    assert code == 2 and len(err) == 1 and "fewer than one global batch" in err[0]
+
+
+def test_a_config_problem_is_the_one_line(tmp_path, home, tiny_data, capsys):
+    cfg = tiny_config(tmp_path, tiny_data)
+    code, out, err = validate(capsys, str(cfg), "telemetry.alert_webhook=ftp://x/y")
+    assert code == 2 and out == [] and len(err) == 1
+    assert "telemetry.alert_webhook='ftp://x/y': expected an http:// or https:// URL with a host" in err[0]
+
+
+def test_default_checkpoint_location_is_checked_without_creating_anything(tmp_path, home, tiny_data):
+    cfg = load_config(tiny_config(tmp_path, tiny_data))
+    [ckpt] = [c for c in run_checks(cfg) if "checkpoint" in c.message]
+    assert ckpt.status == "ok" and str(home / "checkpoints") in ckpt.message
+    assert not home.exists()
+
+
+def test_preflight_raises_the_first_problem_like_launch(tmp_path, home):
+    cfg = load_config(tiny_config(tmp_path, ""))
+    with pytest.raises(UserError, match="data.uri: required; point it at a dataset made by `orchestrator data prepare`"):
+        preflight(cfg)
+
+
+def test_cluster_resources_are_compared_when_an_address_is_given(tmp_path, home, tiny_data, ray_address):
+    cfg = tiny_config(tmp_path, tiny_data)
+    ok = run_cli("validate", str(cfg), "--address", ray_address, home=home)
+    assert ok.returncode == 0, ok.stderr
+    [line] = [x for x in ok.stdout.splitlines() if "cluster at" in x]
+    assert line.startswith("ok: cluster at ") and "scaling.num_workers=2 x {CPU: 1} = {CPU: 2}" in line
+    too_big = run_cli("validate", str(cfg), "scaling.num_workers=64", "data.global_batch_size=64",
+                      "--address", ray_address, home=home)
+    assert too_big.returncode == 2
+    [problem] = too_big.stderr.strip().splitlines()
+    assert problem.startswith("error: cluster at ") and "= {CPU: 64}, but it has" in problem
