@@ -11,6 +11,7 @@ class HealthMonitor:
         self.beats: dict[int, dict] = {}
         self.request = 0  # bumped by the driver to ask every rank for a dump
         self.dumps: dict[int, str | None] = {}
+        self.stacks: dict[int, str | None] = {}
 
     def beat(self, snapshot: dict) -> int:
         self.beats[snapshot["rank"]] = snapshot
@@ -21,14 +22,19 @@ class HealthMonitor:
 
     def request_dumps(self) -> None:
         self.request += 1
-        self.dumps = {}
+        self.dumps, self.stacks = {}, {}
 
-    def put_dump(self, rank: int, request: int, text: str | None) -> None:
+    def put_dump(self, rank: int, request: int, text: str | None, stack: str | None = None) -> None:
+        """A rank's Flight Recorder buffer (JSON text) and its Python stacks (py-spy's text)."""
         if request == self.request:
             self.dumps[rank] = text
+            self.stacks[rank] = stack
 
     def take_dumps(self) -> dict[int, str | None]:
         return dict(self.dumps)
 
+    def take_stacks(self) -> dict[int, str | None]:
+        return dict(self.stacks)
+
     def reset(self) -> None:
-        self.beats, self.dumps = {}, {}
+        self.beats, self.dumps, self.stacks = {}, {}, {}

@@ -31,6 +31,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,7 +227,9 @@ def _plain_errors(*, prefix: bool):
     from torch.distributed.checkpoint import CheckpointException
 
     try:
-        yield
+        with warnings.catch_warnings():  # no process group is on purpose here: one process, every slice
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
     except CheckpointException as e:
         rank, (exc, _) = min(e.failures.items(), key=lambda kv: kv[0])
         if not prefix and isinstance(exc, Exception):

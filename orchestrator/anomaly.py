@@ -5,7 +5,8 @@ Signals (per rank, deduplicated across ranks so 64 ranks do not raise 64 alerts)
   loss_spike           robust z-score of train/loss against a recent window (median / MAD)
   grad_norm_explosion  train/grad_norm many times its recent median
   throughput_drop      train/tokens_per_s below a fraction of its recent median, several steps running
-  straggler            a rank computes well below the other ranks' speed (waits in collectives excluded)
+  straggler            a rank computes slower than the other ranks (waits in collectives excluded):
+                       orchestrator/hang/stragglers.py, one alert per slow spell
   checkpoint_failed    a ckpt/failed point (the checkpoint writer logs one per failed checkpoint)
 """
 
@@ -15,6 +16,8 @@ import collections
 import math
 import statistics
 from dataclasses import dataclass, field
+
+from orchestrator.hang.stragglers import StragglerConfig, StragglerDetector
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,8 @@ class Thresholds:
     grad_ratio: float = 10.0
     throughput_drop: float = 0.5
     throughput_steps: int = 5
-    straggler_score: float = 0.75
-    straggler_checks: int = 5
     cooldown_steps: int = 20
+    straggler: StragglerConfig = field(default_factory=StragglerConfig)
 
 
 class AnomalyDetector:
@@ -45,16 +47,18 @@ class AnomalyDetector:
         self.t = thresholds or Thresholds()
         self.history: dict[tuple[int, str], collections.deque] = {}
         self.slow_steps: dict[int, int] = collections.defaultdict(int)
-        self.straggling: dict[int, int] = collections.defaultdict(int)
-        self.step_time: dict[int, collections.deque] = {}
-        self.last_alert: dict[str, int] = {}  # kind -> step of the last alert (any rank)
-        self.scores: dict[int, tuple[int, float]] = {}  # rank -> (step, straggler score), latest
+        # kind -> step of the last alert (any rank); ("straggler", rank) -> step it was reported.
+        # The metrics actor puts back a copy when a batch's transaction fails: what it raised is raised again.
+        self.last_alert: dict = {}
+        self.stragglers = StragglerDetector(self.t.straggler)
+        self.scores = self.stragglers.scores  # rank -> (step, straggler score), latest; the actor pops them
 
     def new_group(self) -> None:
         """A new worker group (a restart): rank speeds are judged afresh; loss history stays."""
-        self.straggling.clear()
-        self.step_time.clear()
+        self.stragglers.new_group()
         self.slow_steps.clear()
+        for key in [k for k in self.last_alert if isinstance(k, tuple)]:
+            del self.last_alert[key]
 
     def observe(self, rank: int, columns: dict) -> list[Alert]:
         """columns: {key: (steps, values)} from one rank, in step order."""
@@ -68,9 +72,8 @@ class AnomalyDetector:
                     if alert and self._fresh(alert):
                         alerts.append(alert)
         if "health/compute_s" in columns:
-            alert = self._straggler(rank, columns["health/compute_s"])
-            if alert and self._fresh(alert):
-                alerts.append(alert)
+            self.stragglers.observe(rank, *columns["health/compute_s"])
+        alerts += self._straggler_alerts()
         return alerts
 
     def _fresh(self, alert: Alert) -> bool:
@@ -137,26 +140,25 @@ class AnomalyDetector:
             return Alert("checkpoint_failed", "error", step, rank, f"checkpoint at step {step} failed on rank {rank}")
         return None
 
-    def _straggler(self, rank: int, column) -> Alert | None:
-        """Score = the other ranks' median compute time / this rank's (compute excludes waiting in
-        collectives, where a fast rank waits for a slow one). Below `straggler_score` for
-        `straggler_checks` batches running: flagged."""
-        steps, values = column
-        times = self.step_time.setdefault(rank, collections.deque(maxlen=self.t.window))
-        times.extend(float(v) for v in values)
-        others = [statistics.median(d) for r, d in self.step_time.items() if r != rank and len(d) >= self.t.min_history]
-        if len(times) < self.t.min_history or not others:
-            return None
-        mine, typical = statistics.median(times), statistics.median(others)
-        score = typical / mine if mine > 0 else 1.0
-        self.scores[rank] = (int(steps[-1]), score)
-        if score < self.t.straggler_score:
-            self.straggling[rank] += 1
-            if self.straggling[rank] == self.t.straggler_checks:
-                return Alert("straggler", "warning", int(steps[-1]), rank,
-                             f"rank {rank} computes at {score:.2f}x the speed of the others "
-                             f"({mine * 1e3:.1f} ms per step against {typical * 1e3:.1f} ms)",
-                             {"score": score, "rank_compute_s": mine, "typical_compute_s": typical})
-        else:
-            self.straggling[rank] = 0
-        return None
+    def _straggler_alerts(self) -> list[Alert]:
+        """One alert for the ranks flagged and not yet reported (the slowest named), once per slow spell."""
+        flagged = self.stragglers.flagged
+        reported = [k for k in self.last_alert if isinstance(k, tuple) and k[0] == "straggler"]
+        for key in reported:
+            if key[1] not in flagged:  # recovered: a new spell is a new alert
+                del self.last_alert[key]
+        new = [f for r, f in flagged.items() if ("straggler", r) not in self.last_alert]
+        if not new:
+            return []
+        f = max(new, key=lambda f: f.evidence["slowdown"])
+        for other in new:
+            self.last_alert[("straggler", other.rank)] = other.step
+        also = sorted(o.rank for o in new if o is not f)
+        e = f.evidence
+        message = (f"rank {f.rank} computes at {f.score:.2f}x the speed of the others "
+                   f"({f.rank_compute_s * 1e3:.1f} ms per step against {f.typical_compute_s * 1e3:.1f} ms, "
+                   f"{e['evidence_steps']} steps since step {f.onset_step})"
+                   + (f"; also slow: rank(s) {', '.join(map(str, also))}" if also else ""))
+        return [Alert("straggler", "warning", f.step, f.rank, message,
+                      {"score": f.score, "rank_compute_s": f.rank_compute_s, "typical_compute_s": f.typical_compute_s,
+                       "onset_step": f.onset_step, "ranks": sorted(o.rank for o in new), **e})]

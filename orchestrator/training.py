@@ -187,8 +187,8 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
         # accumulation: the rank's batch in `accum` equal micro-batches (the global batch, and so
         # the data order, is unchanged); each loss scaled by 1/accum, gradients reduced on the last
         for i, micro in enumerate(batch.chunk(accum) if accum > 1 else (batch,)):
-            last = i == accum - 1
-            with grad_sync(ddp, last):
+            final = i == accum - 1
+            with grad_sync(ddp, final):
                 health.phase = "forward"
                 compute_started = time.perf_counter()
                 with counted(health, multi and sharded), autocast(ctx.device, cfg.train.precision):
@@ -198,7 +198,7 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
                 # returns: counting them per step here costs nothing (a Python comm hook per bucket
                 # cost ~3% here)
                 health.phase = "backward"
-                with counted(health, multi and (last or sharded)):
+                with counted(health, multi and (final or sharded)):
                     (loss if accum == 1 else loss / accum).backward()
             total = loss.detach() if total is None else total + loss.detach()
         health.phase = "optimizer"

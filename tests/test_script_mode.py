@@ -17,7 +17,7 @@ from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
 
 pytestmark = pytest.mark.ray
 
-SCRIPT = str(REPO / "tests" / "scripts" / "ddp_snapshot.py")
+SCRIPT = str(REPO / "examples" / "torchrun_ddp.py")
 
 
 def script_config(tmp_path, tiny_data, args, **sections):
@@ -85,7 +85,7 @@ def test_a_failing_script_is_restarted_then_reported_with_its_last_words(tmp_pat
     proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=300)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert "ddp_snapshot.py exited with code 3: failing at step 2" in last and "after 1 restart" in last, last
+    assert "torchrun_ddp.py exited with code 3: failing at step 2" in last and "after 1 restart" in last, last
     assert "last lines of rank" in proc.stderr
 
 
@@ -100,6 +100,8 @@ def test_a_hung_script_is_found_without_its_help_and_restarted(tmp_path, home, t
     run_id = cli_json("runs", home=home)[-1]["id"]
     (stall,) = cli_json("diagnose", run_id, home=home)["events"]
     assert stall["step"] == 5  # the last step every rank finished before rank 1 hung
+    stacks = stall["flight_recorder"]["stacks"]  # the script's own Python stacks, by py-spy
+    assert "torchrun_ddp.py" in stacks["1"], stacks
 
 
 def test_launch_script_without_a_config_file(tmp_path, home):
@@ -118,6 +120,6 @@ def test_launch_script_runs_it_with_its_arguments(tmp_path, home, ray_address):
                    home=home, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = cli_json("runs", home=home)[-1]
-    assert run["name"] == "ddp_snapshot"
+    assert run["name"] == "torchrun_ddp"
     lines = [r["line"] for r in lines_of(home, run["id"], rank=0)]
     assert lines[-1] == "done" and lines[-2].startswith("step 2 loss ")

@@ -6,26 +6,32 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import ray
+
 from actors.node_check import check_nodes
 from orchestrator import cluster
 from orchestrator.hang.rules import flight_recorder_summary
 
+STACKS_WAIT_S = 15.0  # how long to wait for the ranks' dumps (each runs py-spy once)
+STACK_LINES = 25  # of each rank's stacks kept in the stored report (all of it in the files)
+
 
 def collect_flight_recorder(health, world: int, report: dict, folder: Path, heartbeat_s: float) -> dict:
-    """Ask every rank for its Flight Recorder buffer (the heartbeat thread answers, even while the
-    training thread is blocked in a collective), wait briefly, analyse, keep the dumps in `folder`."""
-    import ray
-
+    """Ask every rank for its Flight Recorder buffer and its Python stacks (the heartbeat thread
+    answers, even while the training thread is blocked in a collective), wait briefly, analyse,
+    keep the dumps in `folder`. A script's stacks are its own process's, not the worker's."""
     silent = set(report["culprits"]) if report["verdict"] == "stopped" else set()  # frozen: will not answer
     dumps: dict[int, str | None] = {}
+    stacks: dict[int, str | None] = {}
     try:
         ray.get(health.request_dumps.remote(), timeout=5)
-        deadline = time.monotonic() + max(3.0, 3 * heartbeat_s)
+        deadline = time.monotonic() + max(STACKS_WAIT_S, 3 * heartbeat_s)  # py-spy takes a second or two
         while time.monotonic() < deadline:
             dumps = ray.get(health.take_dumps.remote(), timeout=5)
             if all(r in dumps for r in range(world) if r not in silent):
                 break
             time.sleep(0.2)
+        stacks = ray.get(health.take_stacks.remote(), timeout=5)
     except Exception as e:  # the monitor is gone: report what is known
         return {"summary": f"no dumps ({type(e).__name__})", "ranks": {}, "culprits": []}
     fr = flight_recorder_summary(dumps, world)
@@ -33,6 +39,10 @@ def collect_flight_recorder(health, world: int, report: dict, folder: Path, hear
     for r, text in dumps.items():
         if text is not None:
             (folder / f"flight_recorder_rank{r}.json").write_text(text)
+    for r, text in stacks.items():
+        if text is not None:
+            (folder / f"stacks_rank{r}.txt").write_text(text)
+    fr["stacks"] = {r: "\n".join(text.splitlines()[:STACK_LINES]) for r, text in stacks.items() if text}
     fr["files"] = str(folder)
     return fr
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -50,6 +53,20 @@ def flight_recorder_dump(keep: int = 200) -> str | None:
     return json.dumps(dump)
 
 
+def stack_dump(pid: int, timeout_s: float = 20.0, max_chars: int = 20_000) -> str | None:
+    """Every thread's Python stack in process `pid`, by py-spy (read from outside, so it works
+    while the process is stuck in a collective or in C code), or None when py-spy is missing."""
+    exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(exe):
+        return None
+    try:
+        done = subprocess.run([exe, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"py-spy dump failed: {type(e).__name__}"
+    text = done.stdout if done.returncode == 0 else f"py-spy dump failed: {done.stderr.strip().splitlines()[:1]}"
+    return text[:max_chars]
+
+
 class Heartbeat:
     def __init__(self, monitor, health: Health, every_s: float):
         self.monitor, self.health, self.every_s = monitor, health, every_s
@@ -80,7 +97,8 @@ class Heartbeat:
             self._answered = request
         elif request > self._answered:
             self._answered = request
-            self.monitor.put_dump.remote(self.health.rank, request, flight_recorder_dump())
+            self.monitor.put_dump.remote(self.health.rank, request, flight_recorder_dump(),
+                                         stack_dump(self.health.pid))
 
     def stop(self) -> None:
         self._stop.set()

@@ -84,6 +84,12 @@ def cmd_diagnose(args, argv) -> int:
             if r["flight_recorder"]:
                 out(f"  flight recorder: {r['flight_recorder']['summary']}"
                     + (f" (dumps in {r['flight_recorder']['files']})" if r["flight_recorder"].get("files") else ""))
+                stacks = r["flight_recorder"].get("stacks") or {}
+                for rank in [str(c) for c in r["culprits"]] or sorted(stacks)[:1]:
+                    if stacks.get(rank):
+                        out(f"  Python stacks of rank {rank} (py-spy):")
+                        for line in stacks[rank].splitlines():
+                            out(f"    {line}")
             if r["node_checks"]:
                 for line in node_check_lines(r["node_checks"]):
                     out(f"  {line}")
