@@ -45,6 +45,8 @@ def build_parser() -> Parser:
     launch.add_argument("--script", help="run this torchrun-style script per rank (no config file needed; "
                                          "arguments for it after --)")
     launch.add_argument("--workers", type=int, help="ranks for --script (scaling.num_workers)")
+    launch.add_argument("--resume-if-exists", action="store_true",
+                        help="continue the unfinished run of the same name instead of starting over (run.resume=auto)")
     launch.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     launch.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local cluster)")
 
@@ -307,6 +309,8 @@ def cmd_launch(args, argv) -> int:
         raise UserError("orchestrator launch: give a config file, or --script PATH (see `orchestrator launch --help`)")
     elif args.workers is not None or args.script_args:
         raise UserError("orchestrator launch: --workers and arguments after -- go with --script")
+    if args.resume_if_exists:
+        overrides.append("run.resume=auto")
     cfg = load_config(args.config, overrides)
     launch(cfg, address=args.address, command=stored_command(argv), out=out)
     return 0

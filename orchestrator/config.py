@@ -30,11 +30,18 @@ class Backend(str, Enum):
     NCCL = "nccl"
 
 
+class ResumeMode(str, Enum):
+    NEVER = "never"  # every launch is a new run
+    AUTO = "auto"  # a launch with the name of an unfinished run continues it (a re-submitted job)
+
+
 @dataclass
 class RunConfig:
     name: str | None = option(None, help="run name; defaults to the config file's stem")
     seed: int = option(0, min=0, max=2**32 - 1, help="seeds weights, data order and dropout; same seed, same run")
     tags: list[str] = option([], help="free-form labels shown with the run")
+    resume: ResumeMode = option(ResumeMode.NEVER, help="auto: launching the name of a lost, failed, interrupted or "
+                                "stopped run continues it from its latest good checkpoint (a re-submitted job)")
 
 
 @dataclass

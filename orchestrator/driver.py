@@ -15,7 +15,15 @@ from checkpointing.layout import scan
 from checkpointing.storage import open_fs, resolve_uri
 from common.errors import UserError
 from orchestrator import cluster, provenance
-from orchestrator.config import REDACTED, Config, apply_override, config_from_dict, flatten, redact
+from orchestrator.config import (
+    REDACTED,
+    Config,
+    ResumeMode,
+    apply_override,
+    config_from_dict,
+    flatten,
+    redact,
+)
 from orchestrator.controller import Controller, RunFailed  # noqa: F401 (RunFailed: public)
 from orchestrator.progress import fmt_duration
 from orchestrator.store import DRIVER_BEAT_S, Store
@@ -43,6 +51,11 @@ def launch(cfg: Config, *, address: str | None = None, command: str = "", out=pr
     """A new run, trained to the end. Returns the run id; raises RunFailed / ResourceError / KeyboardInterrupt."""
     preflight(cfg)
     store = store or Store()
+    if cfg.run.resume is ResumeMode.AUTO:
+        prior = store.latest_named(cfg.run.name)
+        if prior is not None and prior["status"] != "completed":
+            out(f"run.resume=auto: continuing run {prior['id']} ({prior['status']}) instead of starting over")
+            return _continue(prior, cfg, store, out, address=address)
     run_id = new_run_id(cfg.run.name)
     _record_new_run(cfg, run_id, store, command)
     return _drive(cfg, run_id, store, out, address=address)
@@ -69,13 +82,16 @@ def resume(ref: str, overrides: list[str], *, address: str | None = None, out=pr
     """Continue a failed, interrupted or completed run from its latest good checkpoint, same run id."""
     store = store or Store()
     run = store.run(ref)
-    if run["status"] == "running":
-        host = run.get("driver_host") or run["host"]
-        raise UserError(f"run {run['id']} is running (its driver, pid {run.get('driver_pid') or '?'} on {host}, is "
-                        f"alive); stop it first, or wait for it to finish")
+    _refuse_if_running(run)
     cfg = config_for(run, overrides)
-    _check_compatible(run, cfg)
     preflight(cfg)
+    return _continue(run, cfg, store, out, address=address)
+
+
+def _continue(run: dict, cfg: Config, store: Store, out, *, address: str | None) -> str:
+    """The run goes on under `cfg` from its latest good checkpoint, same run id."""
+    _refuse_if_running(run)
+    _check_compatible(run, cfg)
     attempts = store.attempts(run["id"])
     if run["status"] == "lost":  # taking over from a driver that died: its open attempt ended with it
         out(f"run {run['id']} lost its driver (pid {run.get('driver_pid')} on {run.get('driver_host')}); taking it over")
@@ -86,6 +102,13 @@ def resume(ref: str, overrides: list[str], *, address: str | None = None, out=pr
     store.reopen_run(run["id"], config=redact(cfg.to_dict()))
     out(f"resuming run {run['id']} (attempt {len(attempts)})")
     return _drive(cfg, run["id"], store, out, address=address, restore="latest", first_attempt=len(attempts))
+
+
+def _refuse_if_running(run: dict) -> None:
+    if run["status"] == "running":
+        host = run.get("driver_host") or run["host"]
+        raise UserError(f"run {run['id']} is running (its driver, pid {run.get('driver_pid') or '?'} on {host}, is "
+                        f"alive); stop it first, or wait for it to finish")
 
 
 def config_for(run: dict, overrides: list[str]) -> Config:

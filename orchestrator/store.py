@@ -368,6 +368,12 @@ class Store:
         self.db.execute("UPDATE runs SET driver_host = ?, driver_pid = ?, driver_beat = ? WHERE id = ?",
                         (host, pid, time.time(), run_id))
 
+    def latest_named(self, name: str) -> dict[str, Any] | None:
+        """The newest run called `name`, or None."""
+        row = self.db.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE name = ? ORDER BY created_at DESC "
+                              "LIMIT 1", (name,)).fetchone()
+        return self._run_row(row) if row else None
+
     def _run_row(self, row: tuple) -> dict[str, Any]:
         d = dict(zip(RUN_COLUMNS, row, strict=True))
         if d["status"] == "running" and driver_gone(d["driver_host"], d["driver_pid"], d["driver_beat"]):

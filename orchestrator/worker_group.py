@@ -19,7 +19,7 @@ from actors.train_worker import TrainWorker
 from checkpointing.layout import scan
 from checkpointing.storage import open_fs
 from common.errors import NonFiniteLoss, ResourceError, UserError
-from orchestrator import cluster, entrypoints, rank, rendezvous, script
+from orchestrator import cluster, entrypoints, rank, rendezvous, script, visibility
 from orchestrator.anomaly import AnomalyDetector
 from orchestrator.config import Config
 from orchestrator.hang.followup import check_suspects, collect_flight_recorder
@@ -151,6 +151,7 @@ class WorkerGroup:
         infos = self._gather([w.node_info.remote() for w in h.workers], "start")
         master_addr = infos[0]["ip"]
         master_port = self._gather([h.workers[0].execute.remote(rendezvous.free_port)], "start")[0]
+        self._check_storage(infos)
         config, script = cfg.to_dict(), cfg.entrypoint.kind == "script"  # a script joins the group itself
         joins = [
             w.execute.remote(rank.with_config, rendezvous.join, config, rank=ranks[b]["rank"],
@@ -166,6 +167,18 @@ class WorkerGroup:
         return {"workers": [{"rank": r, **info} for r, info in enumerate(infos)], "world": world,
                 "nodes": len({i["node_id"] for i in infos}), "backend": backends[0],
                 "master": f"{master_addr}:{master_port}", "seconds": time.time() - t0}
+
+    def _check_storage(self, infos: list[dict]) -> None:
+        """Every node of the group must see the checkpoint location and the dataset (one worker per node asks)."""
+        by_node = {}
+        for w, info in zip(self.h.workers, infos, strict=True):
+            by_node.setdefault(info["node_id"], w)
+        cfg = self.cfg
+        uri = ray.get(self.h.checkpoints.info.remote())["uri"]
+        data = cfg.data.uri if cfg.entrypoint.kind == "builtin" else None
+        visibility.check(lambda node, fn, *args: self._gather([by_node[node].execute.remote(fn, *args)], "start")[0],
+                         list(by_node), checkpoint_uri=uri, checkpoint_options=cfg.checkpoint.storage_options,
+                         data_uri=data, data_options=cfg.data.storage_options)
 
     def train(self, step0: int | None, source_uri: str | None, skipped: tuple[int, ...]) -> None:
         h = self.h

@@ -32,7 +32,9 @@ def test_a_stale_or_dead_driver_is_judged_lost():
     assert driver_gone(me, child.pid, now, now)  # its process is gone from this host
 
 
-def test_a_killed_driver_leaves_a_lost_run_that_resume_completes(tmp_path, home, tiny_data, ray_address):
+@pytest.mark.parametrize("how", ["resume", "relaunch"])
+def test_a_killed_driver_leaves_a_lost_run_that_resume_completes(tmp_path, home, tiny_data, ray_address, how):
+    """`resume RUN`, or the same job submitted again with run.resume=auto (the KubeRay RayJob pattern)."""
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 30, "eval_every": 0}, checkpoint={"every_steps": 5},
                       model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.1}})
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
@@ -53,9 +55,13 @@ def test_a_killed_driver_leaves_a_lost_run_that_resume_completes(tmp_path, home,
             proc.kill()
             proc.wait()
     assert cli_json("runs", "--status", "lost", home=home)[-1]["id"] == run_id
-    done = run_cli("resume", run_id, "--address", ray_address, home=home, timeout=300)
+    if how == "resume":
+        done = run_cli("resume", run_id, "--address", ray_address, home=home, timeout=300)
+    else:
+        done = run_cli("launch", str(cfg), "--resume-if-exists", "--address", ray_address, home=home, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "taking it over" in done.stdout
+    assert len(cli_json("runs", home=home)) == 1  # the same run went on: no new one
     run = cli_json("show", run_id, home=home)
     assert run["status"] == "completed"
     attempts = run["attempts"]

@@ -54,7 +54,8 @@ class Straggler:
     evidence: dict
 
 
-_HIST = 256  # processed steps kept for scores, evidence and the noise scale
+_HIST = 256  # judged steps kept for scores and evidence
+_DEV = 1024  # and for the noise scale: 2 ranks need ~1000 steps for it to within ~4%
 
 
 class StragglerDetector:
@@ -70,6 +71,7 @@ class StragglerDetector:
         self.scores.clear()
         self.flagged.clear()
         self.cursor: int | None = None  # next step to judge
+        self.started = False
         self.processed = 0
         self.sigma = self.c.noise_floor
         self.noise_known = False
@@ -82,7 +84,7 @@ class StragglerDetector:
         self.buf = np.full((self.c.buffer_steps, cap), np.nan, np.float32)  # log time, row = step % buffer
         self.log_t = np.full((_HIST, cap), np.nan)  # judged steps, row = processed % _HIST
         self.x = np.full((_HIST, cap), np.nan)
-        self.dev = np.full((_HIST, cap), np.nan)  # |x(s) - x(s - 1)|
+        self.dev = np.full((_DEV, cap), np.nan, np.float32)  # |x(s) - x(s - 1)|, row = processed % _DEV
         self.cusum = np.zeros(cap)
         self.onset = np.zeros(cap, np.int64)
         self.flag = np.zeros(cap, bool)
@@ -101,15 +103,23 @@ class StragglerDetector:
 
     def observe(self, rank: int, steps, values) -> list[Straggler]:
         """One rank's batch, in step order. Returns ranks newly flagged by the steps it completed."""
-        steps = np.asarray(steps, np.int64)
-        if len(steps) > self.c.buffer_steps // 2:  # a batch longer than the buffer holds: in parts
-            half = self.c.buffer_steps // 2
-            values = np.asarray(values, float)
-            return [f for i in range(0, len(steps), half) for f in self.observe(rank, steps[i:i + half], values[i:i + half])]
+        return self._take(rank, rank + 1, np.asarray(steps, np.int64), np.asarray(values, float)[:, None])
+
+    def observe_steps(self, steps, times) -> list[Straggler]:
+        """Every rank's times for these steps at once, times[step, rank] (simulations): the same
+        verdicts as one batch per rank, at a fraction of the calls."""
+        times = np.asarray(times, float)
+        return self._take(0, times.shape[1], np.asarray(steps, np.int64), times)
+
+    def _take(self, first: int, end: int, steps: np.ndarray, values: np.ndarray) -> list[Straggler]:
+        half = self.c.buffer_steps // 2
+        if len(steps) > half:  # longer than the buffer holds: in parts
+            return [f for i in range(0, len(steps), half) for f in self._take(first, end, steps[i:i + half],
+                                                                              values[i:i + half])]
         if not len(steps):
             return []
-        if rank >= self.cap:
-            self._grow(rank)
+        if end > self.cap:
+            self._grow(end - 1)
         if self.cursor is None:
             self.cursor = int(steps.min())
         found = []
@@ -117,28 +127,22 @@ class StragglerDetector:
         if over >= self.cursor:  # a rank so far behind that the buffer is full: judge without it
             found += self._judge_until(over - 1)
         keep = steps >= self.cursor  # steps already judged came too late
-        self.buf[steps[keep] % self.c.buffer_steps, rank] = _logs(values)[keep]
-        self.known[rank] = True
-        self.seen[rank] = max(self.seen[rank], int(steps.max()))
+        self.buf[steps[keep, None] % self.c.buffer_steps, np.arange(first, end)] = _logs(values[keep])
+        # judge nothing until a rank sends its second batch: by then every rank has sent its first
+        # (they flush at the same pace), so the first steps are not judged among a few early ranks
+        self.started |= bool((self.seen[first:end] >= 0).any()) or end - first > 1
+        self.known[first:end] = True
+        self.seen[first:end] = np.maximum(self.seen[first:end], int(steps.max()))
         seen = self.seen[self.known]
         until = int(seen.min())
-        lag = self.c.buffer_steps // 2
-        if seen.max() - until > lag:
-            until = int(seen.max()) - lag
+        if seen.max() - until > half:
+            until = int(seen.max()) - half
         return found + self._judge_until(until)
-
-    def observe_steps(self, steps, times) -> list[Straggler]:
-        """Every rank's times for these steps at once: times[step, rank] (simulations, tests)."""
-        times = np.asarray(times, float)
-        found = []
-        for rank in range(times.shape[1]):
-            found += self.observe(rank, steps, times[:, rank])
-        return found
 
     # -- judging -------------------------------------------------------------------------------
 
     def _judge_until(self, last: int) -> list[Straggler]:
-        if self.cursor is None or last < self.cursor or self.known.sum() < 2:
+        if not self.started or last < self.cursor or self.known.sum() < 2:
             return []
         steps = np.arange(self.cursor, last + 1)
         rows = steps % self.c.buffer_steps
@@ -166,7 +170,7 @@ class StragglerDetector:
         lagged = np.vstack([self.x[(self.processed - 1) % _HIST, idx], x[:-1]])  # NaN before the first step
         self.log_t[np.ix_(rows, idx)] = log_t
         self.x[np.ix_(rows, idx)] = x
-        self.dev[np.ix_(rows, idx)] = np.abs(x - lagged)
+        self.dev[np.ix_((self.processed + np.arange(len(steps))) % _DEV, idx)] = np.abs(x - lagged)
         self.steps[rows] = steps
         self.processed += len(steps)
 
@@ -199,9 +203,8 @@ class StragglerDetector:
         idx = np.flatnonzero(self.known)
         if not len(idx):
             return
-        rows = max(16, min(_HIST, 8192 // len(idx)))
-        recent = (self.processed - 1 - np.arange(min(rows, self.processed))) % _HIST
-        dev = self.dev[np.ix_(recent, idx)]
+        rows = max(32, min(_DEV, 16384 // len(idx)))  # the latest ~16k differences
+        dev = self.dev[np.ix_((self.processed - 1 - np.arange(min(rows, self.processed))) % _DEV, idx)]
         dev = dev[np.isfinite(dev)]
         if len(dev) >= 64:  # fewer lag differences than this make too rough a scale to judge by
             self.noise_known = True
@@ -235,7 +238,9 @@ class StragglerDetector:
 def _logs(values) -> np.ndarray:
     v = np.asarray(values, float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(np.isfinite(v) & (v > 0), np.log(np.where(v > 0, v, 1.0)), np.nan)
+        out = np.log(v)
+    out[~np.isfinite(out)] = np.nan  # 0, negative, NaN, inf: not a time
+    return out
 
 
 def _leave_one_out_median(rows: np.ndarray) -> np.ndarray:
