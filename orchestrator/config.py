@@ -130,6 +130,9 @@ class HangConfig:
     first_step_timeout_s: float = option(
         300.0, min=1, max=MAX_SECONDS, help="... but never less than this before a group's first step (start-up, restore, first batch)")
     heartbeat_s: float = option(1.0, min=0.1, max=3600, help="how often each rank reports step, phase and collective counters")
+    evidence_factor: float = option(
+        5.0, min=0, max=1e6, help="a rank missing a collective the others wait in is named once they have waited this "
+        "many median step times (and a rank whose heartbeats stopped after 3 heartbeats), before hang.timeout_s; 0 = off")
     enabled: bool = option(True, help="heartbeats, the stall watchdog and Flight Recorder dumps (off only to measure their cost)")
     flight_recorder_entries: int = option(
         2000, min=0, max=1_000_000, help="torch Flight Recorder ring buffer per rank (last N collectives), dumped into stall reports; 0 = off")

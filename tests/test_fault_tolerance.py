@@ -44,6 +44,24 @@ def wait_for_step(home, run_id, step, deadline):
     raise AssertionError(f"run never reached step {step}")
 
 
+def kill_at_steps(home, run_id, steps, rng, deadline) -> list[tuple[int, int]]:
+    """SIGKILL a random worker of the current attempt once the run reaches each of `steps`;
+    returns (step, rank) of each kill."""
+    kills, old_pids = [], set()
+    for kill_step in steps:
+        wait_for_step(home, run_id, kill_step, deadline)
+        while time.monotonic() < deadline:  # the workers of the current attempt, not the killed one's
+            workers = cli_json("show", run_id, home=home)["meta"]["workers"]
+            if not old_pids & {w["pid"] for w in workers}:
+                break
+            time.sleep(0.3)
+        victim = rng.choice(workers)
+        os.kill(victim["pid"], signal.SIGKILL)  # a worker process our test cluster started
+        old_pids |= {w["pid"] for w in workers}
+        kills.append((kill_step, victim["rank"]))
+    return kills
+
+
 def test_sigkilled_workers_recover_bit_exact(tmp_path, home, tiny_data, ray_address):
     steps = 40
     # paced (0.1 s a step, numerics untouched) so a run does not end between the test seeing a step
@@ -59,24 +77,12 @@ def test_sigkilled_workers_recover_bit_exact(tmp_path, home, tiny_data, ray_addr
     proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rng = random.Random(7)
-    kills = []
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and len(cli_json("runs", home=home)) < 2:
             time.sleep(0.2)
         chaos = cli_json("runs", home=home)[-1]["id"]
-        old_pids: set[int] = set()
-        for kill_step in sorted(rng.sample(range(6, steps - 6), 2)):  # two kills, bounded
-            wait_for_step(home, chaos, kill_step, deadline)
-            while time.monotonic() < deadline:  # the workers of the current attempt, not the killed one's
-                workers = cli_json("show", chaos, home=home)["meta"]["workers"]
-                if not old_pids & {w["pid"] for w in workers}:
-                    break
-                time.sleep(0.3)
-            victim = rng.choice(workers)
-            os.kill(victim["pid"], signal.SIGKILL)  # a worker process our test cluster started
-            old_pids |= {w["pid"] for w in workers}
-            kills.append((kill_step, victim["rank"]))
+        kill_at_steps(home, chaos, sorted(rng.sample(range(6, steps - 6), 2)), rng, deadline)
         out, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:

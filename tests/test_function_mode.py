@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import time
 
 import pytest
 
 from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
-from tests.test_fault_tolerance import losses, wait_for_step
+from tests.test_fault_tolerance import kill_at_steps, losses
 
 pytestmark = pytest.mark.ray
 
@@ -57,16 +56,7 @@ def test_a_function_sigkilled_twice_ends_bit_identical(tmp_path, home, tiny_data
         while time.monotonic() < deadline and len(cli_json("runs", home=home)) < 2:
             time.sleep(0.2)
         chaos = cli_json("runs", home=home)[-1]["id"]
-        old: set[int] = set()
-        for kill_step in sorted(rng.sample(range(7, steps - 7), 2)):
-            wait_for_step(home, chaos, kill_step, deadline)
-            while time.monotonic() < deadline:  # the current attempt's workers, not the killed one's
-                workers = cli_json("show", chaos, home=home)["meta"]["workers"]
-                if not old & {w["pid"] for w in workers}:
-                    break
-                time.sleep(0.3)
-            os.kill(rng.choice(workers)["pid"], signal.SIGKILL)  # a worker our test cluster started
-            old |= {w["pid"] for w in workers}
+        kill_at_steps(home, chaos, sorted(rng.sample(range(7, steps - 7), 2)), rng, deadline)
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

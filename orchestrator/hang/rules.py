@@ -17,6 +17,11 @@ def stall_threshold_s(timeout_s: float, step_times: list[float], factor: float) 
     return max(timeout_s, factor * statistics.median(step_times)) if step_times else timeout_s
 
 
+def stale_after_s(heartbeat_s: float) -> float:
+    """A rank whose last heartbeat is older than this has stopped (3 missed beats, and slack for a busy host)."""
+    return 3 * heartbeat_s + 2.0
+
+
 def attribute(beats: dict[int, dict], *, now: float, heartbeat_s: float, nodes: dict[int, str] | None = None) -> dict:
     """Who holds the group up, and why. Returns {"culprits": [...], "reason", "verdict", "ranks"}.
 
@@ -30,7 +35,7 @@ def attribute(beats: dict[int, dict], *, now: float, heartbeat_s: float, nodes: 
             "waiting": b["coll_entered"] > b["coll_completed"]}
         for r, b in sorted(beats.items())
     }
-    stale_after = 3 * heartbeat_s + 2.0
+    stale_after = stale_after_s(heartbeat_s)
     stopped = [r for r, b in ranks.items() if b["age_s"] > stale_after]
     if stopped:
         ages = ", ".join(f"rank {r}: {ranks[r]['age_s']}s ago" for r in stopped)
