@@ -154,6 +154,15 @@ def upper95(k: int, n: int) -> float:
     return hi
 
 
+def per_size(value: str, sizes: list[int], name: str) -> list[int]:
+    counts = [int(x) for x in value.split(",")]
+    if len(counts) == 1:
+        return counts * len(sizes)
+    if len(counts) != len(sizes):
+        raise SystemExit(f"--{name.replace('_', '-')}: {len(counts)} counts for {len(sizes)} world sizes (--ranks)")
+    return counts
+
+
 def healthy(ranks: int, count: int, seed0: int, args, arms, tail_p: float = 0.0) -> dict:
     hit = {a: 0 for a in arms}
     alerts = {a: 0 for a in arms}
@@ -211,11 +220,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="2,8,64,1024", help="world sizes, comma-separated")
     p.add_argument("--steps", type=int, default=10_000, help="steps per healthy stream")
-    p.add_argument("--streams", type=int, default=300, help="healthy streams per world size")
-    p.add_argument("--slow-streams", type=int, default=100, help="streams per slowdown factor and world size")
-    p.add_argument("--tail-streams", type=int, default=100, help="heavy-tailed healthy streams per world size")
-    p.add_argument("--large", type=int, default=512, help="from this many ranks on, --large-fraction of the streams")
-    p.add_argument("--large-fraction", type=float, default=0.1)
+    p.add_argument("--streams", default="1000,500,300,30",
+                   help="healthy streams per world size (one number, or one per --ranks entry)")
+    p.add_argument("--slow-streams", default="200,200,200,20", help="streams per slowdown factor and world size")
+    p.add_argument("--tail-streams", default="200,100,100,10", help="heavy-tailed healthy streams per world size")
     p.add_argument("--slowdowns", default="1.15,1.3,1.5")
     p.add_argument("--horizon", type=int, default=700, help="steps after the onset (NVRx at 300 s needs 2 reports)")
     p.add_argument("--jitter", type=float, default=0.10)
@@ -230,9 +238,10 @@ def main() -> None:
         arms |= {a: (lambda t, i=i, th=th: nvrx.run(t, i, th)) for a, (i, th) in NVRX_ARMS.items()}
     log(f"NVRx: {nvrx.source if nvrx else 'skipped'}")
     results = {}
-    for ranks in (int(x) for x in args.ranks.split(",")):
-        scale = args.large_fraction if ranks >= args.large else 1.0
-        n = {k: max(5, round(getattr(args, k) * scale)) for k in ("streams", "slow_streams", "tail_streams")}
+    sizes = [int(x) for x in args.ranks.split(",")]
+    counts = {k: per_size(getattr(args, k), sizes, k) for k in ("streams", "slow_streams", "tail_streams")}
+    for i, ranks in enumerate(sizes):
+        n = {k: c[i] for k, c in counts.items()}
         r = results[ranks] = {"healthy": healthy(ranks, n["streams"], 0, args, arms)}
         log(f"{ranks} ranks: healthy " + ", ".join(f"{a} {v['streams_with_false_alert']}/{v['streams']}"
                                                     for a, v in r["healthy"].items()))

@@ -45,6 +45,9 @@ def build_parser() -> Parser:
     launch.add_argument("--script", help="run this torchrun-style script per rank (no config file needed; "
                                          "arguments for it after --)")
     launch.add_argument("--workers", type=int, help="ranks for --script (scaling.num_workers)")
+    launch.add_argument("--detach", action="store_true",
+                        help="submit the run as a Ray Job on --address and return (follow with attach/logs, end with stop)")
+    launch.add_argument("--run-id", help=argparse.SUPPRESS)  # a detached job's own launch: the id chosen at submission
     launch.add_argument("--resume-if-exists", action="store_true",
                         help="continue the unfinished run of the same name instead of starting over (run.resume=auto)")
     launch.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
@@ -74,6 +77,12 @@ def build_parser() -> Parser:
     runs.add_argument("--where", action="append", default=[], metavar="config.path=value",
                       help="only runs whose resolved config has this value, e.g. optim.lr=0.001")
     runs.add_argument("--json", action="store_true")
+
+    attach = sub.add_parser("attach", help="follow a running run's progress and alerts until it ends")
+    attach.add_argument("run")
+    stop = sub.add_parser("stop", help="stop a running run (its driver stops the workers; status stopped)")
+    stop.add_argument("run")
+    stop.add_argument("--no-wait", action="store_true", help="return once the request is recorded")
 
     logs = sub.add_parser("logs", help="a run's output lines (scripts' stdout and stderr), by rank and attempt")
     logs.add_argument("run")
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(argv)
         _check_arguments(args)
         if args.command in ("show", "metrics", "compare", "diagnose", "checkpoints", "tag", "note", "resume",
-                            "fork", "logs"):  # on existing runs: no store is an error (exit 2), never made empty
+                            "fork", "logs", "attach", "stop"):  # on existing runs: no store is an error (exit 2), never made empty
             Store(create=False).close()
         return _dispatch(args, argv)
     except KeyboardInterrupt:
@@ -312,7 +321,22 @@ def cmd_launch(args, argv) -> int:
     if args.resume_if_exists:
         overrides.append("run.resume=auto")
     cfg = load_config(args.config, overrides)
-    launch(cfg, address=args.address, command=stored_command(argv), out=out)
+    if args.detach:
+        from orchestrator import detach
+        from orchestrator.driver import new_run_id
+        from orchestrator.store import Store
+
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise UserError("orchestrator launch --detach: give the cluster with --address (or $RAY_ADDRESS); "
+                            "a detached run needs a Ray cluster that outlives this command")
+        if args.script:
+            raise UserError("orchestrator launch --detach: give a config file (the job re-reads it); --script is "
+                            "for attached runs")
+        detach.submit(cfg, args.config, overrides, address=address, run_id=new_run_id(cfg.run.name),
+                      store_root=Store().root, command=stored_command(argv), out=out)
+        return 0
+    launch(cfg, address=args.address, command=stored_command(argv), out=out, run_id=args.run_id)
     return 0
 
 
@@ -388,7 +412,8 @@ COMMANDS = {
     "checkpoints": cmd_checkpoints, "ui": cmd_ui,
     "runs": run_views.cmd_runs, "show": run_views.cmd_show, "metrics": run_views.cmd_metrics,
     "compare": run_views.cmd_compare, "tag": run_views.cmd_tag, "note": run_views.cmd_note,
-    "diagnose": diagnose_view.cmd_diagnose, "logs": log_view.cmd_logs,
+    "diagnose": diagnose_view.cmd_diagnose, "logs": log_view.cmd_logs, "attach": log_view.cmd_attach,
+    "stop": log_view.cmd_stop,
 }
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from common.errors import ResourceError
 from common.labels import node_label, node_labels  # noqa: F401 (messages here and in callers)
@@ -36,6 +37,14 @@ def connect(address: str | None, *, dashboard: bool) -> None:
         dashboard_host="127.0.0.1",
         **common,
     )
+
+
+def sign_in_hint() -> str:
+    """How to open the dashboard when Ray's token authentication is on (Ray >= 2.59 `ray start`
+    clusters): every API call of the page answers 401 until the token is given."""
+    if os.environ.get("RAY_AUTH_MODE") == "token" or (Path.home() / ".ray" / "auth_token").is_file():
+        return " (token authentication is on: sign in with the token `ray get-auth-token` prints)"
+    return ""
 
 
 def dashboard_url() -> str | None:

@@ -122,6 +122,7 @@ class Tick:
 @dataclass(frozen=True)
 class Interrupt:
     reason: str = "interrupted by the user (Ctrl-C)"
+    status: str = "interrupted"  # or "stopped" (`orchestrator stop`)
 
 
 Event = Reserved | ReserveFailed | Started | Recovered | Finished | GroupFailed | Tick | Interrupt
@@ -191,7 +192,7 @@ class Machine:
             raise ValueError(f"{type(state).__name__} is final; got {type(event).__name__}")
         run = state.run
         if isinstance(event, Interrupt):
-            stop = [StopGroup(), EndAttempt(run.attempt, "interrupted")] if isinstance(state, (Starting, Training)) else []
+            stop = [StopGroup(), EndAttempt(run.attempt, event.status)] if isinstance(state, (Starting, Training)) else []
             return Stopped(run, event.reason), stop
         if isinstance(state, Reserving):
             if isinstance(event, Reserved):

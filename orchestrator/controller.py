@@ -51,6 +51,8 @@ from orchestrator.policy import (
 from orchestrator.progress import Progress
 from orchestrator.store import Store
 
+STOPPED = "stopped by `orchestrator stop`"
+
 
 class RunFailed(UserError):
     """The run cannot go on; the message names the rank, the worker's traceback is kept."""
@@ -65,11 +67,12 @@ class WorkerTraceback(Exception):
 class Controller:
     def __init__(self, cfg: Config, run_id: str, store: Store, group, out, *, first_attempt: int = 0,
                  restore: int | str | None = None, source_uri: str | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 stop_requested: Callable[[], bool] = lambda: False):
         """restore: None (fresh start), "latest" (resume), or a step (a fork: that checkpoint of the
         parent's, at `source_uri`, until this run has committed one of its own)."""
         self.cfg, self.run_id, self.store, self.group, self.out = cfg, run_id, store, group, out
-        self.clock, self.sleep = clock, sleep
+        self.clock, self.sleep, self.stop_requested = clock, sleep, stop_requested
         self.first = Run(attempt=first_attempt, restore=restore)
         self.source = (source_uri, restore) if source_uri is not None else None
         ft, s, hang = cfg.fault_tolerance, cfg.scaling, cfg.hang
@@ -119,7 +122,7 @@ class Controller:
     def _next_event(self, state: State):
         if isinstance(state, Restarting):
             self.sleep(max(0.0, state.until - self.clock()))
-            return Tick()
+            return Interrupt(STOPPED, "stopped") if self.stop_requested() else Tick()
         if isinstance(state, Training):
             return self._watch(state)
         raise RuntimeError(f"no event source in state {type(state).__name__}")
@@ -253,6 +256,8 @@ class Controller:
                 return GroupFailed(g.failure)
             if summaries is not None:
                 return Finished(self._summary(summaries))
+            if self.stop_requested():
+                return Interrupt(STOPPED, "stopped")
             polled = self.group.poll()
             if polled is None:
                 continue

@@ -47,16 +47,32 @@ def _stop_on_sigterm() -> None:
 
 
 
-def launch(cfg: Config, *, address: str | None = None, command: str = "", out=print, store: Store | None = None) -> str:
-    """A new run, trained to the end. Returns the run id; raises RunFailed / ResourceError / KeyboardInterrupt."""
-    preflight(cfg)
+def launch(cfg: Config, *, address: str | None = None, command: str = "", out=print, store: Store | None = None,
+           run_id: str | None = None) -> str:
+    """A new run, trained to the end. Returns the run id; raises RunFailed / ResourceError / KeyboardInterrupt.
+    run_id: chosen by a detached launch; a job started again with it (its driver was rescheduled)
+    continues the run instead of starting over."""
     store = store or Store()
+    if run_id is not None and store.has_run(run_id):  # a detached run's job
+        prior = store.run(run_id)
+        if not store.attempts(run_id):  # submitted, starting now
+            try:
+                preflight(cfg)
+            except BaseException as e:  # nobody else would record why the job ended
+                store.finish_run(run_id, "failed", error=str(e))
+                raise
+            return _drive(cfg, run_id, store, out, address=address)
+        if prior["status"] == "completed":
+            out(f"run {run_id} already completed")
+            return run_id
+        return _continue(prior, cfg, store, out, address=address)
+    preflight(cfg)
     if cfg.run.resume is ResumeMode.AUTO:
         prior = store.latest_named(cfg.run.name)
         if prior is not None and prior["status"] != "completed":
             out(f"run.resume=auto: continuing run {prior['id']} ({prior['status']}) instead of starting over")
             return _continue(prior, cfg, store, out, address=address)
-    run_id = new_run_id(cfg.run.name)
+    run_id = run_id or new_run_id(cfg.run.name)
     _record_new_run(cfg, run_id, store, command)
     return _drive(cfg, run_id, store, out, address=address)
 
@@ -149,6 +165,14 @@ def _committed_or_explain(run: dict, cfg: Config, step: int, store: Store) -> No
                         f"(steps with one: {', '.join(map(str, committed)) or 'none'})")
 
 
+def record_submitted(cfg: Config, run_id: str, store: Store, command: str) -> None:
+    """A detached run, recorded where it was submitted (so `runs`, `attach` and `stop` find it at
+    once); its job's driver starts it and beats from then on. A job that never starts leaves a run
+    shown as lost once LOST_AFTER_S passes without a beat."""
+    _record_new_run(cfg, run_id, store, command)
+    store.driver_beat(run_id, host="(submitted as a Ray job)", pid=None)
+
+
 def _record_new_run(cfg: Config, run_id: str, store: Store, command: str, **lineage) -> None:
     meta = provenance.collect(cfg)
     store.create_run(
@@ -164,6 +188,7 @@ class DriverBeat:
 
     def __init__(self, store_root, run_id: str):
         self.root, self.run_id = store_root, run_id
+        self.stop_requested = False  # `orchestrator stop RUN` was asked: the run ends as stopped
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="driver-beat", daemon=True)
 
@@ -178,6 +203,8 @@ class DriverBeat:
             while not self._stop.wait(DRIVER_BEAT_S):
                 try:
                     store.driver_beat(self.run_id, host=socket.gethostname(), pid=os.getpid())
+                    if not self.stop_requested and store.stop_requested(self.run_id):
+                        self.stop_requested = True  # the controller sees it at its next tick
                 except Exception:  # a busy or full store: the next beat tries again
                     pass
         finally:
@@ -200,16 +227,22 @@ def _drive(cfg: Config, run_id: str, store: Store, out, *, address: str | None, 
         _stop_on_sigterm()  # after ray.init, which installs its own SIGTERM handler
         url = cluster.dashboard_url()
         if url:
-            out(f"Ray dashboard: {url}")
+            out(f"Ray dashboard: {url}{cluster.sign_in_hint() if address else ''}")
         # after connect(): importing Ray before it sets the loopback option would bind elsewhere
         from orchestrator.worker_group import WorkerGroup
 
         group = WorkerGroup(cfg, run_id, store.root, out)
         controller = Controller(cfg, run_id, store, group, out, first_attempt=first_attempt, restore=restore,
-                                source_uri=source_uri)
+                                source_uri=source_uri, stop_requested=lambda: beat.stop_requested)
         summary = controller.run()
     except KeyboardInterrupt:
         beat.stop()
+        if beat.stop_requested:
+            store.finish_run(run_id, "stopped", error="stopped by `orchestrator stop`")
+            _teardown(group)
+            out(f"run {run_id} stopped on request; `orchestrator resume {run_id}` continues it from its latest "
+                "checkpoint")
+            return run_id
         store.finish_run(run_id, "interrupted", error="interrupted by the user (Ctrl-C)")
         out(f"\ninterrupted: run {run_id} marked interrupted")
         _teardown(group)

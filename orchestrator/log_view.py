@@ -1,15 +1,17 @@
-"""`orchestrator logs RUN`: the ranks' output lines as stored, by attempt and rank; --follow
-keeps printing until the run ends."""
+"""Following a run from any terminal: `logs` (the ranks' output lines, by attempt and rank;
+--follow until the run ends), `attach` (progress and alerts until it ends) and `stop`."""
 
 from __future__ import annotations
 
 import json
 import time
 
+from common.errors import UserError
 from orchestrator.run_views import out
 from orchestrator.store import Store
 
 FOLLOW_EVERY_S = 1.0
+STOP_WAIT_S = 300.0  # how long `stop` waits for the driver to end the run
 
 
 def cmd_logs(args, argv) -> int:
@@ -37,3 +39,47 @@ def _show(rows: list[dict]) -> int:
         err = " stderr" if r["stream"] == "stderr" else ""
         out(f"[a{r['attempt']} r{r['rank']}{err}] {r['line']}")
     return rows[-1]["id"] if rows else 0
+
+
+def cmd_attach(args, argv) -> int:
+    """Progress (rank 0's train/loss), events and the end, from the store: works for detached runs."""
+    store = Store(create=False)
+    run = store.run(args.run)
+    out(f"run {run['id']} ({run['name']}): {run['status']}")
+    seen_events, shown_step = len(store.events(run["id"])), None
+    while True:
+        run = store.run(run["id"])
+        events = store.events(run["id"])
+        for e in events[seen_events:]:
+            out(f"{e['severity'].upper()} {e['kind']}: {e['message']}")
+        seen_events = len(events)
+        if "train/loss" in store.metric_keys(run["id"]):
+            points = store.series(run["id"], "train/loss", rank=0)
+            if points and points[-1]["step"] != shown_step:
+                shown_step = points[-1]["step"]
+                out(f"step {shown_step + 1} | loss {points[-1]['value']:.4f}")
+        if run["status"] != "running":
+            out(f"run {run['id']} {run['status']}" + (f": {run['error']}" if run.get("error") else ""))
+            return 0 if run["status"] in ("completed", "stopped") else 1
+        time.sleep(FOLLOW_EVERY_S * 2)
+
+
+def cmd_stop(args, argv) -> int:
+    store = Store(create=False)
+    run = store.run(args.run)
+    if run["status"] != "running":
+        hint = f"; `orchestrator resume {run['id']}` continues it" if run["status"] == "lost" else ""
+        raise UserError(f"run {run['id']} is {run['status']}, not running: nothing to stop{hint}")
+    store.request_stop(run["id"])
+    out(f"stop requested for run {run['id']}; its driver stops the workers at its next beat")
+    if args.no_wait:
+        return 0
+    deadline = time.monotonic() + STOP_WAIT_S
+    while time.monotonic() < deadline:
+        status = store.run(run["id"])["status"]
+        if status != "running":
+            out(f"run {run['id']} {status}")
+            return 0
+        time.sleep(FOLLOW_EVERY_S)
+    raise UserError(f"run {run['id']} is still running {STOP_WAIT_S:.0f}s after the stop request; is its driver "
+                    "alive? (`orchestrator runs` shows lost drivers)")

@@ -32,7 +32,7 @@ from orchestrator.series import (
     to_rows,
 )
 
-STATUSES = ("running", "completed", "failed", "interrupted")  # stored; "lost" is derived (see _run_row)
+STATUSES = ("running", "completed", "failed", "interrupted", "stopped")  # stored; "lost" is derived (see _run_row)
 DRIVER_BEAT_S = 5.0  # how often a live driver says so
 LOST_AFTER_S = 60.0  # a running run whose driver has not beaten for this long is lost
 
@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS runs (
     meta TEXT,
     driver_host TEXT,
     driver_pid INTEGER,
-    driver_beat REAL
+    driver_beat REAL,
+    stop_requested REAL
 );
 CREATE TABLE IF NOT EXISTS tags (
     run_id TEXT NOT NULL,
@@ -101,9 +102,9 @@ ATTEMPT_COLUMNS = ["attempt", "started_at", "resumed_from_step", "ended_at", "st
 RUN_COLUMNS = [
     "id", "name", "status", "parent", "fork_step", "config", "created_at", "ended_at",
     "git_commit", "host", "command", "world_size", "error", "summary", "meta", "driver_host", "driver_pid",
-    "driver_beat",
+    "driver_beat", "stop_requested",
 ]
-COLUMN_TYPES = {"driver_pid": "INTEGER", "driver_beat": "REAL"}  # added to older stores with these types
+COLUMN_TYPES = {"driver_pid": "INTEGER", "driver_beat": "REAL", "stop_requested": "REAL"}  # added to older stores with these types
 
 
 def driver_gone(host: str | None, pid: int | None, beat: float | None, now: float | None = None) -> bool:
@@ -256,7 +257,8 @@ class Store:
     def reopen_run(self, run_id: str, *, config: dict) -> None:
         """A resumed run is running again, with the config it resumes under."""
         self.db.execute(
-            "UPDATE runs SET status = 'running', ended_at = NULL, error = NULL, config = ? WHERE id = ?",
+            "UPDATE runs SET status = 'running', ended_at = NULL, error = NULL, stop_requested = NULL, config = ?"
+            " WHERE id = ?",
             (json.dumps(config), run_id),
         )
 
@@ -367,6 +369,17 @@ class Store:
         """The driver of a running run is alive (called every DRIVER_BEAT_S)."""
         self.db.execute("UPDATE runs SET driver_host = ?, driver_pid = ?, driver_beat = ? WHERE id = ?",
                         (host, pid, time.time(), run_id))
+
+    def request_stop(self, run_id: str) -> None:
+        """`orchestrator stop`: the run's driver sees it at its next beat and stops the run."""
+        self.db.execute("UPDATE runs SET stop_requested = ? WHERE id = ?", (time.time(), run_id))
+
+    def stop_requested(self, run_id: str) -> bool:
+        row = self.db.execute("SELECT stop_requested FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return bool(row and row[0])
+
+    def has_run(self, run_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is not None
 
     def latest_named(self, name: str) -> dict[str, Any] | None:
         """The newest run called `name`, or None."""

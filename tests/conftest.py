@@ -78,10 +78,19 @@ def tiny_config(tmp_path: Path, data_uri: str, **sections) -> Path:
     return path
 
 
-def run_cli(*args: str, home: Path, timeout: float = 180, check: bool = False) -> subprocess.CompletedProcess:
+# A bound for one CLI call, launches included: generous, as a busy shared 2-core machine can take
+# minutes to start Ray workers (a quiet one takes seconds); pyproject's pytest timeout is above it.
+CLI_TIMEOUT_S = 600
+
+
+def run_cli(*args: str, home: Path, timeout: float = CLI_TIMEOUT_S, check: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([*ORCH, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    try:
+        proc = subprocess.run([*ORCH, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired as e:  # show what it printed, for a run that never ended
+        text = [o.decode(errors="replace") if isinstance(o, bytes) else o or "" for o in (e.stdout, e.stderr)]
+        raise AssertionError(f"orchestrator {' '.join(args)} did not end within {timeout:g}s\n" + "\n".join(text)) from None
     if check and proc.returncode != 0:
         raise AssertionError(f"orchestrator {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

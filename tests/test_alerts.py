@@ -13,7 +13,7 @@ import pytest
 
 from actors.metrics_actor import MetricsActor
 from actors.webhook import WebhookPoster
-from orchestrator.anomaly import AnomalyDetector, Thresholds
+from orchestrator.anomaly import AnomalyDetector
 from orchestrator.store import Store
 
 

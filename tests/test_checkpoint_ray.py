@@ -25,7 +25,7 @@ SMALL = {"model": {"n_layer": 1, "n_head": 2, "d_model": 32}, "train": {"max_ste
 def test_launch_writes_committed_checkpoints_and_lists_them(tmp_path, home, tiny_data, ray_address):
     dest = tmp_path / "ckpts"
     cfg = tiny_config(tmp_path, tiny_data, checkpoint={"uri": str(dest), "every_steps": 5}, **SMALL)
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=240, check=True)
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
     assert "completed" in proc.stdout
     run_id = cli_json("runs", home=home)[-1]["id"]
 
@@ -51,7 +51,7 @@ def test_launch_writes_committed_checkpoints_and_lists_them(tmp_path, home, tiny
 
 def test_bad_checkpoint_destination_is_one_error_line(tmp_path, home, tiny_data, ray_address):
     cfg = tiny_config(tmp_path, tiny_data, checkpoint={"uri": "nosuchproto://bucket/x"}, **SMALL)
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=120)
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "checkpoint.uri='nosuchproto://bucket/x'" in err[0], proc.stderr
@@ -65,7 +65,7 @@ def test_launch_to_s3_survives_a_checkpoint_the_store_refuses(tmp_path, home, ti
     ckpt = {"uri": f"s3://{bucket}/runs/tiny", "every_steps": 5, "storage_options": options, "retries": 2,
             "backoff_s": 0.01}
     cfg = tiny_config(tmp_path, tiny_data, checkpoint=ckpt, **SMALL)
-    run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=240, check=True)
+    run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
     run_id = cli_json("runs", home=home)[-1]["id"]
     rows = cli_json("checkpoints", run_id, home=home)["checkpoints"]
     assert [(r["step"], r["status"]) for r in rows] == [(5, "committed"), (10, "failed"), (12, "committed")]

@@ -249,3 +249,17 @@ def test_sigterm_ends_the_attempt_as_interrupted_and_reaches_the_driver(tmp_path
     with pytest.raises(KeyboardInterrupt):
         c.run()
     assert [a["status"] for a in store.attempts("r1")] == ["interrupted"] and group.stops == 1
+
+
+def test_a_stop_request_ends_the_attempt_as_stopped(tmp_path):
+    c, group, store, _ = setup(tmp_path, [["step"] * 50])
+    asked = {"n": 0}
+
+    def stop_requested():
+        asked["n"] += 1
+        return asked["n"] > 3  # after a few ticks of training
+
+    c.stop_requested = stop_requested
+    with pytest.raises(KeyboardInterrupt):
+        c.run()
+    assert [a["status"] for a in store.attempts("r1")] == ["stopped"] and group.stops == 1

@@ -78,12 +78,12 @@ def test_sigkilled_workers_recover_bit_exact(tmp_path, home, tiny_data, ray_addr
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rng = random.Random(7)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 600  # generous: a busy machine is slow
         while time.monotonic() < deadline and len(cli_json("runs", home=home)) < 2:
             time.sleep(0.2)
         chaos = cli_json("runs", home=home)[-1]["id"]
         kill_at_steps(home, chaos, sorted(rng.sample(range(6, steps - 6), 2)), rng, deadline)
-        out, err = proc.communicate(timeout=240)
+        out, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -107,7 +107,7 @@ def test_attempts_recorded_with_cause_rank_and_steps_lost(tmp_path, home, tiny_d
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 40, "eval_every": 0},
                       checkpoint={"every_steps": 2}, fault_tolerance={"max_restarts": 2, "backoff_s": 0.1},
                       model={"factory": "tests.user_models:failing_gpt", "kwargs": {"fail_rank": 1, "fail_call": 12}})
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=300)
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "(after 2 restarts; fault_tolerance.max_restarts=2)" in proc.stderr.strip().splitlines()[-1]
     run = cli_json("runs", home=home)[-1]
@@ -115,7 +115,7 @@ def test_attempts_recorded_with_cause_rank_and_steps_lost(tmp_path, home, tiny_d
 
     attempts = Store(home).attempts(run["id"])
     assert [a["status"] for a in attempts] == ["failed"] * 3
-    assert all(a["cause"] == "exception" and a["rank"] == 1 for a in attempts)
+    assert all(a["cause"] == "exception" and a["rank"] == 1 for a in attempts), attempts
     # each attempt fails 11 steps after it starts; it resumes from a checkpoint of the one before
     assert attempts[0]["resumed_from_step"] is None and attempts[0]["failed_step"] >= 8
     assert 2 <= attempts[1]["resumed_from_step"] <= 11 and attempts[2]["resumed_from_step"] > attempts[1]["resumed_from_step"]

@@ -82,11 +82,11 @@ def test_flight_recorder_without_evidence_says_so():
 def test_rank_stopping_collectives_is_named_in_seconds(tmp_path, home, tiny_data, ray_address):
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 40, "eval_every": 0},
                       hang={"timeout_s": 6, "heartbeat_s": 0.5}, fault_tolerance={"max_restarts": 0},
+                      # torch's own collective timeout out of run_cli's reach: only our watchdog can end it
+                      distributed={"timeout_s": 3600},
                       model={"factory": "tests.user_models:hanging_gpt", "kwargs": {"hang_rank": 1, "hang_call": 8}})
-    started = time.monotonic()
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=240)
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert time.monotonic() - started < 200  # bounded; torch's own gloo timeout here is 300 s
     last = proc.stderr.strip().splitlines()[-1]
     assert "stall: no step completed" in last and "rank 1 on node" in last and "never entered collective" in last
     run_id = cli_json("runs", home=home)[-1]["id"]
@@ -107,7 +107,7 @@ def test_frozen_rank_is_named_and_the_run_recovers(tmp_path, home, tiny_data, ra
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     frozen = None
     try:
-        deadline = time.monotonic() + 200
+        deadline = time.monotonic() + 600  # generous: a busy machine is slow
         while time.monotonic() < deadline:
             runs = cli_json("runs", home=home) if (home / "store.db").exists() else []
             if runs and "train/loss" in cli_json("metrics", runs[0]["id"], home=home)["keys"]:
@@ -138,7 +138,7 @@ def test_frozen_rank_is_named_and_the_run_recovers(tmp_path, home, tiny_data, ra
 def test_slow_rank_is_flagged_as_a_straggler(tmp_path, home, tiny_data, ray_address):
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 80, "eval_every": 0},
                       model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.04, "slow_rank": 1}})
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=240)
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALERT warning straggler: rank 1 computes at" in proc.stdout
     run_id = cli_json("runs", home=home)[-1]["id"]
@@ -189,14 +189,15 @@ def test_rank_stuck_loading_data_is_named_and_the_run_recovers(tmp_path, home, m
     lock = ShardCache(cache_dir).local_path(uri, shard)
     cfg = tiny_config(tmp_path, uri, train={"max_steps": step + 6, "eval_every": 0},
                       data={"shuffle": "block", "window_blocks": 2, "cache_dir": cache_dir, "storage_options": opts},
-                      checkpoint={"every_steps": 2}, hang={"timeout_s": 6, "heartbeat_s": 0.5},
+                      checkpoint={"every_steps": 2},
+                      hang={"timeout_s": 6, "heartbeat_s": 0.5, "node_check_timeout_s": 180},  # checks end early
                       fault_tolerance={"max_restarts": 1})
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
     stalled, release = threading.Event(), threading.Event()
 
     def hold_the_download():
         with file_lock(lock.with_name(lock.name + ".lock")):
-            release.wait(timeout=240)
+            release.wait(timeout=600)
 
     holder = threading.Thread(target=hold_the_download, daemon=True)
     holder.start()
@@ -215,13 +216,13 @@ def test_rank_stuck_loading_data_is_named_and_the_run_recovers(tmp_path, home, m
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        proc.wait(timeout=240)
+        proc.wait(timeout=600)
     finally:
         release.set()
         if proc.poll() is None:
             proc.kill()
-        reader.join(timeout=10)
-        holder.join(timeout=10)
+        reader.join(timeout=60)
+        holder.join(timeout=60)
     out = "".join(lines)
     assert proc.returncode == 0 and stalled.is_set(), out
     run_id = cli_json("runs", home=home)[-1]["id"]
@@ -249,10 +250,11 @@ def three_nodes():
 @pytest.mark.ray
 def test_restart_avoids_the_culprit_node_when_there_is_room(tmp_path, home, tiny_data, three_nodes):
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 30, "eval_every": 0}, checkpoint={"every_steps": 4},
-                      hang={"timeout_s": 6, "heartbeat_s": 0.5}, fault_tolerance={"max_restarts": 1},
+                      hang={"timeout_s": 6, "heartbeat_s": 0.5, "node_check_timeout_s": 180},
+                      fault_tolerance={"max_restarts": 1},
                       model={"factory": "tests.user_models:hanging_gpt",
                              "kwargs": {"hang_rank": 1, "hang_call": 8, "once_path": str(tmp_path / "hung")}})
-    proc = run_cli("launch", str(cfg), "--address", three_nodes.address, home=home, timeout=300)
+    proc = run_cli("launch", str(cfg), "--address", three_nodes.address, home=home)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_id = cli_json("runs", home=home)[-1]["id"]
     (d,) = cli_json("diagnose", run_id, home=home)["events"]
@@ -269,7 +271,7 @@ def test_straggler_is_replaced_at_the_next_checkpoint(tmp_path, home, tiny_data,
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 200, "eval_every": 0}, checkpoint={"every_steps": 10},
                       hang={"straggler_action": "restart"}, fault_tolerance={"max_restarts": 1},
                       model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.04, "slow_rank": 1}})
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=300)
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "straggler rank 1 (node" in out and "RESTART 1/1: replacing straggler rank 1" in out
@@ -288,5 +290,5 @@ def test_a_long_eval_is_not_a_stall(tmp_path, home, tiny_data, ray_address):
                       data={"global_batch_size": 2}, hang={"timeout_s": 4, "heartbeat_s": 0.5},
                       fault_tolerance={"max_restarts": 0},
                       model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.0, "eval_pause_s": 0.8}})
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=240)
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
     assert proc.returncode == 0 and "STALL" not in proc.stdout, proc.stdout + proc.stderr

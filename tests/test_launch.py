@@ -83,14 +83,14 @@ def test_too_many_cpus_fails_clearly_within_timeout(tmp_path, home, tiny_data):
     """Embedded cluster (no --address): an impossible request ends with what was asked and what exists."""
     cfg = tiny_config(tmp_path, tiny_data, scaling={"num_workers": 2, "cpus_per_worker": 64, "start_timeout_s": 5})
     started = time.monotonic()
-    proc = run_cli("launch", str(cfg), home=home, timeout=120)
+    proc = run_cli("launch", str(cfg), home=home)
     elapsed = time.monotonic() - started
     assert proc.returncode == 3, proc.stdout + proc.stderr
     err = proc.stderr.strip().splitlines()[-1]
     assert "cannot reserve 2 workers x {CPU: 64} (= {CPU: 128}) within scaling.start_timeout_s=5" in err
     assert "CPU in total" in err and "node(s)" in err
     assert "Traceback" not in proc.stderr
-    assert elapsed < 100  # bounded: never waits forever (not a speed assertion)
+    assert elapsed < 300  # bounded: never waits forever (not a speed assertion; a busy machine is slow)
     assert cli_json("runs", home=home)[0]["status"] == "failed"
 
 
@@ -98,7 +98,7 @@ def test_worker_exception_marks_failed_and_shows_rank_traceback_once(tmp_path, h
     cfg = tiny_config(tmp_path, tiny_data, model={"factory": "tests.user_models:failing_gpt",
                                                   "kwargs": {"fail_rank": 1, "fail_call": 4}},
                       fault_tolerance={"max_restarts": 0})
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=240)
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("orchestrator: error: rank 1 failed during training: RuntimeError")
@@ -118,7 +118,7 @@ def test_ctrl_c_or_sigterm_marks_interrupted_and_exits_130(tmp_path, home, tiny_
     proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:  # wait until training is really under way
             runs = cli_json("runs", home=home) if (home / "store.db").exists() else []
             if runs and "train/loss" in cli_json("metrics", runs[0]["id"], home=home)["keys"]:
@@ -127,7 +127,7 @@ def test_ctrl_c_or_sigterm_marks_interrupted_and_exits_130(tmp_path, home, tiny_
         else:
             pytest.fail("training never started")
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
