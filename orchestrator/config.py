@@ -64,7 +64,8 @@ class ClusterConfig:
 @dataclass
 class DistributedConfig:
     backend: Backend = option(Backend.AUTO, help="auto: nccl when the worker has a GPU, gloo otherwise")
-    timeout_s: float = option(300.0, min=1, max=MAX_SECONDS, help="torch.distributed collective timeout")
+    timeout_s: float = option(600.0, min=1, max=MAX_SECONDS, help="torch.distributed collective timeout; must exceed "
+                              "the stall watchdog's limits + 60 s, so torch never aborts a hang before it is diagnosed")
 
 
 class Strategy(str, Enum):
@@ -327,6 +328,7 @@ def validate(cfg: Config) -> None:
         problem = webhook_problem(cfg.telemetry.alert_webhook)
         if problem:
             raise ConfigError(f"telemetry.alert_webhook={scrub_text(cfg.telemetry.alert_webhook)!r}: {problem}")
+    _validate_timeouts(cfg)
     e = cfg.entrypoint
     if e.script and e.function:
         raise ConfigError(f"entrypoint: both script={e.script!r} and function={e.function!r} are set; "
@@ -372,6 +374,24 @@ def _validate_accumulation(cfg: Config) -> None:
                 f"train.grad_accum_steps={n} must divide the per-rank batch data.global_batch_size / "
                 f"scaling.num_workers = {b}/{w} = {b // w}{at}"
             )
+
+
+STALL_DIAGNOSIS_S = 60.0  # after a stall is declared: Flight Recorder and stacks (<= 15 s), node checks, margin
+
+
+def _validate_timeouts(cfg: Config) -> None:
+    """torch's collective timeout must outlast our stall watchdog and its diagnosis: otherwise
+    NCCL's watchdog aborts the process first and a hang is recorded as a death, with no culprit."""
+    h = cfg.hang
+    if not h.enabled:
+        return
+    need = max(h.timeout_s, h.first_step_timeout_s) + STALL_DIAGNOSIS_S
+    if cfg.distributed.timeout_s < need:
+        longest = "hang.first_step_timeout_s" if h.first_step_timeout_s >= h.timeout_s else "hang.timeout_s"
+        raise ConfigError(f"distributed.timeout_s={cfg.distributed.timeout_s:g} would let torch abort a hung "
+                          f"collective before the stall watchdog ({longest}={max(h.timeout_s, h.first_step_timeout_s):g}"
+                          f" + {STALL_DIAGNOSIS_S:g} s to diagnose) names the culprit; expected at least {need:g}, "
+                          f"or lower the hang timeouts")
 
 
 def _validate_scaling(cfg: Config) -> None:

@@ -230,7 +230,7 @@ class Machine:
             actions.append(FollowUpStall())
             if self.avoid_culprit_node:
                 avoid |= set(f.data.get("culprit_nodes", ()))
-        if f.kind is FailureKind.STRAGGLER and f.node_id:
+        if f.kind in (FailureKind.STRAGGLER, FailureKind.GPU) and f.node_id:
             avoid.add(f.node_id)
         decision = self.policy.decide(f, run.restarts)
         if decision is Decision.RAISE:

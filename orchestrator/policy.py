@@ -24,6 +24,8 @@ class FailureKind(str, Enum):
     NON_FINITE = "non_finite_loss"
     HANG = "hang"  # the watchdog declared a stall
     USER_ERROR = "user_error"  # bad config or data: restarting cannot help
+    NCCL = "nccl"  # NCCL failed: a collective timed out, a peer or the network failed (data["nccl"] says which)
+    GPU = "gpu"  # a CUDA error or a GPU hardware fault (ECC/Xid): its node is avoided on restart
     RESIZE = "resize"  # planned: capacity came back, regrow the group at a checkpoint
     STRAGGLER = "straggler"  # planned: replace a straggling rank at a checkpoint (hang.straggler_action)
 

@@ -12,7 +12,8 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-from orchestrator.config import Backend, Config
+from orchestrator.config import STALL_DIAGNOSIS_S, Backend, Config
+from orchestrator.hang import nccl
 
 
 def assign_ranks(bundle_nodes: list[str]) -> list[dict]:
@@ -94,6 +95,11 @@ def join(cfg: Config, *, rank: int, local_rank: int, world_size: int, local_worl
         backend = Backend.NCCL if use_gpu else Backend.GLOO
     if backend == Backend.NCCL and not use_gpu:
         raise RuntimeError("distributed.backend=nccl but this worker has no GPU; use gloo or set scaling.gpus_per_worker")
+    if backend == Backend.NCCL:  # before the group exists: torch reads them when it creates it
+        budget = max(cfg.hang.timeout_s, cfg.hang.first_step_timeout_s) + STALL_DIAGNOSIS_S
+        for key, value in nccl.diagnosis_env(trace_entries=cfg.hang.flight_recorder_entries if cfg.hang.enabled else 0,
+                                             dump_dir=None, stall_budget_s=budget).items():
+            os.environ.setdefault(key, value)
     # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPUs, so its first visible device is ours.
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
     if use_gpu:

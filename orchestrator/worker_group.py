@@ -22,6 +22,7 @@ from common.errors import NonFiniteLoss, ResourceError, UserError
 from orchestrator import cluster, entrypoints, rank, rendezvous, script, visibility
 from orchestrator.anomaly import AnomalyDetector
 from orchestrator.config import Config
+from orchestrator.hang import nccl
 from orchestrator.hang.followup import check_suspects, collect_flight_recorder
 from orchestrator.policy import Failure, FailureKind, GroupError
 from orchestrator.store import Store
@@ -269,14 +270,20 @@ class WorkerGroup:
             cause = e.cause if getattr(e, "cause", None) is not None else e
             lines = str(cause).strip().splitlines()
             kind, data = FailureKind.EXCEPTION, {}
+            named = nccl.classify(str(cause))
             if isinstance(cause, UserError):
                 kind = FailureKind.USER_ERROR
             elif isinstance(cause, NonFiniteLoss):
                 kind = FailureKind.NON_FINITE
                 data = {"batch": cause.step, "value": cause.value}
+            elif named is not None:
+                kind = FailureKind.GPU if named[0] in ("gpu_hardware", "cuda_error") else FailureKind.NCCL
+                data = {"nccl": named[0], "meaning": named[1]}
             text = getattr(cause, "user_traceback", None) or re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
             tb = f"--- rank {r} traceback ---\n" + text
             msg = f"rank {r} failed during {phase}: {type(cause).__name__}: {lines[-1] if lines else ''}"
+            if named is not None:
+                msg += f" ({named[0]}: {named[1]}; node {cluster.node_label(self.node(r))})"
             raise GroupError(Failure(kind, msg, rank=r, node_id=self.node(r), traceback=tb, data=data)) from None
         except ray.exceptions.RayActorError as e:
             r = _failed_rank(refs, ranks)

@@ -42,11 +42,17 @@ def flight_recorder_dump(keep: int = 200) -> str | None:
     the missing-rank analysis reads; hundreds of full buffers would flood the monitor), or None
     when torch has none (TORCH_FR_BUFFER_SIZE unset, no process group, a torch without it)."""
     try:
-        from torch._C._distributed_c10d import _dump_fr_trace_json
+        import torch.distributed as dist
+        from torch._C import _distributed_c10d as c10d
     except ImportError:
         return None
+    # NCCL keeps its own recorder (TORCH_NCCL_TRACE_BUFFER_SIZE); gloo and the rest use torch's generic one
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    dump_json = getattr(c10d, "_dump_nccl_trace_json" if nccl else "_dump_fr_trace_json", None)
+    if dump_json is None:
+        return None
     try:
-        dump = json.loads(_dump_fr_trace_json(True, False))
+        dump = json.loads(dump_json(True, False))
     except Exception:
         return None
     dump["entries"] = dump.get("entries", [])[-keep:]

@@ -1,0 +1,56 @@
+"""NCCL's failures named from torch's own message texts, its options for diagnosis, and the
+timeout order that lets the watchdog diagnose a hang before torch aborts it (no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.errors import ConfigError
+from orchestrator.config import STALL_DIAGNOSIS_S, config_from_dict
+from orchestrator.hang import nccl
+
+# texts as torch and NCCL print them (ProcessGroupNCCL.cpp, nccl.h's ncclResult_t strings)
+MESSAGES = {
+    "nccl_timeout": "[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE, "
+                    "NumelIn=1, NumelOut=1, Timeout(ms)=600000) ran for 600045 milliseconds before timing out.",
+    "nccl_remote": "NCCL error in: ../torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:1970, remote process exited or "
+                   "there was a network error, NCCL version 2.21.5\nncclRemoteError: A call failed possibly due to a "
+                   "network error or a remote process exiting prematurely.",
+    "nccl_system": "NCCL error in: ../torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:1970, unhandled system error "
+                   "(run with NCCL_DEBUG=INFO for details), NCCL version 2.19.3\nncclSystemError: System call (e.g. "
+                   "socket, malloc) or external library call failed or device error.",
+    "cuda_error": "RuntimeError: CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+                  "asynchronously reported at some other API call",
+    "gpu_hardware": "RuntimeError: CUDA error: uncorrectable ECC error encountered (NVRM: Xid 48)",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MESSAGES))
+def test_each_failure_is_named_from_its_message(kind):
+    got = nccl.classify(MESSAGES[kind])
+    assert got is not None and got[0] == kind and got[1]
+
+
+def test_other_errors_are_not_nccl():
+    for text in ("ValueError: bad batch", "RuntimeError: Timed out waiting 60000ms for recv operation (gloo)", ""):
+        assert nccl.classify(text) is None
+
+
+def test_diagnosis_options_keep_the_recorder_and_outlast_the_watchdog():
+    env = nccl.diagnosis_env(trace_entries=2000, dump_dir="/runs/r1/diagnostics", stall_budget_s=1000)
+    assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "2000" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == "/runs/r1/diagnostics/nccl_trace_rank_"
+    assert int(env["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"]) >= 1000 and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    off = nccl.diagnosis_env(trace_entries=0, dump_dir=None, stall_budget_s=10)
+    assert off["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "0" and "TORCH_NCCL_DEBUG_INFO_TEMP_FILE" not in off
+
+
+def test_torch_may_not_abort_a_hang_before_the_watchdog_diagnoses_it():
+    base = {"data": {"uri": "x"}}
+    cfg = config_from_dict(base)  # the defaults are in order
+    assert cfg.distributed.timeout_s >= max(cfg.hang.timeout_s, cfg.hang.first_step_timeout_s) + STALL_DIAGNOSIS_S
+    with pytest.raises(ConfigError, match=r"distributed.timeout_s=300 would let torch abort .*"
+                                          r"hang.first_step_timeout_s=300 .* expected at least 360"):
+        config_from_dict({**base, "distributed": {"timeout_s": 300}})  # noqa: B018
+    config_from_dict({**base, "distributed": {"timeout_s": 300}, "hang": {"enabled": False}})  # no watchdog: no rule
+    config_from_dict({**base, "distributed": {"timeout_s": 130}, "hang": {"timeout_s": 30, "first_step_timeout_s": 60}})
