@@ -25,6 +25,7 @@ from torch.utils.data import default_collate
 from checkpointing.format import plain, set_rng_state
 from common.errors import UserError
 from dataloading.sampler import GlobalSampler
+from orchestrator import parallel
 from orchestrator.config import Config
 
 
@@ -95,6 +96,7 @@ class TrainContext:
         self._services = services
         self._loaders: list[Loader] = []
         self._restored = False
+        self._sharded = False
         self.start_step = services.loaded.step if services.loaded is not None else 0
         self.last_step = -1
         self.first_loss = self.last_loss = None
@@ -104,15 +106,15 @@ class TrainContext:
     # --- the model and the data ---------------------------------------------------------
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model on this rank's device, wrapped for data parallelism when there is more than
-        one rank; afterwards each rank draws its own random numbers (dropout), seeded by run and rank."""
+        """The model on this rank's device, wrapped per parallelism.strategy (DDP, or FSDP2 per
+        block: orchestrator/parallel.py) when there is more than one rank, compiled with
+        train.compile; afterwards each rank draws its own random numbers (dropout), seeded by run
+        and rank. Build the optimizer from the returned module."""
         if not isinstance(model, torch.nn.Module):
             raise UserError(f"ctx.prepare: expected a torch.nn.Module, got {type(model).__name__}")
-        model = model.to(self.device)
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        model = parallel.wrap_model(model, strategy=self.config.parallelism.strategy, device=self.device,
+                                    world_size=self.world_size, compile=self.config.train.compile)
+        self._sharded = self._sharded or parallel.is_sharded(model)
         torch.manual_seed(self.config.run.seed * 1000 + self.rank + 1)
         return model
 
@@ -134,6 +136,9 @@ class TrainContext:
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
             raise UserError(f"ctx.save: expected a state dict (a dict with string keys, e.g. "
                             f"{{'model': model.state_dict(), 'optimizer': opt.state_dict()}}), got {type(state).__name__}")
+        if self._sharded:
+            raise UserError("ctx.save: a model prepared with parallelism.strategy=fsdp is not saved through ctx yet; "
+                            "use parallelism.strategy=ddp with ctx.save, or the built-in loop for FSDP")
         checkpointer = self._services.checkpointer
         done = int(step) + 1
         if checkpointer is None or not checkpointer.due(done, done >= self.max_steps):

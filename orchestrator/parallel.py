@@ -27,6 +27,8 @@ root, as in the built-in GPT). One rank: nothing to shard or reduce, the model i
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from contextlib import contextmanager, nullcontext
 
@@ -57,10 +59,19 @@ def wrap_model(model: nn.Module, *, strategy: Strategy, device: torch.device, wo
             fully_shard(unit, mesh=mesh)
         fully_shard(model, mesh=mesh)
     if compile:
+        _check_compiler(device)
         model.compile()
     if distributed and strategy == Strategy.DDP:
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
+
+
+def _check_compiler(device: torch.device) -> None:
+    """Inductor builds C++ for CPU kernels: without a compiler it fails at the first forward,
+    deep in a traceback; say so up front instead."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        raise ConfigError("train.compile=true: torch.compile (inductor) needs a C++ compiler on CPU and none was "
+                          "found (install g++ or set CXX), or set train.compile=false")
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:

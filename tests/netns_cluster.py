@@ -80,8 +80,10 @@ class Node:
     hostname: str | None = None
     proc: subprocess.Popen | None = None
     node_id: str | None = None  # the Ray node id of its current incarnation
+    past_ids: list[str] = field(default_factory=list)  # ids of its earlier incarnations
     starts: int = 0
-    partitioned: bool = False
+    partitioned: bool = False  # its link is down now
+    disturbed: bool = False  # it was partitioned since its `ray start`
     filler: str | None = None  # the file fill_disk wrote
 
     @property
@@ -105,6 +107,7 @@ class NetnsCluster:
     subnet: ipaddress.IPv4Network | None = None
     port: int | None = None
     _created: list[tuple[str, str]] = field(default_factory=list)  # ("bridge"|"netns"|"veth", name), for teardown
+    restarts: list[str] = field(default_factory=list)  # what ensure_healthy restarted, and why
     _pids: set[int] = field(default_factory=set)  # every process this harness started (their trees are found from them)
 
     # --- addresses ------------------------------------------------------------------------------
@@ -233,7 +236,10 @@ class NetnsCluster:
         finally:
             log.close()
         node.starts += 1
+        if node.node_id:
+            node.past_ids.append(node.node_id)
         node.node_id = None
+        node.disturbed = False
         self._pids.add(node.proc.pid)
 
     def _ray_start_args(self, node: Node) -> list[str]:
@@ -267,15 +273,17 @@ class NetnsCluster:
 
     # --- what Ray sees --------------------------------------------------------------------------
 
-    def probe(self, *, alive: list[str] = (), dead: list[str] = (), timeout_s: float = 0.0,
-              poll_s: float = 0.5, since: float | None = None) -> dict:
+    def probe(self, *, alive: list[str] = (), dead: list[str] = (), gone: list[str] = (), idle: bool = False,
+              timeout_s: float = 0.0, poll_s: float = 0.5, since: float | None = None) -> dict:
         """ray.nodes() as seen by a driver on the host (a subprocess: this process may be connected
-        to another cluster), polled until every IP in `alive` has an alive node and no IP in `dead`
-        has one, for at most timeout_s. Returns {"nodes": [...], "met": bool, "waited_s": float,
-        "dead_after_s": {ip: seconds from `since` (a time.time()) to the first poll that saw it dead}}."""
+        to another cluster), polled until every IP in `alive` has an alive node (with every CPU free
+        if `idle`; nodes whose id is in `gone` do not count) and neither an IP in `dead` nor a node
+        id in `gone` is alive, for at most timeout_s. Returns {"nodes": [{node_id, ip, alive, cpus,
+        free_cpus}], "met": bool, "waited_s": float, "dead_after_s": {ip: seconds from `since` (a
+        time.time()) to the first poll that saw it dead}}."""
         argv = [self.python, "-m", "tests.netns_cluster", "probe", self.address, "--timeout", str(timeout_s),
-                "--poll", str(poll_s), "--alive", ",".join(alive), "--dead", ",".join(dead),
-                "--since", str(time.time() if since is None else since)]
+                "--poll", str(poll_s), "--alive", ",".join(alive), "--dead", ",".join(dead), "--gone", ",".join(gone),
+                "--since", str(time.time() if since is None else since), *(["--idle"] if idle else [])]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s + 90, env=self.env(), cwd=REPO)
         if proc.returncode != 0 or not proc.stdout.strip():
             raise HarnessError(f"probe of {self.address} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -291,14 +299,15 @@ class NetnsCluster:
         deadline = time.monotonic() + timeout_s
         for node in self.nodes:  # a node whose `ray start` exited will never come up: say so now
             self._check_running(node)
-        got = self.probe(alive=[n.ip for n in self.nodes], timeout_s=max(1.0, deadline - time.monotonic()))
+        past = [i for n in self.nodes for i in n.past_ids]  # earlier incarnations: gone, and not taken for the new one
+        got = self.probe(alive=[n.ip for n in self.nodes], gone=past, timeout_s=max(1.0, deadline - time.monotonic()))
         if not got["met"]:
-            alive = sorted(n["ip"] for n in got["nodes"] if n["alive"])
+            alive = sorted((n["ip"], n["node_id"][:12]) for n in got["nodes"] if n["alive"])
             for node in self.nodes:
                 self._check_running(node)
-            raise HarnessError(f"after {timeout_s:.0f}s Ray sees alive {alive}, expected {[n.ip for n in self.nodes]}; "
-                               f"logs in {self.base}")
-        by_ip = {n["ip"]: n["node_id"] for n in got["nodes"] if n["alive"]}
+            raise HarnessError(f"after {timeout_s:.0f}s Ray sees alive {alive}, expected {[n.ip for n in self.nodes]} "
+                               f"and none of the earlier ids {[i[:12] for i in past]}; logs in {self.base}")
+        by_ip = {n["ip"]: n["node_id"] for n in got["nodes"] if n["alive"] and n["node_id"] not in past}
         for node in self.nodes:
             node.node_id = by_ip[node.ip]
 
@@ -335,7 +344,7 @@ class NetnsCluster:
         cable or a dead switch port); processes keep running."""
         node = self.nodes[index]
         _run(["ip", "link", "set", node.veth_host, "down"])
-        node.partitioned = True
+        node.partitioned = node.disturbed = True
 
     def heal(self, index: int) -> None:
         node = self.nodes[index]
@@ -386,23 +395,58 @@ class NetnsCluster:
 
     def restart_node(self, index: int) -> None:
         """A fresh incarnation of a worker node in the same namespace (new Ray node id, empty
-        local disk); whatever is left of the old one is killed first."""
+        local disk). The old one is stopped gracefully first when it still runs (its raylet tells
+        the GCS it leaves, so Ray drops it at once instead of after ~15 s of failed health checks,
+        during which it would still take work), then whatever is left is killed."""
         node = self.nodes[index]
-        self._kill_node_processes(node)
         if node.partitioned:
             self.heal(index)
+        self._stop_gracefully(node)
+        self._kill_node_processes(node)
         self._start_worker(node)
 
-    def ensure_healthy(self, timeout_s: float | None = None) -> None:
-        """Every link up, every worker node running and alive in Ray (restarted if needed)."""
+    def _stop_gracefully(self, node: Node, grace_s: float = 15.0) -> None:
+        """SIGTERM to every process of the node (what `ray stop` sends, by pid here), then wait
+        for them to exit, bounded."""
+        for pid in self._node_pids(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if node.proc is not None:
+                node.proc.poll()  # reap our own child so it does not count as running
+            left = self._node_pids(node) - ({node.proc.pid} if node.proc and node.proc.returncode is not None else set())
+            if not left:
+                break
+            time.sleep(0.2)
+
+    def ensure_healthy(self, timeout_s: float | None = None, settle_s: float = 15.0) -> list[str]:
+        """Every link up, every worker node running, alive in Ray and idle (all its CPUs free, once
+        an earlier run's actors are gone: up to settle_s). A node that is not, or that was
+        partitioned since the last call, is restarted: after a partition Ray may hold its CPU for a
+        placement group it failed to remove (docs/MULTINODE.md). Returns why each was restarted."""
+        why = {}
         for node in self.worker_nodes:
             if node.partitioned:
                 self.heal(node.index)
-        alive = self.alive_nodes()
+            if node.disturbed:
+                why[node.index] = "was partitioned"
+        got = self.probe(alive=[n.ip for n in self.worker_nodes], idle=True, timeout_s=settle_s)
+        seen = {n["ip"]: n for n in got["nodes"] if n["alive"]}
         for node in self.worker_nodes:
-            if node.proc is None or node.proc.poll() is not None or alive.get(node.ip) != node.node_id:
-                self.restart_node(node.index)
+            info = seen.get(node.ip)
+            if node.proc is None or node.proc.poll() is not None:
+                why.setdefault(node.index, "its `ray start` had exited")
+            elif info is None or info["node_id"] != node.node_id:
+                why.setdefault(node.index, "Ray had it dead")
+            elif info["free_cpus"] < info["cpus"]:
+                why.setdefault(node.index, f"{info['free_cpus']:g} of {info['cpus']:g} CPUs free after {settle_s:g}s")
+        for index in why:
+            self.restart_node(index)
         self.wait_ready(timeout_s)
+        notes = [f"{self.nodes[i].name} restarted: {w}" for i, w in why.items()]
+        self.restarts += notes
+        return notes
 
     # --- teardown -------------------------------------------------------------------------------
 
@@ -531,8 +575,9 @@ def netns_cluster():
 
 @pytest.fixture
 def healthy_cluster(netns_cluster):
-    """The session's cluster with every node up, whatever an earlier test did to it."""
-    netns_cluster.ensure_healthy()
+    """The session's cluster with every node up and idle, whatever an earlier test did to it."""
+    for note in netns_cluster.ensure_healthy():
+        print(note)
     return netns_cluster
 
 
@@ -578,27 +623,37 @@ def _probe_main(argv: list[str]) -> int:
     p.add_argument("--poll", type=float, default=0.5)
     p.add_argument("--alive", default="")
     p.add_argument("--dead", default="")
+    p.add_argument("--gone", default="", help="node ids that must not be alive (and do not count for --alive)")
     p.add_argument("--since", type=float, default=None)
+    p.add_argument("--idle", action="store_true", help="also wait until the alive nodes' CPUs are all free")
     a = p.parse_args(argv)
     since = time.time() if a.since is None else a.since
     import logging
 
     import ray
+    from ray._private.state import available_resources_per_node  # a DeveloperAPI: free resources by node
 
     want_alive = [x for x in a.alive.split(",") if x]
     want_dead = [x for x in a.dead.split(",") if x]
+    gone = {x for x in a.gone.split(",") if x}
     ray.init(address=a.address, logging_level=logging.ERROR, log_to_driver=False, namespace="netns-probe")
     t0 = time.monotonic()
     dead_after: dict[str, float] = {}
     try:
         for _ in range(max(1, int(a.timeout / max(a.poll, 0.05)) + 2)):  # bounded in count and time
+            free = available_resources_per_node()
             nodes = [{"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "alive": bool(n["Alive"]),
-                      "cpus": n.get("Resources", {}).get("CPU", 0)} for n in ray.nodes()]
+                      "cpus": n.get("Resources", {}).get("CPU", 0),
+                      "free_cpus": free.get(n["NodeID"], {}).get("CPU", 0)} for n in ray.nodes()]
+            current = [n for n in nodes if n["alive"] and n["node_id"] not in gone]
             alive = {n["ip"] for n in nodes if n["alive"]}
+            busy = {n["ip"] for n in current if n["free_cpus"] < n["cpus"]}
             for ip in want_dead:
                 if ip not in alive:
                     dead_after.setdefault(ip, round(time.time() - since, 1))
-            met = all(ip in alive for ip in want_alive) and not any(ip in alive for ip in want_dead)
+            met = (all(ip in {n["ip"] for n in current} and not (a.idle and ip in busy) for ip in want_alive)
+                   and not any(ip in alive for ip in want_dead)
+                   and not any(n["alive"] and n["node_id"] in gone for n in nodes))
             if met or time.monotonic() - t0 >= a.timeout:
                 break
             time.sleep(a.poll)

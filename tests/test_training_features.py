@@ -110,6 +110,14 @@ def test_one_rank_is_not_wrapped_and_bf16_autocast_runs_on_cpu():
         gpt(x).float().sum().backward()
 
 
+def test_compile_without_a_compiler_is_one_clear_line(monkeypatch):
+    import orchestrator.parallel as parallel
+
+    monkeypatch.setattr(parallel.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"^train.compile=true: torch.compile \(inductor\) needs a C\+\+ compiler"):
+        wrap_model(nn.Linear(2, 2), strategy=Strategy.DDP, device=torch.device("cpu"), world_size=1, compile=True)
+
+
 # --- no reduction on accumulation micro-steps (gloo, Flight Recorder) --------------------------
 
 

@@ -57,7 +57,7 @@ class Straggler:
 
 
 _HIST = 256  # judged steps kept for scores and evidence
-_DEV = 1024  # and for the noise scale: 2 ranks need ~1000 steps for it to within ~4%
+_DEV = 4096  # and for the noise scale: its error inflates false alarms (2 ranks: 4,096 steps, ~2%)
 
 
 class StragglerDetector:
@@ -205,7 +205,7 @@ class StragglerDetector:
         idx = np.flatnonzero(self.known)
         if not len(idx):
             return
-        rows = max(32, min(_DEV, 16384 // len(idx)))  # the latest ~16k differences
+        rows = max(32, min(_DEV, 32768 // len(idx)))  # the latest ~32k differences
         dev = self.dev[np.ix_((self.processed - 1 - np.arange(min(rows, self.processed))) % _DEV, idx)]
         dev = dev[np.isfinite(dev)]
         if len(dev) >= 64:  # fewer lag differences than this make too rough a scale to judge by
