@@ -11,17 +11,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from checkpointing.layout import step_dir
+from checkpointing.layout import MANIFEST, scan, step_dir
 from checkpointing.records import CheckpointRecords
 from checkpointing.slots import SlotTable
-from checkpointing.storage import check_destination, resolve_uri
+from checkpointing.storage import check_destination, open_fs, resolve_uri
 
 
 class CheckpointCoordinator:
     def __init__(self, run_id: str, uri: str, world_size: int, *, max_concurrent_writes: int, per_node_writes: int,
-                 slot_lease_s: float, store_root: str | None = None, clock: Callable[[], float] = time.monotonic):
+                 slot_lease_s: float, store_root: str | None = None, clock: Callable[[], float] = time.monotonic,
+                 storage_options: dict | None = None):
         self.run_id = run_id
         self.uri = uri
+        self.storage_options = storage_options or {}
         self.world_size = world_size
         self.slots = SlotTable(max_global=max_concurrent_writes, per_node=per_node_writes, lease_s=slot_lease_s,
                                clock=clock)
@@ -78,6 +80,16 @@ class CheckpointCoordinator:
     def history(self) -> list[dict[str, Any]]:
         return list(self.outcomes)
 
+    def retire_after(self, step: int, reason: str) -> list[int]:
+        """Uncommit every checkpoint after `step` (its manifest removed, so no restore takes it;
+        retention deletes the rest) and record why. Returns the retired steps."""
+        fs, root = open_fs(self.uri, self.storage_options)
+        retired = [s for s in scan(fs, root).committed if s > step]
+        for s in retired:
+            fs.rm_file(f"{root.rstrip('/')}/{step_dir(s)}/{MANIFEST}")
+            self.corrupt(s, f"retired: {reason}")
+        return retired
+
     def corrupt(self, step: int, reason: str) -> None:
         """A restore found the committed checkpoint of `step` corrupt: mark it so in the store."""
         if self.records is not None:
@@ -99,4 +111,5 @@ def start(cfg, run_id: str, store_root: str, node_id: str):
         name=f"{cfg.run.name}:{run_id}:checkpoints", num_cpus=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
     ).remote(run_id, uri, cfg.scaling.num_workers, max_concurrent_writes=c.max_concurrent_writes,
-             per_node_writes=c.per_node_writes, slot_lease_s=c.slot_lease_s, store_root=str(store_root))
+             per_node_writes=c.per_node_writes, slot_lease_s=c.slot_lease_s, store_root=str(store_root),
+             storage_options=c.storage_options)

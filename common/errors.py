@@ -43,6 +43,18 @@ class NonFiniteLoss(RuntimeError):
         return (NonFiniteLoss, (self.step, self.value))
 
 
+class SilentCorruption(RuntimeError):
+    """Data-parallel replicas disagree: their weights or optimizer state differ after `step` steps."""
+
+    def __init__(self, step: int, suspects: list[int], checksums: list[int]):
+        super().__init__(f"replicas disagree after step {step}: rank(s) {', '.join(map(str, suspects))} "
+                         f"differ from the others (checksums {checksums})")
+        self.step, self.suspects, self.checksums = step, suspects, checksums
+
+    def __reduce__(self):  # crosses process boundaries (Ray) intact
+        return (SilentCorruption, (self.step, self.suspects, self.checksums))
+
+
 class UserCodeError(RuntimeError):
     """The user's own training code raised: one line naming their frame, and their traceback."""
 

@@ -150,6 +150,12 @@ class OnNonFinite(str, Enum):
 
 
 @dataclass
+class HealthConfig:
+    sdc_check_every: int = option(100, min=0, max=MAX_STEPS, help="steps between checks that data-parallel replicas "
+                                  "hold bit-identical weights and optimizer state (silent data corruption); 0 = off")
+
+
+@dataclass
 class FaultToleranceConfig:
     max_restarts: int = option(3, min=0, max=1_000_000, help="restarts of the worker group before the run fails")
     backoff_s: float = option(1.0, min=0, max=MAX_SECONDS, help="delay before the second restart; doubles per restart (with jitter), capped at 30 s; the first is immediate")
@@ -198,6 +204,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
     hang: HangConfig = field(default_factory=HangConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     entrypoint: EntrypointConfig = field(default_factory=EntrypointConfig)
 

@@ -29,6 +29,7 @@ class Run:
     restarts: int = 0
     skipped: tuple[int, ...] = ()  # global batches left out after a non-finite loss (on_nonfinite=rollback)
     avoid_nodes: tuple[str, ...] = ()  # culprit nodes of earlier stalls and replaced stragglers
+    restore_at_most: int | None = None  # after corruption: only a checkpoint from before it
     failed_at: float | None = None  # when the failure the current group recovers from happened
 
 
@@ -144,6 +145,15 @@ class StartGroup:
     restore: int | str | None
     skipped: tuple[int, ...]
     recovering: bool  # a failure came before: report the recovery time
+    restore_at_most: int | None = None
+
+
+@dataclass(frozen=True)
+class RetireCheckpoints:
+    """Checkpoints written after `after` steps may hold corrupt state: no restart may use them."""
+
+    after: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -174,7 +184,7 @@ class Say:
     text: str
 
 
-Action = Reserve | StartGroup | StopGroup | EndAttempt | FollowUpStall | RecordRecovery | Say
+Action = Reserve | StartGroup | StopGroup | EndAttempt | FollowUpStall | RecordRecovery | RetireCheckpoints | Say
 
 ATTEMPT_STATUS = {FailureKind.RESIZE: "resized", FailureKind.STRAGGLER: "replaced"}
 
@@ -198,7 +208,7 @@ class Machine:
             if isinstance(event, Reserved):
                 recovering = run.failed_at is not None
                 return Starting(run, event.world), [StartGroup(run.attempt, event.world, run.restore, run.skipped,
-                                                               recovering)]
+                                                               recovering, run.restore_at_most)]
             if isinstance(event, ReserveFailed):
                 return Failed(run, str(event.error), error=event.error), []
         elif isinstance(state, (Starting, Training)):
@@ -232,6 +242,11 @@ class Machine:
                 avoid |= set(f.data.get("culprit_nodes", ()))
         if f.kind in (FailureKind.STRAGGLER, FailureKind.GPU) and f.node_id:
             avoid.add(f.node_id)
+        at_most = None
+        if f.kind is FailureKind.SDC:
+            avoid |= set(f.data.get("suspect_nodes", ()))
+            at_most = f.data["last_good"]
+            actions.append(RetireCheckpoints(at_most, f.message))
         decision = self.policy.decide(f, run.restarts)
         if decision is Decision.RAISE:
             why = ""
@@ -253,5 +268,5 @@ class Machine:
             actions.append(Say(f"RESTART {restarts}/{self.policy.max_restarts}: {f.message}; "
                                f"restoring the latest checkpoint in {delay:.1f}s"))
         nxt = Run(attempt=run.attempt + 1, restore="latest", restarts=restarts, skipped=skipped,
-                  avoid_nodes=tuple(sorted(avoid)), failed_at=now)
+                  avoid_nodes=tuple(sorted(avoid)), failed_at=now, restore_at_most=at_most)
         return Restarting(nxt, until=now + delay), actions

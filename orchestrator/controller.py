@@ -29,6 +29,7 @@ from orchestrator.control import (
     Reserved,
     ReserveFailed,
     Restarting,
+    RetireCheckpoints,
     Run,
     Say,
     Started,
@@ -150,6 +151,11 @@ class Controller:
             self._follow_up_stall()
         elif isinstance(a, RecordRecovery):
             self.store.set_recovery(self.run_id, a.attempt, a.seconds)
+        elif isinstance(a, RetireCheckpoints):
+            retired = self.group.retire_checkpoints(a.after, a.reason)
+            if retired:
+                self.out(f"checkpoints of step(s) {', '.join(map(str, retired))} retired: written after the last "
+                         f"good replica check (step {a.after})")
         else:
             raise TypeError(f"unknown action {a!r}")
         return None
@@ -169,7 +175,7 @@ class Controller:
         return Reserved(world)
 
     def _start(self, a: StartGroup):
-        source_uri, step0 = self._restore_from(a.restore)
+        source_uri, step0 = self._restore_from(a.restore, at_most=a.restore_at_most)
         self.store.start_attempt(self.run_id, a.attempt, resumed_from_step=step0)
         self.group.set_attempt(a.attempt)
         self.acting_on, self.attempt = None, a.attempt
@@ -204,9 +210,12 @@ class Controller:
                                node=f.node_id, failed_step=self.max_step, steps_lost=lost)
         kind = {FailureKind.RESIZE: "resize", FailureKind.STRAGGLER: "straggler_replaced"}.get(
             f.kind, f"failure_{f.kind.value}")
-        data = {k: v for k, v in f.data.items() if k != "event"}
+        data = {"attempt": a.attempt, **{k: v for k, v in f.data.items() if k != "event"}}
+        if f.kind is FailureKind.SDC:  # an alert: the store, the console and the webhook
+            self.group.alert("sdc", "error", f.message, step=f.data.get("step"), rank=f.rank, data=data)
+            return
         self.store.add_event(self.run_id, kind=kind, severity="info" if f.planned else "error", message=f.message,
-                             step=self.last_step, rank=f.rank, data={"attempt": a.attempt, **data})
+                             step=self.last_step, rank=f.rank, data=data)
 
     def _follow_up_stall(self) -> None:
         """Once the hung group is gone: check the suspect nodes and complete the stored report."""
@@ -224,11 +233,13 @@ class Controller:
             data["placement"] = note
             self.store.update_event_data(event_id, data)
 
-    def _restore_from(self, restore: int | str | None) -> tuple[str | None, int | None]:
+    def _restore_from(self, restore: int | str | None, *, at_most: int | None = None) -> tuple[str | None, int | None]:
         """(checkpoint location, step) the next group starts from; (None, None) is step 0."""
         if restore is None:
             return None, None
         uri, committed = self.group.committed_steps()
+        if at_most is not None:
+            committed = [s for s in committed if s <= at_most]
         if restore == "latest" and committed:
             return None, committed[-1]  # None: the run's own location, which the workers know
         if self.source is not None:  # a fork with no checkpoint of its own yet

@@ -26,6 +26,7 @@ class FailureKind(str, Enum):
     USER_ERROR = "user_error"  # bad config or data: restarting cannot help
     NCCL = "nccl"  # NCCL failed: a collective timed out, a peer or the network failed (data["nccl"] says which)
     GPU = "gpu"  # a CUDA error or a GPU hardware fault (ECC/Xid): its node is avoided on restart
+    SDC = "sdc"  # replicas disagree (silent data corruption): restart before it, without the suspects' nodes
     RESIZE = "resize"  # planned: capacity came back, regrow the group at a checkpoint
     STRAGGLER = "straggler"  # planned: replace a straggling rank at a checkpoint (hang.straggler_action)
 

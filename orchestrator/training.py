@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from common.errors import ConfigError, DataError, NonFiniteLoss
 from dataloading.dataset import TokenDataset
 from dataloading.sampler import GlobalSampler, batch_fingerprint
-from orchestrator import telemetry
+from orchestrator import sdc, telemetry
 from orchestrator.config import Config
 from orchestrator.gpt import build_model
 from orchestrator.hang.health import Health
@@ -212,6 +212,12 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
         optimizer_started = time.perf_counter()
         optimizer.step()
         compute_s += time.perf_counter() - optimizer_started
+        is_last = step == cfg.train.max_steps - 1
+        every = cfg.health.sdc_check_every
+        if multi and every and not sharded and ((step + 1) % every == 0 or is_last):  # before a checkpoint of it
+            health.phase = "optimizer"
+            with counted(health, True):
+                sdc.check(model, optimizer, step=step + 1, device=ctx.device)
 
         now = time.perf_counter()
         step_time, last = now - last, now
@@ -225,7 +231,6 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
         }
         if ctx.rank == 0:
             metrics["data/batch_fingerprint"] = float(batch_fingerprint(sampler.global_batch(batch_index)))
-        is_last = step == cfg.train.max_steps - 1
         if val_data is not None and cfg.train.eval_every and ((step + 1) % cfg.train.eval_every == 0 or is_last):
             health.phase = "eval"
             eval_loss = evaluate(ddp, val_data, cfg, ctx, health)

@@ -18,7 +18,7 @@ from actors.metrics_actor import MetricsActor
 from actors.train_worker import TrainWorker
 from checkpointing.layout import scan
 from checkpointing.storage import open_fs
-from common.errors import NonFiniteLoss, ResourceError, UserError
+from common.errors import NonFiniteLoss, ResourceError, SilentCorruption, UserError
 from orchestrator import cluster, entrypoints, rank, rendezvous, script, visibility
 from orchestrator.anomaly import AnomalyDetector
 from orchestrator.config import Config
@@ -28,6 +28,7 @@ from orchestrator.policy import Failure, FailureKind, GroupError
 from orchestrator.store import Store
 
 AVOID_WAIT_S = 10.0  # how long to look for room away from a culprit node before using it again
+STOP_WAIT_S = 15.0  # how long a stopped group's ranks get to be gone
 
 
 @dataclass
@@ -126,6 +127,12 @@ class WorkerGroup:
         except ResourceError:
             self.h.placement = cluster.reserve(**kw, timeout_s=timeout_s)
             return f"no spare capacity outside node {names}: restarted on it"
+
+    def retire_checkpoints(self, after: int, reason: str) -> list[int]:
+        return ray.get(self.h.checkpoints.retire_after.remote(after, reason), timeout=120)
+
+    def alert(self, kind: str, severity: str, message: str, **kw) -> None:
+        ray.get(self.h.metrics.alert.remote(kind, severity, message, **kw), timeout=60)
 
     def free_resources(self) -> dict:
         return ray.available_resources()
@@ -237,6 +244,8 @@ class WorkerGroup:
                 ray.kill(w)
             except Exception:
                 pass
+        if self.refs:  # ray.kill returns at once: wait (bounded) until the ranks' calls end with them,
+            ray.wait(self.refs, num_returns=len(self.refs), timeout=STOP_WAIT_S)  # so none commits later
         self.h.workers, self.refs, self.pending = [], [], []
         if self.h.checkpoints is not None:
             for r in range(self.cfg.scaling.num_workers):
@@ -276,6 +285,17 @@ class WorkerGroup:
             elif isinstance(cause, NonFiniteLoss):
                 kind = FailureKind.NON_FINITE
                 data = {"batch": cause.step, "value": cause.value}
+            elif isinstance(cause, SilentCorruption):
+                kind = FailureKind.SDC
+                nodes = sorted({n for n in (self.node(s) for s in cause.suspects) if n})
+                every = self.cfg.health.sdc_check_every
+                data = {"step": cause.step, "suspects": cause.suspects, "suspect_nodes": nodes,
+                        "checksums": [str(c) for c in cause.checksums], "last_good": max(0, cause.step - every)}
+                r = cause.suspects[0]
+                raise GroupError(Failure(kind, f"silent data corruption: replicas disagree after step {cause.step}; "
+                                         f"rank(s) {', '.join(map(str, cause.suspects))} on node(s) "
+                                         f"{cluster.node_labels(nodes)} differ from the others", rank=r,
+                                         node_id=self.node(r), data=data)) from None
             elif named is not None:
                 kind = FailureKind.GPU if named[0] in ("gpu_hardware", "cuda_error") else FailureKind.NCCL
                 data = {"nccl": named[0], "meaning": named[1]}

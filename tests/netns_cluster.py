@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 SUBNETS = ipaddress.ip_network("10.213.0.0/16")  # one /24 of it per cluster, the first one free
 ALLOC_LOCK = Path("/tmp/orch-netns-alloc.lock")  # held while a cluster picks its /24 and creates its bridge
 CMD_TIMEOUT_S = 30  # any one `ip`/`nsenter` command
+PROBE_MARK = "netns-probe: "  # the probe's answer line
 
 
 class HarnessError(RuntimeError):
@@ -285,9 +286,12 @@ class NetnsCluster:
                 "--poll", str(poll_s), "--alive", ",".join(alive), "--dead", ",".join(dead), "--gone", ",".join(gone),
                 "--since", str(time.time() if since is None else since), *(["--idle"] if idle else [])]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s + 90, env=self.env(), cwd=REPO)
-        if proc.returncode != 0 or not proc.stdout.strip():
-            raise HarnessError(f"probe of {self.address} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        # Ray may print into the driver's output too (a dead raylet's stack trace, pushed to every driver)
+        answer = [line for line in proc.stdout.splitlines() if line.startswith(PROBE_MARK)]
+        if proc.returncode != 0 or not answer:
+            raise HarnessError(f"probe of {self.address} failed ({proc.returncode}): "
+                               f"{(proc.stderr.strip() or proc.stdout.strip())[-2000:]}")
+        return json.loads(answer[-1][len(PROBE_MARK):])
 
     def alive_nodes(self) -> dict[str, str]:
         """ip -> node id of every alive node."""
@@ -657,7 +661,7 @@ def _probe_main(argv: list[str]) -> int:
             if met or time.monotonic() - t0 >= a.timeout:
                 break
             time.sleep(a.poll)
-        print(json.dumps({"nodes": nodes, "met": met, "waited_s": round(time.monotonic() - t0, 2),
+        print(PROBE_MARK + json.dumps({"nodes": nodes, "met": met, "waited_s": round(time.monotonic() - t0, 2),
                           "dead_after_s": dead_after}))
     finally:
         ray.shutdown()

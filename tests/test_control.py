@@ -22,6 +22,7 @@ from orchestrator.control import (
     ReserveFailed,
     Reserving,
     Restarting,
+    RetireCheckpoints,
     Run,
     Say,
     Started,
@@ -224,3 +225,15 @@ def test_unexpected_events_and_final_states_are_refused():
     done, _ = m.step(training(m), Finished({}), now=0.0)
     with pytest.raises(ValueError, match="Done is final"):
         m.step(done, Tick(), now=0.0)
+
+
+def test_corruption_retires_later_checkpoints_and_restarts_before_it_without_the_suspects():
+    m = machine()
+    bad = Failure(FailureKind.SDC, "replicas disagree after step 30", rank=2, node_id="node-c",
+                  data={"step": 30, "suspects": [2], "suspect_nodes": ["node-c"], "last_good": 20})
+    state, actions = m.step(training(m), GroupFailed(bad), now=0.0)
+    assert RetireCheckpoints(20, bad.message) in actions
+    assert state.run.avoid_nodes == ("node-c",) and state.run.restore_at_most == 20
+    state, _ = m.step(state, Tick(), now=0.0)
+    _, actions = m.step(state, Reserved(3), now=0.0)
+    assert actions[0].restore == "latest" and actions[0].restore_at_most == 20

@@ -133,6 +133,34 @@ def workers_on(cluster, home: Path, run_id: str) -> list[dict]:
 # --- tests ------------------------------------------------------------------------------------------
 
 
+def test_each_node_has_its_own_disk_address_and_hostname(healthy_cluster):
+    """The harness itself: a file on one node's local disk is invisible to the others and to the
+    host; each node answers on its own address and hostname; a full disk is that node's alone."""
+    cluster = healthy_cluster
+    local = cluster.local_dir
+    marker = local / f"mark-{uuid.uuid4().hex[:8]}"
+    write = "import sys; f = open(sys.argv[1], 'wb'); f.write(sys.argv[2].encode() * 4096); f.close()"
+    try:
+        cluster.run_on(1, [cluster.python, "-c", write, str(marker), "n"])
+        assert cluster.run_on(1, ["wc", "-c", str(marker)]).stdout.split()[0] == "4096"
+        for index in (2, 3):
+            assert cluster.run_on(index, ["test", "-e", str(marker)], check=False).returncode == 1
+        assert not marker.exists()  # the host's (and the head's) directory behind the same path
+        for node in cluster.worker_nodes:
+            seen = cluster.run_on(node.index, ["sh", "-c", "hostname; ip -4 -o addr show dev eth0"]).stdout
+            assert node.hostname in seen and f"inet {node.ip}/" in seen, seen
+
+        held = cluster.fill_disk(2)
+        assert held >= 0.9 * cluster.local_disk_mb * 2**20
+        full = cluster.run_on(2, [cluster.python, "-c", write, str(local / "more"), "x"], check=False)
+        assert full.returncode != 0 and "No space left on device" in full.stderr, full.stderr
+        cluster.run_on(1, [cluster.python, "-c", write, str(local / "more"), "y"])  # node 1's disk is its own
+    finally:
+        cluster.free_disk(2)
+        cluster.run_on(1, ["rm", "-f", str(marker), str(local / "more")])
+        cluster.run_on(2, ["rm", "-f", str(local / "more")])
+
+
 def test_run_spans_three_nodes_and_every_node_reads_its_checkpoint(tmp_path, tiny_data, healthy_cluster, bridge_s3):
     cluster, (endpoint, make_bucket) = healthy_cluster, bridge_s3
     home = tmp_path / "home"
@@ -200,7 +228,7 @@ def test_partitioned_node_is_named_as_the_culprit(tmp_path, tiny_data, healthy_c
     cfg = tiny_config(tmp_path, tiny_data, scaling={**WORKERS, "min_workers": 2}, data=BATCH,
                       train={"max_steps": steps, "eval_every": 0}, checkpoint=ckpt_cfg,
                       fault_tolerance={"max_restarts": 2, "backoff_s": 0.2},
-                      hang={"timeout_s": 5, "heartbeat_s": 0.5, "node_check_timeout_s": 10},
+                      hang={"timeout_s": 5, "heartbeat_s": 0.5, "node_check_timeout_s": 5},
                       model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.2}})
     launch = Launch(cluster, home, cfg, tmp_path / "launch.log")
     victim = None

@@ -126,3 +126,27 @@ def hanging_gpt(*, vocab_size: int, block_size: int, hang_rank: int = 1, hang_ca
     """once_path: hang only the first time (a file marks it), so a restarted group can finish."""
     return Hangs(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32,
                  hang_rank=hang_rank, hang_call=hang_call, once_path=once_path)
+
+
+class Corrupts(GPT):
+    """A GPT that, on one rank at one training forward, adds 1e-3 to one weight outside autograd:
+    a bit of silent data corruption the replicas' checksums must catch."""
+
+    def __init__(self, *, corrupt_rank: int, corrupt_call: int, once_path: str, **kw):
+        super().__init__(**kw)
+        self.corrupt_rank, self.corrupt_call, self.once_path, self.calls = corrupt_rank, corrupt_call, once_path, 0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            rank = int(os.environ.get("RANK", "0"))
+            if rank == self.corrupt_rank and self.calls == self.corrupt_call and not os.path.exists(self.once_path):
+                open(self.once_path, "w").close()  # once per run: the restarted group must not repeat it
+                with torch.no_grad():
+                    next(self.parameters()).view(-1)[0] += 1e-3
+        return super().forward(idx)
+
+
+def corrupting_gpt(*, vocab_size: int, block_size: int, corrupt_rank: int, corrupt_call: int, once_path: str):
+    return Corrupts(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32,
+                    corrupt_rank=corrupt_rank, corrupt_call=corrupt_call, once_path=once_path)
