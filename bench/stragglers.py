@@ -220,10 +220,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="2,8,64,1024", help="world sizes, comma-separated")
     p.add_argument("--steps", type=int, default=10_000, help="steps per healthy stream")
-    p.add_argument("--streams", default="1000,500,300,30",
+    p.add_argument("--streams", default="1000,300,100,10",
                    help="healthy streams per world size (one number, or one per --ranks entry)")
-    p.add_argument("--slow-streams", default="200,200,200,20", help="streams per slowdown factor and world size")
-    p.add_argument("--tail-streams", default="200,100,100,10", help="heavy-tailed healthy streams per world size")
+    p.add_argument("--slow-streams", default="200,200,100,10", help="streams per slowdown factor and world size")
+    p.add_argument("--tail-streams", default="200,100,50,5", help="heavy-tailed healthy streams per world size")
     p.add_argument("--slowdowns", default="1.15,1.3,1.5")
     p.add_argument("--horizon", type=int, default=700, help="steps after the onset (NVRx at 300 s needs 2 reports)")
     p.add_argument("--jitter", type=float, default=0.10)
@@ -261,6 +261,12 @@ def main() -> None:
                     "onset": list(ONSET), "horizon": args.horizon, "step_s": STEP_S},
         "nvrx": {"source": nvrx.source, "arms": {a: {"interval_s": i, "threshold": th} for a, (i, th) in NVRX_ARMS.items()},
                  "median_checked_equal_to_library": getattr(nvrx, "checked", None)} if nvrx else None,
+        "headline": {ranks: {a: {"fpr_streams": r["healthy"][a]["fpr_streams"],
+                                 "fpr_streams_upper95": r["healthy"][a]["fpr_streams_upper95"],
+                                 **{f"delay_{k[5:]}x": [r[k][a]["delay_median"], r[k][a]["delay_p95"], r[k][a]["missed"]]
+                                    for k in r if k.startswith("slow_")}}
+                             for a in ("ours", "nvrx_300s_0.7") if a in r["healthy"]}
+                     for ranks, r in results.items()},
         "results": results,
         "cost": costs,
         "wall_s": round(time.time() - started, 1),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import ipaddress
 import json
 import os
@@ -41,7 +40,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SUBNETS = ipaddress.ip_network("10.213.0.0/16")  # one /24 of it per cluster, the first one free
-ALLOC_LOCK = Path("/tmp/orch-netns-alloc.lock")  # held while a cluster picks its /24 and creates its bridge
+ALLOC_LOCK = "\0orch-netns-subnet-allocation"  # an abstract Unix socket: a lock that leaves no file behind
 CMD_TIMEOUT_S = 30  # any one `ip`/`nsenter` command
 PROBE_MARK = "netns-probe: "  # the probe's answer line
 
@@ -55,6 +54,27 @@ def _run(argv: list[str], *, check: bool = True, timeout: float = CMD_TIMEOUT_S,
     if check and proc.returncode != 0:
         raise HarnessError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
+
+
+@contextlib.contextmanager
+def _allocation_lock(timeout_s: float = 60.0):
+    """Held while a cluster picks its /24 and creates its bridge, so two sessions starting at
+    once do not pick the same one. Binding an abstract socket name succeeds for one holder at a
+    time and is released when the socket closes (also when the process dies)."""
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                lock.bind(ALLOC_LOCK)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise HarnessError(f"could not take the subnet allocation lock in {timeout_s:.0f}s") from None
+                time.sleep(0.1)
+        yield
+    finally:
+        lock.close()
 
 
 def _free_port(host: str = "") -> int:
@@ -173,17 +193,13 @@ class NetnsCluster:
         (self.base / "auth_token").write_text(secrets.token_hex(32))
         (self.base / "auth_token").chmod(0o600)
         self.bridge = f"ob{self.tag}"[:15]
-        with open(ALLOC_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                self.subnet = self._free_subnet()
-                hosts = list(self.subnet.hosts())
-                _run(["ip", "link", "add", self.bridge, "type", "bridge"])
-                self._created.append(("bridge", self.bridge))
-                _run(["ip", "addr", "add", f"{hosts[0]}/{self.subnet.prefixlen}", "dev", self.bridge])
-                _run(["ip", "link", "set", self.bridge, "up"])
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with _allocation_lock():
+            self.subnet = self._free_subnet()
+            hosts = list(self.subnet.hosts())
+            _run(["ip", "link", "add", self.bridge, "type", "bridge"])
+            self._created.append(("bridge", self.bridge))
+            _run(["ip", "addr", "add", f"{hosts[0]}/{self.subnet.prefixlen}", "dev", self.bridge])
+            _run(["ip", "link", "set", self.bridge, "up"])
         head_dir = self.base / "n0"
         self.nodes = [Node(0, str(hosts[0]), head_dir, self.base / "n0.log")]
         for i in range(1, self.workers + 1):
@@ -433,18 +449,18 @@ class NetnsCluster:
         for node in self.worker_nodes:
             if node.partitioned:
                 self.heal(node.index)
-            if node.disturbed:
-                why[node.index] = "was partitioned"
         got = self.probe(alive=[n.ip for n in self.worker_nodes], idle=True, timeout_s=settle_s)
-        seen = {n["ip"]: n for n in got["nodes"] if n["alive"]}
+        seen = {n["node_id"]: n for n in got["nodes"] if n["alive"]}
         for node in self.worker_nodes:
-            info = seen.get(node.ip)
+            info = seen.get(node.node_id)
             if node.proc is None or node.proc.poll() is not None:
-                why.setdefault(node.index, "its `ray start` had exited")
-            elif info is None or info["node_id"] != node.node_id:
-                why.setdefault(node.index, "Ray had it dead")
+                why[node.index] = f"its `ray start` had exited ({node.proc.returncode if node.proc else 'never started'})"
+            elif info is None:
+                why[node.index] = "Ray had it dead"
             elif info["free_cpus"] < info["cpus"]:
-                why.setdefault(node.index, f"{info['free_cpus']:g} of {info['cpus']:g} CPUs free after {settle_s:g}s")
+                why[node.index] = f"{info['free_cpus']:g} of {info['cpus']:g} CPUs free after {settle_s:g}s"
+            elif node.disturbed:
+                why[node.index] = "was partitioned (alive and idle, but not trusted)"
         for index in why:
             self.restart_node(index)
         self.wait_ready(timeout_s)

@@ -32,9 +32,9 @@ _MAD = 0.6745 * math.sqrt(2.0)  # median |a - b| of two independent N(0, 1) draw
 class StragglerConfig:
     target_slowdown: float = 1.15  # the slowdown to catch fast; a rank over ~1.08x is caught eventually
     # alert threshold, log-likelihood units, ln(ranks) added. 2 ranks are the hard case: their log
-    # ratio is Gaussian, and Siegmund's approximation puts 0.35% of 10,000-step healthy streams
-    # over 13 (1% over 12); more ranks have more margin (one step's cap cuts the tail harder)
-    h0: float = 13.0
+    # ratio is Gaussian and one step's cap cuts little of its tail; Siegmund's approximation (and
+    # the noise scale's own error) puts ~0.25% of 10,000-step healthy 2-rank streams over 13.5
+    h0: float = 13.5
     min_steps: int = 8  # no alert on fewer slow steps than this: one step weighs at most h / min_steps
     min_history: int = 20  # steps lined up before any verdict (the noise scale settles)
     window: int = 50  # steps behind each rank's score
