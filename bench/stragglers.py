@@ -30,7 +30,9 @@ so. NVRx measures in seconds; its report interval in steps = interval_s / step t
 Arms: 300 s / 0.7 (as issue 13 describes NVRx's use), 60 s / 0.75 (the library's own defaults
 in 0.4.1: Detector.initialize and identify_stragglers), and 30 steps / 0.7 (our 30-step budget).
 
-Progress on stderr; one JSON object on the last stdout line.
+Progress on stderr; one JSON object on the last stdout line (`headline`: per world size and
+side, the healthy-stream false-alarm rate and, per slowdown, [median delay, p95, missed]).
+Stream counts are per world size (fewer at 1,024 ranks: ~10 s per 10,000-step stream there).
 """
 
 from __future__ import annotations

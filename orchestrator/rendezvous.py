@@ -73,7 +73,8 @@ def torchrun_env(*, rank: int, local_rank: int, world_size: int, local_world_siz
 
 
 def join(cfg: Config, *, rank: int, local_rank: int, world_size: int, local_world_size: int, node_rank: int,
-         master_addr: str, master_port: int, run_id: str = "", attempt: int = 0, init_group: bool = True) -> str:
+         master_addr: str, master_port: int, run_id: str = "", attempt: int = 0, init_group: bool = True,
+         node_ip: str | None = None) -> str:
     """Set the environment, choose the backend and device, join the process group (unless
     init_group is False: a script joins it itself, from the environment). Returns the backend."""
     global _member
@@ -87,8 +88,12 @@ def join(cfg: Config, *, rank: int, local_rank: int, world_size: int, local_worl
     if cfg.hang.enabled and cfg.hang.flight_recorder_entries:
         # read by torch when the process group is created; a user's own setting wins
         os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(cfg.hang.flight_recorder_entries))
-    if master_addr.startswith("127.") and "GLOO_SOCKET_IFNAME" not in os.environ:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # a loopback cluster: keep gloo off other interfaces
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        # gloo otherwise binds to the address its hostname resolves to, often 127.0.x.1, which peers
+        # on other nodes cannot reach: use the interface that carries this node's Ray address
+        ifname = "lo" if master_addr.startswith("127.") else interface_of(node_ip)
+        if ifname:
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname
     use_gpu = torch.cuda.is_available() and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
     backend = cfg.distributed.backend
     if backend == Backend.AUTO:
@@ -113,6 +118,18 @@ def join(cfg: Config, *, rank: int, local_rank: int, world_size: int, local_worl
     _member = Member(rank=rank, local_rank=local_rank, world_size=world_size, local_world_size=local_world_size,
                      node_rank=node_rank, backend=backend.value, device=device)
     return backend.value
+
+
+def interface_of(ip: str | None) -> str | None:
+    """The name of the network interface holding address `ip`, if any."""
+    if not ip:
+        return None
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs):
+            return name
+    return None
 
 
 def leave() -> None:

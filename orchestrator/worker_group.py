@@ -166,8 +166,8 @@ class WorkerGroup:
                              local_rank=ranks[b]["local_rank"], world_size=world,
                              local_world_size=ranks[b]["local_world_size"], node_rank=ranks[b]["node_rank"],
                              master_addr=master_addr, master_port=master_port, run_id=self.run_id, attempt=attempt,
-                             init_group=not script)
-            for w, b in zip(h.workers, by_rank, strict=True)
+                             init_group=not script, node_ip=info["ip"])
+            for w, b, info in zip(h.workers, by_rank, infos, strict=True)
         ]
         backends = self._gather(joins, "rendezvous")
         if h.health is not None:

@@ -13,10 +13,13 @@ and is never used), and a directory under /tmp. See docs/MULTINODE.md.
     cluster.address                  # "10.213.X.1:PORT", for `orchestrator launch ... --address`
     cluster.env()                    # the environment a driver on the host needs (auth token ...)
     cluster.crash(1); cluster.partition(2); cluster.heal(2); cluster.fill_disk(3)
-    cluster.ensure_healthy()         # restart nodes that crashed or were declared dead
+    cluster.ensure_healthy()         # every node up and idle again (restarts crashed, dead, busy or partitioned ones)
     cluster.close()                  # everything above removed, also after a failure
 
-As a pytest fixture: `netns_cluster` (session scope; skips without root or `ip netns`).
+As pytest fixtures: `netns_cluster` (session scope; skips without root or `ip netns`),
+`healthy_cluster` (the same, made healthy again before each test) and `bridge_s3` (a moto S3
+server on the bridge's host address). `python -m tests.netns_cluster measure` prints how long Ray
+takes to declare a crashed and a partitioned node dead.
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ class NetnsCluster:
     port: int | None = None
     _created: list[tuple[str, str]] = field(default_factory=list)  # ("bridge"|"netns"|"veth", name), for teardown
     restarts: list[str] = field(default_factory=list)  # what ensure_healthy restarted, and why
-    _pids: set[int] = field(default_factory=set)  # every process this harness started (their trees are found from them)
+    _pids: set[int] = field(default_factory=set)  # every `ray start` this harness started (a record; trees are found from them)
 
     # --- addresses ------------------------------------------------------------------------------
 
@@ -336,6 +339,14 @@ class NetnsCluster:
             tail = node.log.read_text(errors="replace")[-3000:] if node.log.exists() else ""
             raise HarnessError(f"{node.name}'s `ray start` exited {node.proc.returncode}:\n{tail}")
 
+    def last_words(self, node: Node) -> str:
+        """The line of the node's `ray start` log that says why a Ray process of it died (raylet
+        fatal errors are copied there by `ray start --block`), or its last line."""
+        lines = [ln.strip() for ln in node.log.read_text(errors="replace").splitlines() if ln.strip()] \
+            if node.log.exists() else []
+        fatal = [ln for ln in lines if " C " in ln and "(raylet)" in ln] or [ln for ln in lines if "Failed to" in ln]
+        return (fatal or lines or ["no log"])[-1][-300:]
+
     def node_by_id(self, node_id: str) -> Node:
         for node in self.nodes:
             if node.node_id == node_id:
@@ -454,7 +465,8 @@ class NetnsCluster:
         for node in self.worker_nodes:
             info = seen.get(node.node_id)
             if node.proc is None or node.proc.poll() is not None:
-                why[node.index] = f"its `ray start` had exited ({node.proc.returncode if node.proc else 'never started'})"
+                why[node.index] = (f"its `ray start` had exited ({node.proc.returncode if node.proc else 'never started'}"
+                                   f"{'; ' + self.last_words(node) if node.proc else ''})")
             elif info is None:
                 why[node.index] = "Ray had it dead"
             elif info["free_cpus"] < info["cpus"]:

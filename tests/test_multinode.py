@@ -161,7 +161,10 @@ def test_each_node_has_its_own_disk_address_and_hostname(healthy_cluster):
         cluster.run_on(2, ["rm", "-f", str(local / "more")])
 
 
-def test_run_spans_three_nodes_and_every_node_reads_its_checkpoint(tmp_path, tiny_data, healthy_cluster, bridge_s3):
+def test_run_spans_three_nodes_and_its_checkpoint_loads_on_another_node(tmp_path, tiny_data, healthy_cluster,
+                                                                         bridge_s3):
+    """3 ranks, one per namespaced node (the head has no CPU for them): gloo over the bridge,
+    every rank writing its part of each checkpoint to the shared S3 stand-in."""
     cluster, (endpoint, make_bucket) = healthy_cluster, bridge_s3
     home = tmp_path / "home"
     cfg = tiny_config(tmp_path, tiny_data, scaling=WORKERS, data=BATCH, train={"max_steps": 12, "eval_every": 0},
@@ -211,6 +214,7 @@ def test_node_local_checkpoint_path_is_refused(tmp_path, tiny_data, healthy_clus
     group = {w.node_id for w in cluster.worker_nodes}
     named = {n for n in group if n[:12] in lines[0]}
     assert len(named) >= 2, f"the message should name the nodes involved: {lines[0]}"  # the writer and the blind ones
+    assert "object store" in lines[0], lines[0]  # and the fix
     assert not any(f for files in held.values() for f in files if "step_" in f), evidence  # nothing was trained
     run_id = the_run(cluster, home)
     assert run_id is None or last_step(cluster, home, run_id) == -1, evidence
@@ -255,7 +259,7 @@ def test_partitioned_node_is_named_as_the_culprit(tmp_path, tiny_data, healthy_c
     (stall,) = orch_json(cluster, home, "diagnose", run_id)["events"]
     assert stall["kind"] == "stall" and stall["culprits"] == [1], stall
     assert stall["verdict"] == "stopped", stall  # its heartbeats stopped; the other ranks wait in the collective
-    assert [n[:12] for n in stall["nodes"]] == [victim.node_id[:12]], stall  # the culprit node, not just "a rank"
+    assert stall["nodes"] == [victim.node_id], stall  # the culprit node, not just "a rank"
     assert stall["action"].startswith("restarted"), stall
 
     run = orch_json(cluster, home, "show", run_id)
@@ -323,9 +327,9 @@ def test_node_crash_recovers_elastically_on_the_remaining_nodes(crashed_run):
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "a crashed node is recorded as an `exception` of a surviving rank: gloo's 'Connection reset by peer' "
-    "on a survivor reaches the driver seconds before Ray reports the lost actor (it waits for the node's "
-    "health checks), and orchestrator/worker_group.py WorkerGroup.wait -> _gather attributes the failure "
-    "to the first rank whose call failed"))
+    "on a survivor reaches the driver before Ray reports the lost actor (Ray declares the node dead only "
+    "after ~15 s of failed health checks), and orchestrator/worker_group.py WorkerGroup.wait -> _gather "
+    "attributes the failure to the first rank whose call failed"))
 def test_node_crash_is_recorded_as_that_nodes_loss(crashed_run):
     first = crashed_run["run"]["attempts"][0]
     victim = crashed_run["victim"]
