@@ -32,7 +32,7 @@ in 0.4.1: Detector.initialize and identify_stragglers), and 30 steps / 0.7 (our 
 
 Progress on stderr; one JSON object on the last stdout line (`headline`: per world size and
 side, the healthy-stream false-alarm rate and, per slowdown, [median delay, p95, missed]).
-Stream counts are per world size (fewer at 1,024 ranks: ~10 s per 10,000-step stream there).
+Stream counts are per world size (fewer at 1,024 ranks, where one 10,000-step stream takes seconds).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ log-likelihood ratio of "`target_slowdown` slower than its peers" against "as fa
 noise scale estimated from the data (a robust scale of successive differences of x, which a
 slow rank's shift does not inflate). It flags a rank when the sum reaches h = h0 + ln(ranks):
 the false-alarm rate per group stays put as the group grows. Two ranks have no majority: each
-is judged against the other's noise as well as its own, so the evidence must be stronger and
-takes about twice as many steps to gather. One step's evidence is capped at
+is judged against the other's noise as well as its own, and h is higher still, so the evidence
+takes about 1.5x as many steps to gather. One step's evidence is capped at
 h / min_steps, so a rank slow for a few steps (a GC pause, a checkpoint write) is not flagged.
 A flagged rank stays flagged (one alert per slow spell) until its sum, capped at 2h, drains to 0.
 """
@@ -31,10 +31,12 @@ _MAD = 0.6745 * math.sqrt(2.0)  # median |a - b| of two independent N(0, 1) draw
 @dataclass(frozen=True)
 class StragglerConfig:
     target_slowdown: float = 1.15  # the slowdown to catch fast; a rank over ~1.08x is caught eventually
-    # alert threshold, log-likelihood units, ln(ranks) added. 2 ranks are the hard case: their log
-    # ratio is Gaussian and one step's cap cuts little of its tail; Siegmund's approximation (and
-    # the noise scale's own error) puts ~0.25% of 10,000-step healthy 2-rank streams over 13.5
+    # alert threshold, log-likelihood units; ln(ranks) is added, so the false-alert rate is per
+    # group whatever its size (one step's cap cuts the noise's tail: more margin with more ranks)
     h0: float = 13.5
+    # 2 ranks: no majority, a Gaussian log ratio the cap barely trims, and each rank's evidence the
+    # mirror of the other's: 0.6% of 10,000-step healthy streams alerted at h0 alone, so more
+    two_ranks_extra: float = 1.0
     min_steps: int = 8  # no alert on fewer slow steps than this: one step weighs at most h / min_steps
     min_history: int = 20  # steps lined up before any verdict (the noise scale settles)
     window: int = 50  # steps behind each rank's score
@@ -176,7 +178,7 @@ class StragglerDetector:
         self.steps[rows] = steps
         self.processed += len(steps)
 
-        h = self.c.h0 + math.log(n)
+        h = self.c.h0 + math.log(n) + (self.c.two_ranks_extra if n == 2 else 0.0)
         cap = h / self.c.min_steps
         llr = np.clip(self.mu / self.sigma**2 * (x - self.mu / 2), -cap, cap)
         llr = np.nan_to_num(llr, nan=0.0)  # a step a rank did not report: no evidence either way
