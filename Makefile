@@ -70,7 +70,7 @@ FLOOR_TESTS := \
 $(FLOOR_VENV)/.installed: pyproject.toml
 	$(call venv_install,$(FLOOR_VENV),'ray==$(RAY_FLOOR)')
 
-test-ray-floor: $(FLOOR_VENV)/.installed sysdeps
+test-ray-floor: $(FLOOR_VENV)/.installed
 	$(FLOOR_VENV)/bin/python -c 'import ray; assert ray.__version__ == "$(RAY_FLOOR)", ray.__version__'
 	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
 

@@ -7,6 +7,7 @@ import pytest
 
 from actors.metric_sender import MetricSender
 from actors.metrics_actor import MetricsActor
+from orchestrator.anomaly import AnomalyDetector
 from orchestrator.store import Store
 
 
@@ -23,7 +24,8 @@ def test_same_batch_twice_is_stored_once(tmp_path):
 def test_actor_crash_mid_run_loses_and_duplicates_nothing(tmp_path, ray_address):
     import ray
 
-    actor = ray.remote(MetricsActor).options(max_restarts=-1, num_cpus=0).remote("run1", str(tmp_path))
+    actor = ray.remote(MetricsActor).options(max_restarts=-1, num_cpus=0).remote("run1", str(tmp_path), open_store=Store,
+                                                                            detector=AnomalyDetector())
     sender = MetricSender(actor, rank=0, flush_every_s=0.02, send_timeout_s=60)  # the restart may be slow
     keys = [f"layer{i}/grad_norm" for i in range(300)]
     for step in range(60):
@@ -47,7 +49,8 @@ def test_actor_crash_mid_run_loses_and_duplicates_nothing(tmp_path, ray_address)
 def test_unreachable_actor_buffers_bounded_then_fails_clearly(tmp_path, ray_address):
     import ray
 
-    actor = ray.remote(MetricsActor).options(num_cpus=0).remote("run2", str(tmp_path))
+    actor = ray.remote(MetricsActor).options(num_cpus=0).remote("run2", str(tmp_path), open_store=Store,
+                                                                detector=AnomalyDetector())
     ray.get(actor.progress.remote())
     ray.kill(actor, no_restart=True)
     sender = MetricSender(actor, rank=3, flush_every_s=3600, send_timeout_s=2, max_pending_points=1000, background=False)
