@@ -117,13 +117,14 @@ def rank_task(actor, steps: int, keys: int, flush_every_s: float) -> dict:
 
 def ours_actor(ray, store_root: str, dicts, args, where: str) -> dict:
     from actors.metrics_actor import MetricsActor
+    from orchestrator.anomaly import AnomalyDetector
     from orchestrator.store import Store
 
     run_id = f"ingest-{where}-{uuid.uuid4().hex[:8]}"
     store = Store(store_root)
     store.create_run(run_id=run_id, name=run_id, config={}, git_commit=None, host="h", command="c", world_size=1)
     store.close()
-    actor = ray.remote(MetricsActor).remote(run_id, store_root)
+    actor = ray.remote(MetricsActor).remote(run_id, store_root, open_store=Store, detector=AnomalyDetector())
     ray.get(actor.progress.remote())  # started and its store opened: not part of the timing
     if where == "driver":
         r = _send_all(actor, dicts, args.flush_every_s)
