@@ -12,8 +12,8 @@ install: $(STAMP)
 
 # pyproject keeps a torch range; the build is chosen here, as a pip constraint, so that torch and
 # everything else come from one resolver run (a second `pip install` may swap torch for a newer
-# CUDA build). No GPU: the CPU build of 2.13.0 (a ~0.2 GB wheel; with a plain `torch` pip takes a
-# ~6 GB CUDA build). A GPU: 2.13.0's CUDA build. `make install TORCH_BUILD=cpu|cuda` overrides.
+# CUDA build: a 6.4 GB venv). No GPU: the CPU build of 2.13.0 (a 2.2 GB venv in all). A GPU:
+# 2.13.0's CUDA build. `make install TORCH_BUILD=cpu|cuda` overrides the choice.
 TORCH_VERSION := 2.13.0
 TORCH_BUILD ?= $(shell { command -v nvidia-smi || test -e /dev/nvidia0; } >/dev/null 2>&1 && echo cuda || echo cpu)
 TORCH_PIN_cpu := torch==$(TORCH_VERSION)+cpu
