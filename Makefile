@@ -6,7 +6,7 @@ ORCH := $(VENV)/bin/orchestrator
 STAMP := $(VENV)/.installed
 DEMO_DATA := .orchestrator/data/stdlib
 
-.PHONY: install sysdeps demo test test-ray-floor screenshots bench lint clean
+.PHONY: install sysdeps demo test test-gpu test-ray-floor screenshots bench lint clean
 
 install: $(STAMP)
 
@@ -44,7 +44,8 @@ demo: $(STAMP) $(DEMO_DATA)/index.json
 
 # Debian packages the tests start for real: prometheus (scrapes our endpoint), chromium and
 # chromium-driver (the web UI's browser tests drive it through Playwright; no browser download).
-SYSDEPS := prometheus chromium chromium-driver
+# postgresql: the tracking store's PostgreSQL backend (tests/pg_server.py runs initdb + pg_ctl on loopback).
+SYSDEPS := prometheus chromium chromium-driver postgresql
 sysdeps:
 	@missing=""; for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -67,8 +68,21 @@ FLOOR_TESTS := \
 	tests/test_checkpoint_ray.py::test_launch_writes_committed_checkpoints_and_lists_them \
 	tests/test_hang.py::test_restart_avoids_the_culprit_node_when_there_is_room
 
-$(FLOOR_VENV)/.installed: pyproject.toml
-	$(call venv_install,$(FLOOR_VENV),'ray==$(RAY_FLOOR)')
+# It layers on $(VENV): its own site-packages holds only Ray $(RAY_FLOOR) (found first), and a .pth
+# file adds $(VENV)'s packages after it (torch, the project). Seconds, not a second full install;
+# `pip check` fails if Ray $(RAY_FLOOR) wants versions $(VENV) does not have.
+purelib = $$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+$(FLOOR_VENV)/.installed: $(STAMP)
+	rm -rf $(FLOOR_VENV) && $(PYTHON) -m venv --without-pip $(FLOOR_VENV)
+	echo "import site; site.addsitedir('$(call purelib,$(abspath $(VENV)))')" > $(call purelib,$(FLOOR_VENV))/_main_venv.pth
+	$(PY) -m pip --python $(FLOOR_VENV)/bin/python install --quiet --no-deps 'ray[default,train]==$(RAY_FLOOR)'
+	$(PY) -m pip --python $(FLOOR_VENV)/bin/python check
+	touch $@
+
+# The tests marked @pytest.mark.gpu (NCCL, the replica check on CUDA, NVML): they skip, saying
+# why, on a machine without CUDA; run this on a GPU host.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu -rs tests
 
 test-ray-floor: $(FLOOR_VENV)/.installed
 	$(FLOOR_VENV)/bin/python -c 'import ray; assert ray.__version__ == "$(RAY_FLOOR)", ray.__version__'

@@ -101,7 +101,7 @@ class MetricSender:
         self._take()
         while self.pending:
             seq, cols, n = self.pending[0]
-            ref = self.actor.log_columns.remote(self.rank, seq, cols, self.dropped_points)
+            ref = self.actor.log_columns_grouped.remote(self.rank, seq, cols, self.dropped_points)
             if not wait:
                 return True
             try:

@@ -75,9 +75,13 @@ class SystemStats:
 
     def read(self) -> dict[str, float]:
         mem = psutil.virtual_memory()
+        cpu = self.proc.cpu_times()
         out = {
             "sys/cpu_percent": psutil.cpu_percent(),
             "sys/process_cpu_percent": self.proc.cpu_percent(),
+            # cumulative, so CPU seconds per step = its slope against the step (moves little with
+            # the machine's load, unlike step times on a shared host)
+            "sys/process_cpu_s": cpu.user + cpu.system,
             "sys/process_rss_bytes": float(self.proc.memory_info().rss),
             "sys/host_mem_used_percent": mem.percent,
             "sys/host_mem_available_bytes": float(mem.available),

@@ -39,7 +39,9 @@ def tree_cpu(proc, kinds: dict[str, str], deadline: float = float("inf")) -> dic
     import psutil  # a Ray dependency
 
     seen: dict[int, tuple[str, float]] = {}
-    named: dict[int, str] = {}  # once named, a process keeps its kind (an exiting one shows no cmdline)
+    # once named, a process keeps its kind (an exiting one shows no cmdline); until then it is
+    # looked at again: a Ray worker is "ray::IDLE" until it hosts an actor, then "ray::TrainWorker..."
+    named: dict[int, str] = {}
     while proc.poll() is None and time.time() < deadline:
         try:
             procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
@@ -51,8 +53,10 @@ def tree_cpu(proc, kinds: dict[str, str], deadline: float = float("inf")) -> dic
                     t = p.cpu_times()
                     cmd = " ".join(p.cmdline())
                 if p.pid not in named:
-                    named[p.pid] = next((kind for key, kind in kinds.items() if key in cmd), None)
-                seen[p.pid] = (named[p.pid] or "other", t.user + t.system)
+                    kind = next((kind for key, kind in kinds.items() if key in cmd), None)
+                    if kind is not None:
+                        named[p.pid] = kind
+                seen[p.pid] = (named.get(p.pid, "other"), t.user + t.system)
             except psutil.Error:
                 pass
         time.sleep(1.0)

@@ -9,8 +9,11 @@ B: our real launch path: `orchestrator launch configs/demo.yaml` in a subprocess
 Runs alternate A B B A A B ... so machine noise and drift hit both alike; we report medians.
 Both time a step the same way (time between consecutive step ends) and skip the first --warmup
 steps. The loss curves are compared too: same seed and data should give the same losses.
-CPU seconds are recorded as well (bare ranks per step; our launch tree's lifetime totals, train
-workers vs the rest): on a shared machine they move far less with the load than step times do.
+CPU seconds are recorded as well: per step and rank on both sides (bare: process_time over the
+timed steps; ours: the slope of each rank's `sys/process_cpu_s` against the step), and our launch
+tree's lifetime totals, train workers vs the rest (Ray daemons, our actors, the driver). On a
+shared machine they move far less with the load than step times do. `--set scaling.num_workers=1`
+leaves a core free for everything beside the ranks: what remains is in-rank overhead.
 
 Prints progress to stderr and one JSON object on the last stdout line.
 """
@@ -145,7 +148,7 @@ def cli_json(args: list[str], env: dict) -> object:
     return json.loads(out.stdout)
 
 
-def run_ours(config: str, overrides: list[str], name: str, world: int, home: Path) -> dict:
+def run_ours(config: str, overrides: list[str], name: str, world: int, home: Path, warmup: int) -> dict:
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
     env.pop("RAY_ADDRESS", None)  # always the embedded cluster, like `make demo`
     cmd = [str(BIN / "orchestrator"), "launch", config, *overrides, f"run.name={name}"]
@@ -159,9 +162,12 @@ def run_ours(config: str, overrides: list[str], name: str, world: int, home: Pat
             sys.exit(f"bench: `{' '.join(cmd)}` failed ({proc.returncode}):\n{err.read()[-2000:]}")
     run_id = next(r["id"] for r in cli_json(["runs"], env) if r["name"] == name)
 
+    def points(key: str, rank: int) -> list[tuple[int, float]]:
+        got = cli_json(["metrics", run_id, "--key", key, "--rank", str(rank)], env)["points"]
+        return sorted((p["step"], p["value"]) for p in got)
+
     def series(key: str, rank: int) -> list[float]:
-        points = cli_json(["metrics", run_id, "--key", key, "--rank", str(rank)], env)["points"]
-        return [p["value"] for p in sorted(points, key=lambda p: p["step"])]
+        return [v for _, v in points(key, rank)]
 
     return {
         "wall_s": wall,
@@ -169,7 +175,20 @@ def run_ours(config: str, overrides: list[str], name: str, world: int, home: Pat
         "step_time_s": [series("train/step_time_s", r) for r in range(world)],
         "loss": series("train/loss", 0),
         "cpu_s_total": cpu,
+        "cpu_s_per_step": [cpu_per_step(points("sys/process_cpu_s", r), warmup) for r in range(world)],
     }
+
+
+def cpu_per_step(samples: list[tuple[int, float]], warmup: int) -> float | None:
+    """CPU seconds per step of a rank from its cumulative `sys/process_cpu_s` samples (step, s):
+    the slope between the first sample at or past `warmup` and the last one before the end
+    (the last may be taken during teardown). None when fewer than two samples span steps."""
+    usable = [(s, c) for s, c in samples if s >= warmup]
+    if len(usable) > 2:
+        usable = usable[:-1]
+    if len(usable) < 2 or usable[-1][0] == usable[0][0]:
+        return None
+    return (usable[-1][1] - usable[0][1]) / (usable[-1][0] - usable[0][0])
 
 
 # --- the comparison ----------------------------------------------------------------------------
@@ -191,6 +210,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="runs of each side, alternated")
     p.add_argument("--warmup", type=int, default=10, help="leading steps left out of the step-time medians")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (stores, per-rank JSON)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for both sides, e.g. scaling.num_workers=1 (repeatable)")
     args = p.parse_args()
     if args.steps <= args.warmup + 1:
         p.error(f"--steps={args.steps} must exceed --warmup={args.warmup} + 1")
@@ -201,7 +222,7 @@ def main() -> None:
     data_uri = (ROOT / cfg0.data.uri).resolve()
     ensure_data(data_uri)
     overrides = [f"train.max_steps={args.steps}", "train.eval_every=0", "cluster.dashboard=false",
-                 f"data.uri={data_uri}"]
+                 f"data.uri={data_uri}", *args.set]
     cfg = load_config(ROOT / args.config, overrides)  # the bare loop gets exactly what ours resolves
     world = cfg.scaling.num_workers
     tmp = Path(tempfile.mkdtemp(prefix="bench-launch-"))
@@ -215,12 +236,13 @@ def main() -> None:
                 if side == "bare":
                     r = run_bare(cfg, world, args.warmup, tmp)
                 else:
-                    r = run_ours(args.config, overrides, f"bench-{i}", world, tmp / "home")
+                    r = run_ours(args.config, overrides, f"bench-{i}", world, tmp / "home", args.warmup)
                 r["median_step_s"] = [statistics.median(t[args.warmup:]) for t in r["step_time_s"]]
                 r["loadavg"] = load
                 results[side].append(r)
                 log(f"repeat {i + 1}/{args.repeats} {side:4s}: median step "
                     + " ".join(f"r{k}={m * 1e3:.1f}ms" for k, m in enumerate(r["median_step_s"]))
+                    + " cpu/step " + " ".join("n/a" if c is None else f"{c * 1e3:.1f}ms" for c in r["cpu_s_per_step"])
                     + f", wall {r['wall_s']:.1f}s, last loss {r['loss'][-1]:.4f}, load {load:.1f}")
     finally:
         if not args.keep:
@@ -236,6 +258,7 @@ def main() -> None:
             "loadavg_at_start": [r["loadavg"] for r in runs],
             # lifetime CPU seconds (startup included): bare per rank; ours train workers vs the rest
             "cpu_s_total": [r["cpu_s_total"] for r in runs],
+            "cpu_s_per_step": [r["cpu_s_per_step"] for r in runs],  # per repeat, per rank
         }
 
     bare, ours = side_summary(results["bare"]), side_summary(results["ours"])
@@ -244,6 +267,8 @@ def main() -> None:
     paired = [o / b for o, b in zip(ours["median_step_s_rank0"], bare["median_step_s_rank0"], strict=True)]
     # CPU seconds per step of a bare rank (process_time): the work in one step, whatever the load.
     bare_cpu = statistics.median(c for r in results["bare"] for c in r["cpu_s_per_step"])
+    ours_cpu_all = [c for r in results["ours"] for c in r["cpu_s_per_step"] if c is not None]
+    ours_cpu = statistics.median(ours_cpu_all) if ours_cpu_all else None
 
     def max_diff(a: list[float], b: list[float]) -> float:
         return max(abs(x - y) for x, y in zip(a, b, strict=True))
@@ -269,13 +294,19 @@ def main() -> None:
         "ratio_paired": paired,
         "ratio_paired_median": statistics.median(paired),
         "bare_cpu_s_per_step": bare_cpu,
+        # a rank's CPU seconds per step, ours (every rank of every repeat, median) over bare's
+        "ours_cpu_s_per_step": ours_cpu,
+        "cpu_ratio": ours_cpu / bare_cpu if ours_cpu is not None else None,
+        "overrides": args.set,
+        "uptime_load": os.getloadavg(),
         "target_ratio": 1.03,
         "within_target": ratio <= 1.03,
         "loss": loss,
         "git": git_state(),
         "machine": machine(),
     }
-    log(f"ratio ours/bare = {ratio:.3f} (paired {', '.join(f'{x:.3f}' for x in paired)}); "
+    cpu_note = f"{ours_cpu / bare_cpu:.3f}" if ours_cpu is not None else "n/a"
+    log(f"ratio ours/bare = {ratio:.3f} (paired {', '.join(f'{x:.3f}' for x in paired)}); CPU/step ratio {cpu_note}; "
         f"loss max |diff| ours vs bare = {loss['ours_vs_bare_max_abs']:.3g}")
     print(json.dumps(summary))
 

@@ -58,20 +58,30 @@ def log(msg: str) -> None:
 _hook = None
 
 
-def install_step_log(log_dir: str, rank: int) -> None:
-    """Append "start T" now and "step N T" after every optimizer.step() of this process to
+def install_step_log(log_dir: str, rank: int, model=None) -> None:
+    """Append "start T" now and "step N T [B]" after every optimizer.step() of this process to
     LOG_DIR/rank{rank}-pid{pid}.log. N is the 0-based step, read from AdamW's own step count (so
-    it is right after a restore too)."""
+    it is right after a restore too); B, with `model`, is when the step's first forward began, so
+    B..T is the step itself and what lies between steps (checkpoint stalls, metrics) is not."""
     global _hook
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     f = open(Path(log_dir, f"rank{rank}-pid{os.getpid()}.log"), "a", buffering=1)  # noqa: SIM115 (process-long)
     f.write(f"start {time.time():.6f}\n")
+    began: list[float] = []
+
+    if model is not None:
+        def before_forward(module, args) -> None:
+            if not began:  # the first micro-batch of the step
+                began.append(time.time())
+
+        model.register_forward_pre_hook(before_forward)
 
     def after_step(optimizer, args, kwargs) -> None:
         state = next(iter(optimizer.state.values()), None)
         step = int(state["step"]) - 1 if state and "step" in state else -1
-        f.write(f"step {step} {time.time():.6f}\n")
+        begin = f" {began.pop():.6f}" if began else ""
+        f.write(f"step {step} {time.time():.6f}{begin}\n")
 
     if _hook is not None:
         _hook.remove()
@@ -79,13 +89,16 @@ def install_step_log(log_dir: str, rank: int) -> None:
 
 
 def timed_gpt(*, vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: int,
-              step_log_dir: str, dropout: float = 0.0):
-    """model.factory for our runs: the built-in GPT, plus the step log."""
+              step_log_dir: str, dropout: float = 0.0, pause_s: float = 0.0):
+    """model.factory for our runs: the built-in GPT, plus the step log. pause_s: each training
+    forward first sleeps this long (numerics untouched), so a test's faults land mid-run."""
     from orchestrator.gpt import GPT
 
     model = GPT(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, d_model=d_model,
                 dropout=dropout)
-    install_step_log(step_log_dir, int(os.environ.get("RANK", "0")))
+    install_step_log(step_log_dir, int(os.environ.get("RANK", "0")), model)
+    if pause_s:  # after the step log's hook: the pause is part of the step
+        model.register_forward_pre_hook(lambda module, args: time.sleep(pause_s) if module.training else None)
     return model
 
 
@@ -121,7 +134,7 @@ def ray_train_loop(config: dict) -> None:
     data = TokenDataset(config["data_uri"], "train")
     model = GPT(vocab_size=data.index.vocab_size, block_size=data.seq_len - 1, n_layer=config["n_layer"],
                 n_head=config["n_head"], d_model=config["d_model"])
-    install_step_log(config["step_log_dir"], rank)
+    install_step_log(config["step_log_dir"], rank, model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
@@ -167,20 +180,23 @@ LOG_NAME = re.compile(r"rank(\d+)-pid(\d+)\.log$")
 
 
 def read_logs(log_dir: Path) -> list[dict]:
-    """One entry per worker process: rank, pid, start time, [(step, time)]."""
+    """One entry per worker process: rank, pid, start time, [(step, end time)] and, beside them,
+    each step's begin time (None where the log has none)."""
     procs = []
     for path in log_dir.iterdir():
         m = LOG_NAME.match(path.name)
         if not m:
             continue
-        start, steps = None, []
+        start, steps, begins = None, [], []
         for line in path.read_text().splitlines():
             parts = line.split()
             if parts[:1] == ["start"] and len(parts) == 2:
                 start = float(parts[1])
-            elif parts[:1] == ["step"] and len(parts) == 3:
+            elif parts[:1] == ["step"] and len(parts) in (3, 4):  # 3: no model, no begin
                 steps.append((int(parts[1]), float(parts[2])))
-        procs.append({"rank": int(m.group(1)), "pid": int(m.group(2)), "start": start, "steps": steps})
+                begins.append(float(parts[3]) if len(parts) == 4 else None)
+        procs.append({"rank": int(m.group(1)), "pid": int(m.group(2)), "start": start, "steps": steps,
+                      "begins": begins})
     return procs
 
 
@@ -261,23 +277,25 @@ def analyse(log_dir: Path, killer: Killer, world: int) -> dict:
 # --- one run of each system ------------------------------------------------------------------------
 
 
-def run_ray_train(i: int, args, data_uri: str, tmp: Path) -> dict:
+def make_trainer(loop_cfg: dict, *, name: str, storage: Path, workers: int, max_failures: int):
+    """The peer: TorchTrainer running ray_train_loop on CPU workers, restarted by FailureConfig."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from bench.recovery import ray_train_loop as loop  # by reference: workers import it from ROOT
+
+    return TorchTrainer(loop, train_loop_config=loop_cfg, scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
+                        run_config=RunConfig(name=name, storage_path=str(storage),
+                                             failure_config=FailureConfig(max_failures=max_failures)))
+
+
+def run_ray_train(i: int, args, data_uri: str, tmp: Path) -> dict:
     log_dir = Path(tempfile.mkdtemp(prefix=f"raytrain{i}-steps-", dir=tmp))
     storage = Path(tempfile.mkdtemp(prefix=f"raytrain{i}-storage-", dir=tmp))
     loop_cfg = {"seed": 1, "data_uri": data_uri, "n_layer": args.n_layer, "n_head": args.n_head,
                 "d_model": args.d_model, "lr": args.lr, "warmup_steps": 5, "global_batch_size": args.batch,
                 "max_steps": args.max_steps, "ckpt_every": args.ckpt_every, "step_log_dir": str(log_dir)}
-    from bench.recovery import ray_train_loop as loop  # by reference: workers import it from ROOT
-
-    trainer = TorchTrainer(
-        loop, train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=False),
-        run_config=RunConfig(name=f"recovery-bench-{i}", storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=3)),
-    )
+    trainer = make_trainer(loop_cfg, name=f"recovery-bench-{i}", storage=storage, workers=args.workers, max_failures=3)
     killer = Killer(log_dir, kill_step=args.kill_step, victim_rank=args.victim_rank, world=args.workers,
                     deadline=time.time() + args.run_timeout)
     killer.start()
@@ -363,19 +381,15 @@ def ours_config(path: Path, args, data_uri: str, log_dir: Path, backoff_s: float
     path.write_text(yaml.safe_dump(cfg))
 
 
-def run_ours(i: int, args, data_uri: str, tmp: Path, gcs: str, backoff_s: float | None) -> dict:
-    from orchestrator.store import Store
-
-    label = "ours" if backoff_s is None else f"ours_backoff{backoff_s:g}"
-    home = Path(tempfile.mkdtemp(prefix=f"{label}{i}-home-", dir=tmp))
-    log_dir = Path(tempfile.mkdtemp(prefix=f"{label}{i}-steps-", dir=tmp))
-    cfg = home / "recovery.yaml"
-    ours_config(cfg, args, data_uri, log_dir, backoff_s, name=f"recovery-{label}-{i}")
+def drive(cfg: Path, home: Path, gcs: str, watcher: threading.Thread, *, timeout_s: float, overrides: list[str] = ()
+          ) -> tuple[int, list[tuple[float, str]], str]:
+    """`orchestrator launch CFG [OVERRIDES] --address GCS` with its store in HOME, `watcher` (a
+    thread with a `stop` event: the fault injector) running beside it. Returns the exit code, the
+    driver's stdout lines time-stamped as they arrived, and its stderr."""
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "orchestrator.cli", "launch", str(cfg), "--address", gcs]
+    cmd = [sys.executable, "-m", "orchestrator.cli", "launch", str(cfg), *overrides, "--address", gcs]
     lines: list[tuple[float, str]] = []
-    t0 = time.time()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
 
@@ -385,23 +399,40 @@ def run_ours(i: int, args, data_uri: str, tmp: Path, gcs: str, backoff_s: float 
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        killer = Killer(log_dir, kill_step=args.kill_step, victim_rank=args.victim_rank, world=args.workers,
-                        deadline=t0 + args.run_timeout)
-        killer.start()
+        watcher.start()
         try:
-            proc.wait(timeout=args.run_timeout + 30)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()  # the driver this script started
             proc.wait()
-        killer.stop.set()
-        killer.join(timeout=5)
+        except BaseException:  # interrupted: never leave the driver behind
+            proc.kill()
+            proc.wait()
+            watcher.stop.set()
+            raise
+        watcher.stop.set()
+        watcher.join(timeout=30)
         reader.join(timeout=5)
         err.seek(0)
-        stderr = err.read()
+        return proc.returncode, lines, err.read()
+
+
+def run_ours(i: int, args, data_uri: str, tmp: Path, gcs: str, backoff_s: float | None) -> dict:
+    from orchestrator.store import Store
+
+    label = "ours" if backoff_s is None else f"ours_backoff{backoff_s:g}"
+    home = Path(tempfile.mkdtemp(prefix=f"{label}{i}-home-", dir=tmp))
+    log_dir = Path(tempfile.mkdtemp(prefix=f"{label}{i}-steps-", dir=tmp))
+    cfg = home / "recovery.yaml"
+    ours_config(cfg, args, data_uri, log_dir, backoff_s, name=f"recovery-{label}-{i}")
+    t0 = time.time()
+    killer = Killer(log_dir, kill_step=args.kill_step, victim_rank=args.victim_rank, world=args.workers,
+                    deadline=t0 + args.run_timeout)
+    returncode, lines, stderr = drive(cfg, home, gcs, killer, timeout_s=args.run_timeout + 30)
     out = {"system": label, "backoff_s": 1.0 if backoff_s is None else backoff_s, "wall_s": time.time() - t0,
            **analyse(log_dir, killer, args.workers)}
-    if proc.returncode != 0:
-        out["run_error"] = f"exit {proc.returncode}: {stderr.strip()[-500:]}"
+    if returncode != 0:
+        out["run_error"] = f"exit {returncode}: {stderr.strip()[-500:]}"
     # the driver's own view: its lines, time-stamped as they arrived
     kill = killer.kill_time
     for t, line in lines:

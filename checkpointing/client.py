@@ -23,13 +23,18 @@ class LocalClient:
 
 
 class RayClient:
-    """Calls the coordinator actor and waits for the answer (every method returns at once)."""
+    """Calls the coordinator actor and waits for the answer. A slot request ("acquire") waits in
+    the coordinator until a slot is free, up to `slot_wait_s`, instead of returning None at once:
+    the writer asks again only after that, so ranks do not poll the actor (one call per write)."""
 
-    def __init__(self, handle, timeout_s: float = 60.0):
+    def __init__(self, handle, timeout_s: float = 60.0, slot_wait_s: float = 20.0):
         self.handle = handle
         self.timeout_s = timeout_s
+        self.slot_wait_s = min(slot_wait_s, timeout_s / 2)  # the answer must come back before ray.get gives up
 
     def call(self, method: str, *args, **kwargs) -> Any:
         import ray
 
+        if method == "acquire":
+            return ray.get(self.handle.acquire_wait.remote(*args, timeout_s=self.slot_wait_s), timeout=self.timeout_s)
         return ray.get(getattr(self.handle, method).remote(*args, **kwargs), timeout=self.timeout_s)

@@ -36,8 +36,13 @@ COLUMNS = ("run_id", "step", "status", "bytes", "blocked_s", "upload_s", "uri", 
 
 
 class CheckpointRecords:
-    def __init__(self, db_path: str | os.PathLike):
-        self.db = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
+    def __init__(self, db: str | os.PathLike | Any):
+        """db: the store's SQLite file, or an open connection of the store's (e.g. to PostgreSQL),
+        whose schema the store made; closed by close()."""
+        if not isinstance(db, str | os.PathLike):
+            self.db = db
+            return
+        self.db = sqlite3.connect(db, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
 
@@ -46,8 +51,10 @@ class CheckpointRecords:
         if status not in STATUSES:
             raise ValueError(f"checkpoint status must be one of {STATUSES}, got {status!r}")
         self.db.execute(
-            "INSERT OR REPLACE INTO checkpoints (run_id, step, status, bytes, blocked_s, upload_s, uri, error, time)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO checkpoints (run_id, step, status, bytes, blocked_s, upload_s, uri, error, time)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status,"
+            " bytes = excluded.bytes, blocked_s = excluded.blocked_s, upload_s = excluded.upload_s, uri = excluded.uri,"
+            " error = excluded.error, time = excluded.time",
             (run_id, step, status, bytes, blocked_s, upload_s, uri, error, time.time()),
         )
 

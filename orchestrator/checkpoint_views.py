@@ -11,20 +11,19 @@ from typing import Any
 
 from checkpointing.errors import CorruptCheckpoint
 from checkpointing.layout import read_manifest, scan, verify
-from checkpointing.records import CheckpointRecords
 from checkpointing.storage import open_fs, resolve_uri
 from orchestrator.config import REDACTED
-from orchestrator.store import Store
+from orchestrator.store import open_store
 
 
 def checkpoint_report(run_ref: str, *, store=None, check: bool = False) -> dict[str, Any]:
-    store = store or Store()
+    store = store or open_store()
     run = store.run(run_ref)
     section = run["config"].get("checkpoint", {})
     uri = resolve_uri(section.get("uri"), run["id"], store.root)
     # secrets were redacted in the stored config; credentials then come from the environment
     options = _without_redacted(section.get("storage_options") or {})
-    records = CheckpointRecords(store.path)
+    records = store.checkpoint_records()
     try:
         rows = {r["step"]: {**r, "present": False} for r in records.list(run["id"])}
         location_error = None

@@ -24,11 +24,11 @@ import traceback
 from pathlib import Path
 
 from common.errors import UserError
-from orchestrator import log_view, run_views
+from orchestrator import log_view, run_views, store_cli, transfer_cli
 from orchestrator.config import parse_yaml, redact_override, scrub_text
 from orchestrator.hang import view as diagnose_view
 from orchestrator.run_views import out, table
-from orchestrator.store import Store
+from orchestrator.store import open_store
 
 
 class Parser(argparse.ArgumentParser):
@@ -124,12 +124,16 @@ def build_parser() -> Parser:
     ckpts.add_argument("--verify", action="store_true", help="re-read every file and check its sha256")
     ckpts.add_argument("--json", action="store_true")
 
-    ui = sub.add_parser("ui", help="serve the web UI for the tracking store")
-    ui.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; others need --token)")
-    ui.add_argument("--port", type=int, default=8080, help="port (0 = a free one)")
-    ui.add_argument("--token", nargs="?", const="",
-                    help="require this access token (on loopback too; required off it); "
-                         "--token alone makes a fresh one, kept off the command line where `ps` shows it")
+    for name, about in (("server", "serve the tracking store: web UI, JSON API, ingest for runs "
+                                   "(tracking.uri: http://host:port) and the MLflow REST API"),
+                        ("ui", "the same server as `orchestrator server`")):
+        srv = sub.add_parser(name, help=about)
+        srv.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; others need --token)")
+        srv.add_argument("--port", type=int, default=8080, help="port (0 = a free one)")
+        srv.add_argument("--token", nargs="?", const="",
+                         help="require this access token (on loopback too; required off it); --token alone "
+                              "makes a fresh one; default $ORCHESTRATOR_TOKEN: both keep it off the command line "
+                              "where `ps` shows it")
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
@@ -148,6 +152,12 @@ def build_parser() -> Parser:
     tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
                      help="train a byte-level BPE tokenizer of this vocabulary size on the input first")
     prep.add_argument("--eos", metavar="TOKEN", help="document separator token (default: the tokenizer's EOS)")
+    store_cli.add_parser(sub, Parser)
+    transfer_cli.add_parsers(sub, Parser)  # import tensorboard, export
+    for name, command in sub.choices.items():  # every command that reads or writes runs can name the store
+        if name not in ("data", "store") and "--store" not in command._option_string_actions:
+            command.add_argument("--store", metavar="URI", help="the tracking store: a directory, a SQLite file or "
+                                 "postgresql://user@host:port/db (default: $ORCHESTRATOR_STORE, else $ORCHESTRATOR_HOME)")
     return p
 
 
@@ -172,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(argv)
         _check_arguments(args)
+        if getattr(args, "store", None) and args.command != "store":  # one place names the store for every call below
+            os.environ["ORCHESTRATOR_STORE"] = args.store
         if args.command in ("show", "metrics", "compare", "diagnose", "checkpoints", "tag", "note", "resume",
                             "fork", "logs", "attach", "stop"):  # on existing runs: no store is an error (exit 2), never made empty
-            Store(create=False).close()
+            open_store(create=False).close()
         return _dispatch(args, argv)
     except KeyboardInterrupt:
         print("orchestrator: interrupted", file=sys.stderr)
@@ -389,11 +401,12 @@ def cmd_fork(args, argv) -> int:
     return 0
 
 
-def cmd_ui(args, argv) -> int:
+def cmd_server(args, argv) -> int:
     from orchestrator.ui.server import new_token, serve
 
-    token = new_token() if args.token == "" else args.token
-    serve(host=args.host, port=args.port, token=token, out=out)
+    # a service's token comes from its environment ($ORCHESTRATOR_TOKEN, as clients take it), not argv
+    token = new_token() if args.token == "" else (args.token or os.environ.get("ORCHESTRATOR_TOKEN") or None)
+    serve(host=args.host, port=args.port, token=token, out=out, show_token=args.token is not None)
     return 0
 
 
@@ -409,11 +422,12 @@ def cmd_data(args, argv) -> int:
 
 COMMANDS = {
     "launch": cmd_launch, "validate": cmd_validate, "resume": cmd_resume, "fork": cmd_fork, "data": cmd_data,
-    "checkpoints": cmd_checkpoints, "ui": cmd_ui,
+    "checkpoints": cmd_checkpoints, "server": cmd_server, "ui": cmd_server,
     "runs": run_views.cmd_runs, "show": run_views.cmd_show, "metrics": run_views.cmd_metrics,
     "compare": run_views.cmd_compare, "tag": run_views.cmd_tag, "note": run_views.cmd_note,
     "diagnose": diagnose_view.cmd_diagnose, "logs": log_view.cmd_logs, "attach": log_view.cmd_attach,
-    "stop": log_view.cmd_stop,
+    "stop": log_view.cmd_stop, "store": lambda args, argv: store_cli.cmd_store(args, argv, out=out),
+    "import": transfer_cli.cmd_import, "export": transfer_cli.cmd_export,
 }
 
 if __name__ == "__main__":

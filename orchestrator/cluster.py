@@ -39,12 +39,33 @@ def connect(address: str | None, *, dashboard: bool) -> None:
     )
 
 
-def sign_in_hint() -> str:
+SIGN_IN = (" (Ray token authentication is on: when the page asks for a token, paste what `ray get-auth-token` "
+           "prints; the dashboard keeps it as a cookie)")
+
+
+def sign_in_hint(url: str | None = None) -> str:
     """How to open the dashboard when Ray's token authentication is on (Ray >= 2.59 `ray start`
-    clusters): every API call of the page answers 401 until the token is given."""
+    clusters): every API call of the page answers 401 until the token is given. The dashboard at
+    `url` says whether it is on (a public endpoint); without one, this machine's settings do."""
+    if url:
+        mode = dashboard_auth_mode(url)
+        if mode is not None:
+            return SIGN_IN if mode == "token" else ""
     if os.environ.get("RAY_AUTH_MODE") == "token" or (Path.home() / ".ray" / "auth_token").is_file():
-        return " (token authentication is on: sign in with the token `ray get-auth-token` prints)"
+        return SIGN_IN
     return ""
+
+
+def dashboard_auth_mode(url: str, timeout_s: float = 5.0) -> str | None:
+    """"token" or "disabled", as the dashboard's /api/authentication_mode says; None if it cannot be asked."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/api/authentication_mode", timeout=timeout_s) as r:
+            return str(json.loads(r.read()).get("authentication_mode", "")).lower() or None
+    except Exception:  # an older Ray without the endpoint, a proxy in between: fall back to the guess
+        return None
 
 
 def dashboard_url() -> str | None:

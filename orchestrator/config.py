@@ -158,8 +158,11 @@ class HealthConfig:
 @dataclass
 class FaultToleranceConfig:
     max_restarts: int = option(3, min=0, max=1_000_000, help="restarts of the worker group before the run fails")
-    backoff_s: float = option(1.0, min=0, max=MAX_SECONDS, help="delay before the second restart; doubles per restart (with jitter), capped at 30 s; the first is immediate")
+    backoff_s: float = option(1.0, min=0, max=MAX_SECONDS, help="delay before a restart of a group that failed again before recovering; doubles each time (with jitter), capped at 30 s; the first restart after a recovery is immediate")
     on_nonfinite: OnNonFinite = option(OnNonFinite.FAIL, help="a NaN/inf training loss: fail, or roll back and skip the batch")
+    stop_timeout_s: float = option(120.0, min=1, max=MAX_SECONDS, help="`orchestrator stop`: how long the ranks get to reach "
+                                   "a step boundary, save a final checkpoint and end (a script: after its SIGTERM) "
+                                   "before they are killed")
 
 
 @dataclass
@@ -173,6 +176,14 @@ class TelemetryConfig:
     prometheus_host: str = option("127.0.0.1", help="interface for the Prometheus endpoint")
     alert_webhook: str | None = option(None, help="http(s) URL that receives every alert as a JSON POST (retried with backoff; "
                                                  "a secret: stored redacted, give it again on resume)")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = option(None, help="the tracking store this run writes to: null = $ORCHESTRATOR_STORE, else the "
+                                        "SQLite store in $ORCHESTRATOR_HOME; a SQLite path, postgresql://user@host:port/db "
+                                        "(password in ~/.pgpass or PGPASSWORD, not here) or http(s)://host:port "
+                                        "(an `orchestrator server`)")
 
 
 @dataclass
@@ -206,6 +217,7 @@ class Config:
     hang: HangConfig = field(default_factory=HangConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     entrypoint: EntrypointConfig = field(default_factory=EntrypointConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -331,11 +343,20 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Checks that involve more than one field."""
+    if cfg.tracking.uri:
+        from common.errors import StoreError
+        from orchestrator.store_sql import parse_location
+
+        try:
+            parse_location(cfg.tracking.uri, default_root=Path.cwd())
+        except StoreError as e:
+            raise ConfigError(f"tracking.uri: {e}") from None
     if cfg.telemetry.alert_webhook is not None:
         problem = webhook_problem(cfg.telemetry.alert_webhook)
         if problem:
             raise ConfigError(f"telemetry.alert_webhook={scrub_text(cfg.telemetry.alert_webhook)!r}: {problem}")
     _validate_timeouts(cfg)
+    _validate_snapshots(cfg)
     e = cfg.entrypoint
     if e.script and e.function:
         raise ConfigError(f"entrypoint: both script={e.script!r} and function={e.function!r} are set; "
@@ -381,6 +402,21 @@ def _validate_accumulation(cfg: Config) -> None:
                 f"train.grad_accum_steps={n} must divide the per-rank batch data.global_batch_size / "
                 f"scaling.num_workers = {b}/{w} = {b // w}{at}"
             )
+
+
+def _validate_snapshots(cfg: Config) -> None:
+    """In-memory snapshots capture the built-in loop's state, or what a function passes to
+    ctx.save; a script's state is out of our reach, and a sharded (FSDP) state is not
+    snapshotted yet."""
+    if not cfg.checkpoint.memory_every_steps:
+        return
+    where = f"checkpoint.memory_every_steps={cfg.checkpoint.memory_every_steps}"
+    if cfg.entrypoint.kind == "script":
+        raise ConfigError(f"{where}: in-memory snapshots need the built-in training loop or a function's ctx.save "
+                          "(a script's state is out of their reach); set it to 0")
+    if cfg.parallelism.strategy == Strategy.FSDP:
+        raise ConfigError(f"{where}: not supported with parallelism.strategy=fsdp yet (sharded state); "
+                          "set it to 0 or use ddp")
 
 
 STALL_DIAGNOSIS_S = 60.0  # after a stall is declared: Flight Recorder and stacks (<= 15 s), node checks, margin

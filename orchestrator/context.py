@@ -4,6 +4,7 @@
     ctx.prepare(model)                    to the device, wrapped per parallelism (DDP)
     ctx.data_loader(dataset, batch_size)  per-rank batches in our deterministic sampler's order
     ctx.save(state, step) -> bool         a staggered, verified checkpoint when `step` is due
+                                          (after `orchestrator stop`: the final one, then the end)
     ctx.restore() -> dict | None          the state last saved, loaders and RNGs put back
     ctx.log(metrics, step)                tracking, alerts and the stall watchdog
 
@@ -25,7 +26,7 @@ from torch.utils.data import default_collate
 from checkpointing.format import plain, set_rng_state
 from common.errors import UserError
 from dataloading.sampler import GlobalSampler
-from orchestrator import parallel
+from orchestrator import parallel, stopping
 from orchestrator.config import Config
 
 
@@ -99,6 +100,8 @@ class TrainContext:
         self._sharded = False
         self.start_step = services.loaded.step if services.loaded is not None else 0
         self.last_step = -1
+        self.stopped_at: int | None = None  # steps done when `orchestrator stop` ended the function
+        self._stop = stopping.Agreement(self.world_size, self.device, services.health)
         self.first_loss = self.last_loss = None
         self.started = time.perf_counter()
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank, as the built-in loop
@@ -132,7 +135,12 @@ class TrainContext:
 
     def save(self, state: dict, step: int) -> bool:
         """Checkpoint `state` (with every loader's position and the RNG states) when step `step`
-        is due under checkpoint.every_steps, or is the last; returns whether it saved."""
+        is due under checkpoint.every_steps, or is the last; returns whether it saved.
+
+        Call it on every rank at the same steps (it is where the ranks agree to stop). After
+        `orchestrator stop`, the ranks agree on a step (within two calls), save it whatever
+        every_steps says and end the function there: save raises stopping.Stop (a BaseException,
+        like SystemExit, so `except Exception` does not catch it), which the orchestrator handles."""
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
             raise UserError(f"ctx.save: expected a state dict (a dict with string keys, e.g. "
                             f"{{'model': model.state_dict(), 'optimizer': opt.state_dict()}}), got {type(state).__name__}")
@@ -141,7 +149,14 @@ class TrainContext:
                             "use parallelism.strategy=ddp with ctx.save, or the built-in loop for FSDP")
         checkpointer = self._services.checkpointer
         done = int(step) + 1
-        if checkpointer is None or not checkpointer.due(done, done >= self.max_steps):
+        snapshots = self._services.snapshots  # checkpoint.memory_every_steps: to a peer node's memory
+        if snapshots is not None and done < self.max_steps and snapshots.due(done):
+            snapshots.take(done, model=_State({"state": plain(state), "loaders": [lo.state_dict() for lo in self._loaders]}),
+                           optimizer=None, sampler_state={"steps_done": done}, log=self._services.sender)
+        stop = self._stop.should_stop() and done < self.max_steps
+        if checkpointer is None or not (stop or checkpointer.due(done, done >= self.max_steps)):
+            if stop:
+                self._stopped(done)
             return False
         health = self._services.health
         phase, health.phase = health.phase, "checkpoint"
@@ -152,7 +167,17 @@ class TrainContext:
                           sampler_state={"steps_done": done}, log=self._services.sender)
         self._services.sender.flush()  # what a restore will not replay must reach the store now
         health.phase = phase
+        if stop:
+            self._stopped(done)
         return True
+
+    def _stopped(self, done: int):
+        self.stopped_at = done
+        raise stopping.Stop(done)
+
+    def close(self) -> None:
+        """After the user's function returned: the ranks' last stop agreement completes."""
+        self._stop.close()
 
     def restore(self) -> dict | None:
         """After a restart, resume or fork: the state last saved, with the loaders and the random

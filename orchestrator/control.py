@@ -31,6 +31,7 @@ class Run:
     avoid_nodes: tuple[str, ...] = ()  # culprit nodes of earlier stalls and replaced stragglers
     restore_at_most: int | None = None  # after corruption: only a checkpoint from before it
     failed_at: float | None = None  # when the failure the current group recovers from happened
+    streak: int = 0  # counted failures since the last recovery: what the backoff grows with
 
 
 # --- states -----------------------------------------------------------------------------
@@ -220,7 +221,8 @@ class Machine:
                 if run.failed_at is None:
                     return state, []
                 seconds = now - run.failed_at
-                return Training(replace(run, failed_at=None), state.world), [
+                # a failure after a recovery is a new one, not a crash loop: no backoff carried over
+                return Training(replace(run, failed_at=None, streak=0), state.world), [
                     RecordRecovery(run.attempt, seconds),
                     Say(f"recovered: step {event.step + 1} done {seconds:.1f}s after the failure")]
             if isinstance(state, Training) and isinstance(event, Finished):
@@ -258,15 +260,15 @@ class Machine:
         if f.kind is FailureKind.NON_FINITE and f.data.get("batch") is not None:
             skipped = (*skipped, f.data["batch"])
             actions.append(Say(f"skipping global batch {f.data['batch']} (non-finite loss) after the rollback"))
-        restarts, delay = run.restarts, 0.0
+        restarts, streak, delay = run.restarts, run.streak, 0.0
         if self.policy.counts(f):
-            delay = self.policy.delay_s(restarts)
-            restarts += 1
+            delay = self.policy.delay_s(streak)
+            restarts, streak = restarts + 1, streak + 1
         if f.kind is FailureKind.RESIZE:
             actions.append(Say(f"RESIZE: {f.message}"))
         else:
             actions.append(Say(f"RESTART {restarts}/{self.policy.max_restarts}: {f.message}; "
                                f"restoring the latest checkpoint in {delay:.1f}s"))
         nxt = Run(attempt=run.attempt + 1, restore="latest", restarts=restarts, skipped=skipped,
-                  avoid_nodes=tuple(sorted(avoid)), failed_at=now, restore_at_most=at_most)
+                  avoid_nodes=tuple(sorted(avoid)), failed_at=now, restore_at_most=at_most, streak=streak)
         return Restarting(nxt, until=now + delay), actions

@@ -10,8 +10,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from common.errors import ResourceError, UserError
+from common.labels import node_labels
+from orchestrator import snapshots
 from orchestrator.config import Config
 from orchestrator.control import (
     TERMINAL,
@@ -91,6 +94,9 @@ class Controller:
         self.world = self.attempt = 0
         self.acting_on: tuple[int, dict] | None = None  # (event id, data) of the stall or straggler acted on
         self.progress: Progress | None = None
+        self.stopping_since: float | None = None  # when the ranks were asked to stop (`orchestrator stop`)
+        self.checks: tuple[int, dict, Future] | None = None  # node checks of a stall, running beside the restart
+        self._check_pool: ThreadPoolExecutor | None = None
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -101,6 +107,7 @@ class Controller:
             try:
                 event = self._carry_out(actions)
                 if isinstance(state, TERMINAL):
+                    self._collect_checks(wait=True)
                     return self._finish(state, t0)
                 event = event or self._next_event(state)
             except KeyboardInterrupt:
@@ -175,7 +182,9 @@ class Controller:
         return Reserved(world)
 
     def _start(self, a: StartGroup):
-        source_uri, step0 = self._restore_from(a.restore, at_most=a.restore_at_most)
+        source_uri, durable = self._restore_from(a.restore, at_most=a.restore_at_most)
+        snapshot = self._snapshot(a, durable) if source_uri is None and a.recovering else None
+        step0 = snapshot.step if snapshot is not None else durable
         self.store.start_attempt(self.run_id, a.attempt, resumed_from_step=step0)
         self.group.set_attempt(a.attempt)
         self.acting_on, self.attempt = None, a.attempt
@@ -188,9 +197,11 @@ class Controller:
             return GroupFailed(g.failure)
         self.store.update_meta(self.run_id, workers=info["workers"])
         resumed = f", resuming at step {step0}" if step0 is not None else ""
+        resumed += " from in-memory snapshots" if snapshot is not None else ""
         self.out(f"rendezvous done: {info['world']} ranks on {info['nodes']} node(s), backend {info['backend']}, "
                  f"master {info['master']} ({info['seconds']:.1f}s){resumed}")
-        self.group.train(step0, source_uri, a.skipped)
+        # the durable step stays the ranks' fallback, should a snapshot be unreadable after all
+        self.group.train(durable, source_uri, a.skipped, **({"snapshot": snapshot} if snapshot else {}))
         self.watchdog.reset()
         self.progress = Progress(self.cfg.train.max_steps, self.cfg.telemetry.progress_every_s, self.out)
         return Started(step0)
@@ -205,6 +216,9 @@ class Controller:
             self.last_step = max(self.last_step, p.get("step", -1))
             self.max_step = max(self.max_step, p.get("max_step", -1))
         resume_at = self._latest()  # where a restart would pick up
+        if self.cfg.checkpoint.memory_every_steps and self.world:
+            newest = snapshots.choose(self.group.snapshot_inventory(), world_size=self.world, durable_step=resume_at)
+            resume_at = newest.step if newest.step is not None else resume_at
         lost = max(0, self.max_step + 1 - (resume_at or 0))
         self.store.end_attempt(self.run_id, a.attempt, a.status, cause=f.kind.value, message=f.message, rank=f.rank,
                                node=f.node_id, failed_step=self.max_step, steps_lost=lost)
@@ -218,12 +232,30 @@ class Controller:
                              step=self.last_step, rank=f.rank, data=data)
 
     def _follow_up_stall(self) -> None:
-        """Once the hung group is gone: check the suspect nodes and complete the stored report."""
+        """Once the hung group is gone: check the suspect nodes and complete the stored report. The
+        checks (seconds of matmuls and probes) decide nothing about the restart, which already
+        avoids the culprit's node, so they run beside it and the report is completed when they end."""
         if self.acting_on is None:
             return
         event_id, report = self.acting_on
-        if self.cfg.hang.node_checks:
-            report["node_checks"] = self.group.check_suspects(report)
+        self.store.update_event_data(event_id, report)
+        if not self.cfg.hang.node_checks:
+            return
+        self._collect_checks(wait=True)  # an earlier stall's first: one set of checks at a time
+        self._check_pool = self._check_pool or ThreadPoolExecutor(1, thread_name_prefix="node-checks")
+        self.checks = (event_id, report, self._check_pool.submit(self.group.check_suspects, dict(report)))
+
+    def _collect_checks(self, *, wait: bool) -> None:
+        """Store the node checks into their stall's report once they are done (or, with `wait`,
+        when they end: they are bounded by hang.node_check_timeout_s)."""
+        if self.checks is None or not (wait or self.checks[2].done()):
+            return
+        event_id, report, future = self.checks
+        self.checks = None
+        try:
+            report["node_checks"] = future.result(timeout=self.cfg.hang.node_check_timeout_s + 60)
+        except Exception as e:  # a report without checks, never a driver that dies of them
+            report["node_checks"] = {"error": f"{type(e).__name__}: {e}"}
         self.store.update_event_data(event_id, report)
 
     def _placed(self, note: str) -> None:
@@ -249,6 +281,29 @@ class Controller:
         raise UserError(f"no committed checkpoint at step {restore} in {uri} "
                         f"(steps with one: {', '.join(map(str, committed)) or 'none'})")
 
+    def _snapshot(self, a: StartGroup, durable: int | None) -> snapshots.Choice | None:
+        """After a failure, with checkpoint.memory_every_steps: the in-memory snapshots to restore,
+        if every rank has one of a step newer than the durable checkpoint (snapshots.choose)."""
+        if not self.cfg.checkpoint.memory_every_steps or a.restore != "latest":
+            return None
+        choice = snapshots.choose(self.group.snapshot_inventory(), world_size=a.world, durable_step=durable,
+                                  at_most=a.restore_at_most)
+        if choice.step is None:
+            where = f"step {durable}" if durable is not None else "none yet: from step 0"
+            msg = f"in-memory snapshots not used: {choice.why}; restoring the durable checkpoint ({where})"
+            self.out(f"SNAPSHOT {msg}")
+            self.store.add_event(self.run_id, kind="snapshot_fallback", severity="warning", message=msg, step=durable,
+                                 data={"why": choice.why, "durable_step": durable, "attempt": a.attempt})
+            return None
+        nodes = sorted(set(choice.holders.values()))
+        msg = (f"restoring step {choice.step} from in-memory snapshots on node(s) {node_labels(nodes)} "
+               f"(newest durable checkpoint: {'step ' + str(durable) if durable is not None else 'none'})")
+        self.out(f"SNAPSHOT {msg}")
+        self.store.add_event(self.run_id, kind="snapshot_restore", severity="info", message=msg, step=choice.step,
+                             data={"step": choice.step, "nodes": nodes, "durable_step": durable, "attempt": a.attempt,
+                                   "holders": {str(r): n for r, n in choice.holders.items()}})
+        return choice
+
     def _latest(self) -> int | None:
         committed = self.group.committed_steps()[1]
         return committed[-1] if committed else None
@@ -264,11 +319,22 @@ class Controller:
             try:
                 summaries = self.group.wait(tick)
             except GroupError as g:
+                if self.stopping_since is not None:  # asked to stop: no restart
+                    self.out(f"stopping: {g.failure.message}; no final checkpoint")
+                    return Interrupt(STOPPED, "stopped")
                 return GroupFailed(g.failure)
             if summaries is not None:
+                if any(s.get("stopped") for s in summaries):
+                    at = summaries[0].get("stopped_at")
+                    self.out(f"stopped after step {at}, its checkpoint committed" if at is not None else
+                             "stopped: the ranks ended on request")
+                    return Interrupt(STOPPED, "stopped")
                 return Finished(self._summary(summaries))
             if self.stop_requested():
-                return Interrupt(STOPPED, "stopped")
+                stop = self._stop_group()
+                if stop is not None:
+                    return stop
+            self._collect_checks(wait=False)
             polled = self.group.poll()
             if polled is None:
                 continue
@@ -286,6 +352,20 @@ class Controller:
             event = self._check(p)
             if event is not None:
                 return event
+
+    def _stop_group(self) -> Interrupt | None:
+        """`orchestrator stop`: ask the ranks to end at an agreed step with a final checkpoint
+        (orchestrator/stopping.py); kill them if they have not within fault_tolerance.stop_timeout_s."""
+        limit = self.cfg.fault_tolerance.stop_timeout_s
+        if self.stopping_since is None:
+            self.stopping_since = self.clock()
+            self.group.request_stop()
+            self.out(f"stop requested: the ranks save a final checkpoint at their next step boundary "
+                     f"(up to {limit:.0f}s, fault_tolerance.stop_timeout_s)")
+        elif self.clock() - self.stopping_since > limit:
+            self.out(f"stopping: the ranks did not end within {limit:.0f}s; stopped without a final checkpoint")
+            return Interrupt(STOPPED, "stopped")
+        return None
 
     def _check(self, progress: dict):
         """The watchdog, then the planned restarts (regrow, straggler replacement)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common.errors import ResourceError, UserError
 from orchestrator import cluster
-from orchestrator.config import Config
+from orchestrator.config import Config, ResumeMode, redact
 
 MAX_WORKDIR_BYTES = 100 * 1024 * 1024
 AGENT_WAIT_S = 60.0  # a head that just started takes a few seconds before it takes jobs
@@ -91,21 +91,35 @@ def submit(cfg: Config, config_path: str, overrides: list[str], *, address: str,
         if value and "://" not in value and not os.path.isabs(value):  # resolved where launch ran
             extra.append(f"{key}={os.path.abspath(value)}")
     client, url = job_client(address)
+    from orchestrator.driver import SUBMITTED, record_submitted
+    from orchestrator.store import Store, open_store, store_uri
+
+    shared = store_uri(cfg.tracking.uri)  # a store named by the run or ORCHESTRATOR_STORE: the job's driver writes there
+    store = open_store(shared) if shared else Store(store_root)
+    env = {"ORCHESTRATOR_HOME": str(store_root), **({"ORCHESTRATOR_STORE": store.uri} if shared else {})}
+    if shared and store.kind == "postgresql" and store.uri != store.path:
+        raise UserError(f"--detach: the store URI {store.path} carries a password, which the job's environment would"
+                        " keep in clear; give it through PGPASSWORD or ~/.pgpass on the cluster's nodes instead")
+    prior = _resumable(cfg, store)
+    if prior is None:
+        record_submitted(cfg, run_id, store, command)
+        submission_id = run_id
+    else:  # the job's driver continues that run (driver.launch: a known run id with attempts)
+        run_id = prior["id"]
+        submission_id = f"{run_id}-{time.strftime('%Y%m%d-%H%M%S')}"  # a Ray job id is never reused
+        out(f"run.resume=auto: continuing run {run_id} ({prior['status']}) instead of starting over")
+        store.reopen_run(run_id, config=redact(cfg.to_dict()))  # running again from now: attach waits for it
+        store.driver_beat(run_id, host=SUBMITTED, pid=None)
     python = sys.executable if _local(address) else "python"  # a remote cluster has its own interpreter
     entry = shlex.join([python, "-m", "orchestrator.cli", "launch", str(rel), *overrides, *extra, "--run-id", run_id])
-    from orchestrator.driver import record_submitted
-    from orchestrator.store import Store
-
-    store = Store(store_root)
-    record_submitted(cfg, run_id, store, command)
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            client.submit_job(entrypoint=entry, submission_id=run_id,
+            client.submit_job(entrypoint=entry, submission_id=submission_id,
                               runtime_env={"working_dir": str(cwd), "excludes": EXCLUDES,
-                                           "env_vars": {"ORCHESTRATOR_HOME": str(store_root)}},
+                                           "env_vars": env},
                               metadata={"orchestrator_run_id": run_id, "run_name": cfg.run.name,
-                                        "tracking": str(store_root)})
+                                        "tracking": str(store.path) if shared else str(store_root)})
             break
         except Exception as e:  # the job server refused it: say why in one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -113,12 +127,32 @@ def submit(cfg: Config, config_path: str, overrides: list[str], *, address: str,
                 time.sleep(2.0)  # a head that just started: its job agent comes up within seconds
                 continue
             why = f"--detach: the cluster refused the job: {first}"
-            store.finish_run(run_id, "failed", error=why)
+            if prior is None:
+                store.finish_run(run_id, "failed", error=why)
+            else:  # the run continued goes back to how it ended
+                store.finish_run(run_id, prior["status"] if prior["status"] != "lost" else "failed",
+                                 error=prior.get("error") or why)
             raise ResourceError(why) from None
-    out(f"submitted run {run_id} as a Ray job (detached); Jobs view: {url}/#/jobs/{run_id}{cluster.sign_in_hint()}")
+    out(f"submitted run {run_id} as a Ray job (detached); Jobs view: {url}/#/jobs/{submission_id}"
+        f"{cluster.sign_in_hint(url)}")
+    out(f"its actors:  {url}/#/actors  (named {cfg.run.name}:{run_id}:rank<r>, :metrics, :checkpoints, :health)")
     out(f"follow it:  orchestrator attach {run_id}    (logs: orchestrator logs {run_id} --follow)")
     out(f"stop it:    orchestrator stop {run_id}")
     return run_id
+
+
+def _resumable(cfg: Config, store) -> dict | None:
+    """Under run.resume=auto (the KubeRay pattern: the same job submitted again), the newest
+    unfinished run of this name, which the job then continues; None: a new run."""
+    if cfg.run.resume is not ResumeMode.AUTO:
+        return None
+    prior = store.latest_named(cfg.run.name)
+    if prior is None or prior["status"] == "completed":
+        return None
+    if prior["status"] == "running":  # its driver still beats: two drivers must never drive one run
+        raise UserError(f"--detach with run.resume=auto: run {prior['id']} ({cfg.run.name}) is still running; "
+                        f"`orchestrator stop {prior['id']}` first, or give another run.name")
+    return prior
 
 
 def _local(address: str) -> bool:

@@ -26,7 +26,7 @@ from orchestrator.config import (
 )
 from orchestrator.controller import Controller, RunFailed  # noqa: F401 (RunFailed: public)
 from orchestrator.progress import fmt_duration
-from orchestrator.store import DRIVER_BEAT_S, Store
+from orchestrator.store import DRIVER_BEAT_S, Store, open_store
 from orchestrator.validate import preflight
 
 
@@ -52,7 +52,7 @@ def launch(cfg: Config, *, address: str | None = None, command: str = "", out=pr
     """A new run, trained to the end. Returns the run id; raises RunFailed / ResourceError / KeyboardInterrupt.
     run_id: chosen by a detached launch; a job started again with it (its driver was rescheduled)
     continues the run instead of starting over."""
-    store = store or Store()
+    store = store or open_store(cfg.tracking.uri)  # the run's own store, else --store / ORCHESTRATOR_STORE / HOME
     if run_id is not None and store.has_run(run_id):  # a detached run's job
         prior = store.run(run_id)
         if not store.attempts(run_id):  # submitted, starting now
@@ -80,7 +80,7 @@ def launch(cfg: Config, *, address: str | None = None, command: str = "", out=pr
 def fork(parent_ref: str, step: int, overrides: list[str], *, name: str | None = None, address: str | None = None,
          command: str = "", out=print, store: Store | None = None) -> str:
     """A new run starting from the parent's checkpoint at `step`, inheriting its history below it."""
-    store = store or Store()
+    store = store or open_store()
     parent = store.run(parent_ref)
     cfg = config_for(parent, overrides + ([f"run.name={name}"] if name else []))
     _check_compatible(parent, cfg)
@@ -96,7 +96,7 @@ def fork(parent_ref: str, step: int, overrides: list[str], *, name: str | None =
 
 def resume(ref: str, overrides: list[str], *, address: str | None = None, out=print, store: Store | None = None) -> str:
     """Continue a failed, interrupted or completed run from its latest good checkpoint, same run id."""
-    store = store or Store()
+    store = store or open_store()
     run = store.run(ref)
     _refuse_if_running(run)
     cfg = config_for(run, overrides)
@@ -121,7 +121,7 @@ def _continue(run: dict, cfg: Config, store: Store, out, *, address: str | None)
 
 
 def _refuse_if_running(run: dict) -> None:
-    if run["status"] == "running":
+    if run["status"] == "running" and run.get("driver_host") != SUBMITTED:  # a job submitted for it: its driver
         host = run.get("driver_host") or run["host"]
         raise UserError(f"run {run['id']} is running (its driver, pid {run.get('driver_pid') or '?'} on {host}, is "
                         f"alive); stop it first, or wait for it to finish")
@@ -165,12 +165,15 @@ def _committed_or_explain(run: dict, cfg: Config, step: int, store: Store) -> No
                         f"(steps with one: {', '.join(map(str, committed)) or 'none'})")
 
 
+SUBMITTED = "(submitted as a Ray job)"  # the driver host of a run whose job has not started yet
+
+
 def record_submitted(cfg: Config, run_id: str, store: Store, command: str) -> None:
     """A detached run, recorded where it was submitted (so `runs`, `attach` and `stop` find it at
     once); its job's driver starts it and beats from then on. A job that never starts leaves a run
     shown as lost once LOST_AFTER_S passes without a beat."""
     _record_new_run(cfg, run_id, store, command)
-    store.driver_beat(run_id, host="(submitted as a Ray job)", pid=None)
+    store.driver_beat(run_id, host=SUBMITTED, pid=None)
 
 
 def _record_new_run(cfg: Config, run_id: str, store: Store, command: str, **lineage) -> None:
@@ -186,19 +189,23 @@ class DriverBeat:
     """Tells the store, every DRIVER_BEAT_S, that this driver is alive, so a driver that dies
     leaves a run shown as `lost` (which `resume` takes over) instead of `running` forever."""
 
-    def __init__(self, store_root, run_id: str):
-        self.root, self.run_id = store_root, run_id
+    def __init__(self, store_uri: str, run_id: str):
+        self.uri, self.run_id = store_uri, run_id
         self.stop_requested = False  # `orchestrator stop RUN` was asked: the run ends as stopped
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="driver-beat", daemon=True)
 
     def start(self) -> DriverBeat:
-        Store(self.root).driver_beat(self.run_id, host=socket.gethostname(), pid=os.getpid())  # before returning
+        store = open_store(self.uri)
+        try:
+            store.driver_beat(self.run_id, host=socket.gethostname(), pid=os.getpid())  # before returning
+        finally:
+            store.close()
         self._thread.start()
         return self
 
     def _run(self) -> None:
-        store = Store(self.root)  # its own connection: the main thread may be inside a transaction
+        store = open_store(self.uri)  # its own connection: the main thread may be inside a transaction
         try:
             while not self._stop.wait(DRIVER_BEAT_S):
                 try:
@@ -221,7 +228,7 @@ def _drive(cfg: Config, run_id: str, store: Store, out, *, address: str | None, 
     out(f"run {run_id}: {s.num_workers} workers x {cluster._fmt(cluster.bundle_for(s.cpus_per_worker, s.gpus_per_worker))}, "
         f"{cfg.train.max_steps} steps, store {store.path}")
     group = None
-    beat = DriverBeat(store.root, run_id).start()
+    beat = DriverBeat(store.uri, run_id).start()
     try:
         cluster.connect(address, dashboard=cfg.cluster.dashboard)
         _stop_on_sigterm()  # after ray.init, which installs its own SIGTERM handler
@@ -231,7 +238,7 @@ def _drive(cfg: Config, run_id: str, store: Store, out, *, address: str | None, 
         # after connect(): importing Ray before it sets the loopback option would bind elsewhere
         from orchestrator.worker_group import WorkerGroup
 
-        group = WorkerGroup(cfg, run_id, store.root, out)
+        group = WorkerGroup(cfg, run_id, store.root, out, store_uri=store.uri)
         controller = Controller(cfg, run_id, store, group, out, first_attempt=first_attempt, restore=restore,
                                 source_uri=source_uri, stop_requested=lambda: beat.stop_requested)
         summary = controller.run()

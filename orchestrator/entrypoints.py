@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from common.errors import ConfigError, UserCodeError, UserError
-from orchestrator import rank, rendezvous
+from orchestrator import rank, rendezvous, stopping
 from orchestrator.config import Config
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -58,15 +58,19 @@ def run_function(cfg: Config, *, skipped: list[int] = (), **kw) -> dict:
         ctx = TrainContext(cfg, s)
         try:
             fn(ctx, **e.kwargs)
+        except stopping.Stop:  # `orchestrator stop`: ctx.save saved the agreed step and ended the function
+            pass
         except Exception as err:
             raise user_code_error(err, where=e.function) from None
+        ctx.close()  # the ranks' last stop agreement, still in flight when the function returned
         if s.checkpointer is not None:
             s.checkpointer.close(s.sender)  # waits for the last upload and its commit
         s.health.phase = "done"
     rendezvous.leave()
     return {"steps": max(0, ctx.last_step + 1 - ctx.start_step), "start_step": ctx.start_step,
             "first_loss": ctx.first_loss, "last_loss": ctx.last_loss, "eval_loss": None,
-            "train_time_s": time.perf_counter() - ctx.started}
+            "train_time_s": time.perf_counter() - ctx.started, "stopped": ctx.stopped_at is not None,
+            "stopped_at": ctx.stopped_at}
 
 
 def user_code_error(err: BaseException, *, where: str) -> Exception:

@@ -8,14 +8,14 @@ import time
 
 from common.errors import UserError
 from orchestrator.run_views import out
-from orchestrator.store import Store
+from orchestrator.store import open_store
 
 FOLLOW_EVERY_S = 1.0
-STOP_WAIT_S = 300.0  # how long `stop` waits for the driver to end the run
+STOP_WAIT_S = 300.0  # how long `stop` waits for the driver to end the run (more if the run gives its ranks longer)
 
 
 def cmd_logs(args, argv) -> int:
-    store = Store(create=False)
+    store = open_store(create=False)
     run = store.run(args.run)
     rows = store.logs.read(run["id"], rank=args.rank, attempt=args.attempt)
     if args.json:
@@ -43,7 +43,7 @@ def _show(rows: list[dict]) -> int:
 
 def cmd_attach(args, argv) -> int:
     """Progress (rank 0's train/loss), events and the end, from the store: works for detached runs."""
-    store = Store(create=False)
+    store = open_store(create=False)
     run = store.run(args.run)
     out(f"run {run['id']} ({run['name']}): {run['status']}")
     seen_events, shown_step = len(store.events(run["id"])), None
@@ -65,21 +65,24 @@ def cmd_attach(args, argv) -> int:
 
 
 def cmd_stop(args, argv) -> int:
-    store = Store(create=False)
+    store = open_store(create=False)
     run = store.run(args.run)
     if run["status"] != "running":
         hint = f"; `orchestrator resume {run['id']}` continues it" if run["status"] == "lost" else ""
         raise UserError(f"run {run['id']} is {run['status']}, not running: nothing to stop{hint}")
     store.request_stop(run["id"])
-    out(f"stop requested for run {run['id']}; its driver stops the workers at its next beat")
+    out(f"stop requested for run {run['id']}; at its next beat its driver has the ranks save a final checkpoint "
+        "and end")
     if args.no_wait:
         return 0
-    deadline = time.monotonic() + STOP_WAIT_S
+    ranks_get = ((run.get("config") or {}).get("fault_tolerance") or {}).get("stop_timeout_s")
+    wait_s = max(STOP_WAIT_S, float(ranks_get) + 60) if isinstance(ranks_get, (int, float)) else STOP_WAIT_S
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         status = store.run(run["id"])["status"]
         if status != "running":
             out(f"run {run['id']} {status}")
             return 0
         time.sleep(FOLLOW_EVERY_S)
-    raise UserError(f"run {run['id']} is still running {STOP_WAIT_S:.0f}s after the stop request; is its driver "
+    raise UserError(f"run {run['id']} is still running {wait_s:.0f}s after the stop request; is its driver "
                     "alive? (`orchestrator runs` shows lost drivers)")

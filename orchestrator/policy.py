@@ -84,12 +84,13 @@ class RestartPolicy:
         """A replacement is a restart: only while the budget lasts."""
         return restarts_done < self.max_restarts
 
-    def delay_s(self, restarts_done: int, rng: random.Random | None = None) -> float:
-        """No wait before the first restart (a lone failure should cost as little as possible);
-        then exponential backoff with jitter against crash loops: 1, 2, 4 ... s (x 0.5-1.0), capped."""
-        if restarts_done == 0:
+    def delay_s(self, streak: int, rng: random.Random | None = None) -> float:
+        """`streak`: failures since the group last recovered (made a step after a restart). No wait
+        for the first (a lone failure should cost as little as possible); then exponential backoff
+        with jitter against crash loops: 1, 2, 4 ... s (x 0.5-1.0), capped."""
+        if streak == 0:
             return 0.0
-        base = min(self.max_backoff_s, self.backoff_s * 2 ** (restarts_done - 1))
+        base = min(self.max_backoff_s, self.backoff_s * 2 ** (streak - 1))
         return base * (0.5 + 0.5 * (rng or random).random())
 
 

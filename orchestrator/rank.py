@@ -13,7 +13,7 @@ import ray
 
 from actors.metric_sender import MetricSender
 from actors.system_stats import SystemSampler
-from orchestrator import rendezvous, telemetry
+from orchestrator import rendezvous, snapshots, telemetry
 from orchestrator.config import Config, config_from_dict, redact
 from orchestrator.hang.health import Health, Heartbeat
 
@@ -28,14 +28,17 @@ class Services:
     health: Health
     checkpointer: object | None  # checkpointing.writer.Checkpointer
     loaded: object | None  # checkpointing.loader.LoadedCheckpoint to restore, None on a fresh start
+    snapshots: object | None = None  # checkpointing.memory.Snapshotter, with checkpoint.memory_every_steps
 
 
 @contextlib.contextmanager
 def services(cfg: Config, *, metrics, checkpoints=None, health_monitor=None, restore_step: int | None = None,
-             restore_uri: str | None = None):
+             restore_uri: str | None = None, snapshot_to: dict | None = None, snapshot_from: dict | None = None):
     """Start the rank's services; with `restore_step`, load the newest committed checkpoint at or
     below it that verifies (every rank reads every file, so all reach the same verdict), in the
-    run's own checkpoint location or `restore_uri` (a fork's parent's)."""
+    run's own checkpoint location or `restore_uri` (a fork's parent's). `snapshot_from`: an
+    in-memory snapshot to restore instead (snapshots.restore); `snapshot_to`: where this rank's
+    snapshots go (snapshots.snapshotter)."""
     from checkpointing.worker import make_checkpointer  # imports torch: only in the rank's process
 
     me = rendezvous.member()
@@ -50,11 +53,15 @@ def services(cfg: Config, *, metrics, checkpoints=None, health_monitor=None, res
     telemetry.attach(sender)
     sampler = SystemSampler(sender.log, cfg.telemetry.system_every_s).start()
     try:
-        loaded = None
-        if restore_step is not None:
+        loaded = snapshots.restore(snapshot_from, rank=me.rank, metrics=metrics) if snapshot_from else None
+        if loaded is None and restore_step is not None:
             loaded = _load(cfg, checkpointer, me.rank, restore_step, restore_uri, metrics=metrics,
                            checkpoints=checkpoints)
-        yield Services(cfg=cfg, member=me, sender=sender, health=health, checkpointer=checkpointer, loaded=loaded)
+        snapper = snapshots.snapshotter(cfg, snapshot_to, me, sender, metrics) if snapshot_to else None
+        yield Services(cfg=cfg, member=me, sender=sender, health=health, checkpointer=checkpointer, loaded=loaded,
+                       snapshots=snapper)
+        if snapper is not None:
+            snapper.close()
     finally:
         sampler.stop()
         if beats:
@@ -76,7 +83,7 @@ def run(cfg: Config, *, skipped: list[int] = (), **kw) -> dict:
     with services(cfg, **kw) as s:
         ctx = WorkerContext(rank=s.member.rank, world_size=s.member.world_size, device=s.member.device)
         summary = train(cfg, ctx, s.sender, checkpointer=s.checkpointer, restore=s.loaded, skipped=list(skipped),
-                        health=s.health)
+                        health=s.health, snapshots=s.snapshots)
     rendezvous.leave()
     return summary
 

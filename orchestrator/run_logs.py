@@ -22,8 +22,7 @@ MAX_LINE = 16_384  # a runaway line (a progress bar without newlines) is cut, no
 
 class LogStore:
     def __init__(self, db):
-        self.db = db
-        self.db.executescript(SCHEMA)
+        self.db = db  # the table is made by the store (store_schema.py)
 
     def add(self, run_id: str, attempt: int, rank: int, lines: list[tuple[float, str, str]]) -> None:
         """lines: (time, stream, text), stream "stdout" or "stderr"."""

@@ -13,7 +13,7 @@ import yaml
 from common.errors import UserError
 from orchestrator.config import flatten
 from orchestrator.progress import fmt_duration
-from orchestrator.store import Store, home
+from orchestrator.store import Store, locate, open_store
 
 SPARK = "▁▂▃▄▅▆▇█"
 COMPARE_KEYS = ("train/loss", "eval/loss", "train/tokens_per_s")
@@ -62,9 +62,9 @@ def _matches(run: dict, tags: list[str], wheres: list[str]) -> bool:
 
 
 def cmd_runs(args, argv) -> int:
-    root = home()  # no store yet: no runs, and none is made by looking
-    missing = not root.exists() or (root.is_dir() and not (root / "store.db").exists())
-    runs = [r for r in ([] if missing else Store(create=False).runs())
+    where = locate()  # no SQLite store yet: no runs, and none is made by looking
+    missing = where.kind == "sqlite" and not where.path.exists() and not where.path.parent.is_file()
+    runs = [r for r in ([] if missing else open_store(create=False).runs())
             if (args.status is None or r["status"] == args.status) and _matches(r, args.tag, args.where)]
     if args.json:
         keys = ("id", "name", "status", "parent", "fork_step", "created_at", "ended_at", "world_size", "git_commit", "tags")
@@ -85,7 +85,7 @@ def cmd_runs(args, argv) -> int:
 
 
 def cmd_show(args, argv) -> int:
-    store = Store()
+    store = open_store()
     run = store.run(args.run)
     keys = store.metric_keys(run["id"])
     events = store.events(run["id"])
@@ -134,7 +134,7 @@ def cmd_show(args, argv) -> int:
 
 
 def cmd_metrics(args, argv) -> int:
-    store = Store()
+    store = open_store()
     run = store.run(args.run)
     keys = store.metric_keys(run["id"])
     if args.key is None:
@@ -197,7 +197,7 @@ def compare(store: Store, refs: list[str], keys: list[str]) -> dict:
 def cmd_compare(args, argv) -> int:
     if len(args.runs) < 2:
         raise UserError(f"compare needs at least two runs, got {len(args.runs)}")
-    result = compare(Store(), args.runs, args.key or list(COMPARE_KEYS))
+    result = compare(open_store(), args.runs, args.key or list(COMPARE_KEYS))
     if args.json:
         out(json.dumps(result, indent=1))
         return 0
@@ -224,7 +224,7 @@ def _num(v) -> str:
 
 
 def cmd_tag(args, argv) -> int:
-    store = Store()
+    store = open_store()
     run = store.run(args.run)
     for item in args.tags:
         key, _, value = item.partition("=")
@@ -236,7 +236,7 @@ def cmd_tag(args, argv) -> int:
 
 
 def cmd_note(args, argv) -> int:
-    store = Store()
+    store = open_store()
     run = store.run(args.run)
     if not args.text.strip():
         raise UserError("note: the text is empty")

@@ -5,6 +5,10 @@ fed to tracking and the watchdog through a pipe.
 
 Without worker.log, every output line counts as a sign of life: a script silent for longer than
 hang.first_step_timeout_s is declared stalled.
+
+`orchestrator stop` sends the script SIGTERM, as torchrun's agent does to its workers when it is
+stopped, and waits up to fault_tolerance.stop_timeout_s for it to exit (a script that saves its
+own snapshot on SIGTERM keeps that step); its exit then ends the run as stopped, not failed.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import threading
 import time
 
 from common.errors import UserCodeError
-from orchestrator import rank, rendezvous
+from orchestrator import rank, rendezvous, stopping
 from orchestrator.config import Config
 
 TAIL = 30  # stderr lines kept for the failure report
@@ -111,6 +115,7 @@ def run_script(cfg: Config, *, metrics, checkpoints=None, health_monitor=None, r
         finally:
             os.close(write_fd)
         s.health.pid = proc.pid  # what a stall report's stack dump looks at
+        stopping.on_request(lambda: _terminate(proc))
         readers = [threading.Thread(target=lines.read, args=(proc.stdout, "stdout"), daemon=True),
                    threading.Thread(target=lines.read, args=(proc.stderr, "stderr"), daemon=True),
                    threading.Thread(target=_read_worker_log, args=(read_fd, s), daemon=True)]
@@ -125,10 +130,21 @@ def run_script(cfg: Config, *, metrics, checkpoints=None, health_monitor=None, r
                 t.join(timeout=10)
             lines.close()
         s.health.phase = "done"
-    if code != 0:
+    stopped = stopping.requested()
+    if code != 0 and not stopped:
         why = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
         last = next((line for line in reversed(lines.tail) if line.strip()), "")
         raise UserCodeError(f"{os.path.basename(e.script)} {why}" + (f": {last.strip()}" if last else ""),
                             f"last lines of rank {me.rank}'s stderr:\n" + "\n".join(lines.tail))
     return {"steps": max(0, s.health.step + 1), "start_step": 0, "first_loss": None, "last_loss": None,
-            "eval_loss": None, "train_time_s": time.perf_counter() - started}
+            "eval_loss": None, "train_time_s": time.perf_counter() - started, "stopped": stopped,
+            "stopped_at": None, "exit_code": code}
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    """`orchestrator stop`, from the worker's control lane: SIGTERM, as torchrun sends its workers."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass

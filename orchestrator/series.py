@@ -1,4 +1,4 @@
-"""Columnar metric storage inside the store's SQLite file.
+"""Columnar metric storage inside the tracking store (SQLite or PostgreSQL: the same rows).
 
 One series per (run, key, rank, attempt). New points land as small "tail" rows (one per batch);
 once a series has CHUNK tail points they are merged into sealed chunks of CHUNK points, each
@@ -10,7 +10,6 @@ every spike survives and a 10M-point series reads in milliseconds.
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,9 +110,10 @@ def summarize(steps: np.ndarray, vals: np.ndarray) -> np.ndarray:
 
 
 class SeriesStore:
-    def __init__(self, db: sqlite3.Connection):
+    def __init__(self, db):
+        """db: the store's connection (sqlite3, or store_sql.PgConnection); the tables are made
+        by the store (store_schema.py)."""
         self.db = db
-        db.executescript(SCHEMA)
         self._ids: dict[tuple, int] = {}  # series ids known to be committed
         self._new_ids: dict[tuple, int] = {}  # created in the open transaction: valid only if it commits
         self._open = False
@@ -126,7 +126,8 @@ class SeriesStore:
             yield
             return
         # IMMEDIATE: take the write lock up front; a deferred transaction that reads first cannot
-        # wait for another writer (SQLite answers "database is locked" at once instead)
+        # wait for another writer (SQLite answers "database is locked" at once instead).
+        # PostgreSQL locks rows as it goes: a plain BEGIN there (store_sql.pg_sql)
         self.db.execute("BEGIN IMMEDIATE")
         self._open, committed = True, False
         try:
@@ -154,7 +155,7 @@ class SeriesStore:
         if sid is None:
             sid = self._new_ids.get(k)
         if sid is None:
-            self.db.execute("INSERT OR IGNORE INTO series (run_id, key, rank, attempt) VALUES (?, ?, ?, ?)", k)
+            self.db.execute("INSERT INTO series (run_id, key, rank, attempt) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", k)
             sid = self.db.execute(
                 "SELECT id FROM series WHERE run_id = ? AND key = ? AND rank = ? AND attempt = ?", k
             ).fetchone()[0]
@@ -180,23 +181,30 @@ class SeriesStore:
                     " ON CONFLICT (run_id, rank, attempt) DO UPDATE SET last_seq = excluded.last_seq",
                     (run_id, rank, attempt, seq),
                 )
-            for key, (steps, vals) in data.items():
-                steps = np.ascontiguousarray(steps, dtype="<i8")
-                vals = np.ascontiguousarray(vals, dtype="<f8")
-                if len(steps) == 0:
-                    continue
-                sid = self.series_id(run_id, key, rank, attempt)
-                self.db.execute(
-                    "INSERT INTO chunks (series_id, sealed, step_lo, step_hi, n, steps, vals) VALUES (?, 0, ?, ?, ?, ?, ?)",
-                    (sid, int(steps.min()), int(steps.max()), len(steps), steps.tobytes(), vals.tobytes()),
-                )
-                tail = self.db.execute(
-                    "UPDATE series SET tail_n = tail_n + ?, n = n + ? WHERE id = ? RETURNING tail_n",
-                    (len(steps), len(steps), sid),
-                ).fetchone()[0]
-                if tail >= CHUNK:
+            # PostgreSQL: every key's statements go out without waiting for each answer (one
+            # round trip per batch, not two per key); SQLite runs in-process, nothing to batch
+            piped = hasattr(self.db, "pipeline")
+            tails = []
+            with self.db.pipeline() if piped else contextlib.nullcontext():
+                for key, (steps, vals) in data.items():
+                    steps = np.ascontiguousarray(steps, dtype="<i8")
+                    vals = np.ascontiguousarray(vals, dtype="<f8")
+                    if len(steps) == 0:
+                        continue
+                    sid = self.series_id(run_id, key, rank, attempt)
+                    self.db.execute(
+                        "INSERT INTO chunks (series_id, sealed, step_lo, step_hi, n, steps, vals) VALUES (?, 0, ?, ?, ?, ?, ?)",
+                        (sid, int(steps.min()), int(steps.max()), len(steps), steps.tobytes(), vals.tobytes()),
+                    )
+                    cur = self.db.execute(
+                        "UPDATE series SET tail_n = tail_n + ?, n = n + ? WHERE id = ? RETURNING tail_n",
+                        (len(steps), len(steps), sid),
+                    )
+                    tails.append((sid, cur if piped else cur.fetchone()[0]))
+                    total += len(steps)
+            for sid, tail in tails:
+                if (tail if not piped else tail.fetchone()[0]) >= CHUNK:
                     full.append(sid)
-                total += len(steps)
             for sid in full:
                 self._seal(sid)
         return total

@@ -1,5 +1,6 @@
-"""The tracking store: one SQLite file in $ORCHESTRATOR_HOME, in WAL mode so the CLI can read
-while a run writes.
+"""The tracking store: by default one SQLite file in $ORCHESTRATOR_HOME, in WAL mode so the CLI
+can read while a run writes; or a PostgreSQL database a team shares (`open_store(uri)`; the
+dialects differ only as store_sql.py says; tables and versions: store_schema.py).
 
 runs:    one row per run (id, name, status, config, timestamps, git commit, host, command line)
 series:  metric points per (run, key, rank, attempt), stored in columnar chunks (orchestrator/series.py).
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import StoreError, StoreFull, UserError
+from orchestrator import store_schema
 from orchestrator.run_logs import LogStore
 from orchestrator.series import (
     Points,
@@ -31,80 +33,14 @@ from orchestrator.series import (
     latest_per_step,
     to_rows,
 )
+from orchestrator.store_schema import RUN_COLUMNS, SCHEMA_VERSION
+from orchestrator.store_sql import Location, PgConnection, parse_location
 
 STATUSES = ("running", "completed", "failed", "interrupted", "stopped")  # stored; "lost" is derived (see _run_row)
 DRIVER_BEAT_S = 5.0  # how often a live driver says so
 LOST_AFTER_S = 60.0  # a running run whose driver has not beaten for this long is lost
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    status TEXT NOT NULL,
-    parent TEXT,
-    fork_step INTEGER,
-    config TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    ended_at REAL,
-    git_commit TEXT,
-    host TEXT,
-    command TEXT,
-    world_size INTEGER,
-    error TEXT,
-    summary TEXT,
-    meta TEXT,
-    driver_host TEXT,
-    driver_pid INTEGER,
-    driver_beat REAL,
-    stop_requested REAL
-);
-CREATE TABLE IF NOT EXISTS tags (
-    run_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    value TEXT NOT NULL,
-    PRIMARY KEY (run_id, key)
-);
-CREATE TABLE IF NOT EXISTS notes (
-    run_id TEXT NOT NULL,
-    time REAL NOT NULL,
-    text TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (
-    run_id TEXT NOT NULL,
-    time REAL NOT NULL,
-    step INTEGER,
-    rank INTEGER,
-    kind TEXT NOT NULL,
-    severity TEXT NOT NULL,
-    message TEXT NOT NULL,
-    data TEXT
-);
-CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, time);
-CREATE TABLE IF NOT EXISTS attempts (
-    run_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    started_at REAL NOT NULL,
-    resumed_from_step INTEGER,
-    ended_at REAL,
-    status TEXT,
-    cause TEXT,
-    message TEXT,
-    rank INTEGER,
-    node TEXT,
-    failed_step INTEGER,
-    steps_lost INTEGER,
-    recovery_s REAL,
-    PRIMARY KEY (run_id, attempt)
-);
-"""
 ATTEMPT_COLUMNS = ["attempt", "started_at", "resumed_from_step", "ended_at", "status", "cause", "message", "rank",
                    "node", "failed_step", "steps_lost", "recovery_s"]
-RUN_COLUMNS = [
-    "id", "name", "status", "parent", "fork_step", "config", "created_at", "ended_at",
-    "git_commit", "host", "command", "world_size", "error", "summary", "meta", "driver_host", "driver_pid",
-    "driver_beat", "stop_requested",
-]
-COLUMN_TYPES = {"driver_pid": "INTEGER", "driver_beat": "REAL", "stop_requested": "REAL"}  # added to older stores with these types
 
 
 def driver_gone(host: str | None, pid: int | None, beat: float | None, now: float | None = None) -> bool:
@@ -124,6 +60,32 @@ def driver_gone(host: str | None, pid: int | None, beat: float | None, now: floa
 def home() -> Path:
     return Path(os.environ.get("ORCHESTRATOR_HOME", ".orchestrator")).absolute()
 
+
+def store_uri(uri: str | None = None) -> str:
+    """The store a command uses: `uri` (--store, tracking.uri), else $ORCHESTRATOR_STORE, else the
+    SQLite store in $ORCHESTRATOR_HOME (returned as "": the default)."""
+    return uri or os.environ.get("ORCHESTRATOR_STORE", "") or ""
+
+
+def locate(uri: str | None = None) -> Location:
+    return parse_location(store_uri(uri), default_root=home())
+
+
+def open_store(uri: str | None = None, *, create: bool = True):
+    """The tracking store named by `uri` (a directory, a SQLite file, postgresql://...,
+    http(s)://... for an `orchestrator server`), else $ORCHESTRATOR_STORE, else $ORCHESTRATOR_HOME.
+    create=False: a store that does not exist yet is an error, none is made."""
+    where = locate(uri)
+    if where.kind == "http":
+        try:
+            from orchestrator.remote_store import RemoteStore  # an `orchestrator server`'s client
+        except ImportError:
+            raise StoreError(f"store {where.shown}: this orchestrator has no client for an `orchestrator server`;"
+                             " name its database (postgresql://...) instead") from None
+        return RemoteStore(where.uri, create=create)
+    if where.kind == "postgresql":
+        return Store.postgres(where.uri, create=create)
+    return Store(where.path.parent, create=create, file=where.path.name)
 
 
 def store_error(e: sqlite3.Error, path: Path) -> Exception:
@@ -180,12 +142,26 @@ def _private(path: Path) -> None:
                 os.chmod(p, 0o600)
 
 
+def open_checkpoint_records(uri: str | None = None):
+    """The checkpoints table of the store at `uri`, on a connection of its own (for the
+    checkpoint coordinator); None for a store reached over HTTP (it keeps no such table here)."""
+    from checkpointing.records import CheckpointRecords
+
+    where = locate(uri)
+    if where.kind == "http":
+        return None
+    return CheckpointRecords(where.path if where.kind == "sqlite" else PgConnection(where.uri))
+
+
 class Store:
-    def __init__(self, root: str | os.PathLike | None = None, *, create: bool = True):
-        """create=False (commands that only use existing runs): no store at `root` is an error;
-        none is made."""
+    kind = "sqlite"
+
+    def __init__(self, root: str | os.PathLike | None = None, *, create: bool = True, file: str = "store.db"):
+        """A SQLite store: `file` in the directory `root`. create=False (commands that only use
+        existing runs): no store at `root` is an error; none is made."""
         self.root = Path(root) if root is not None else home()
-        self.path = self.root / "store.db"
+        self.path = self.root / file
+        self.uri = str(self.path)  # what reopens this store (another process, an actor)
         self._open_files(create)
         try:
             # mode=rw: the file exists by now, and a read must never create one
@@ -197,13 +173,39 @@ class Store:
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
-            self._migrate()
-            self.points = SeriesStore(self.db)
-            self.logs = LogStore(self.db)
+            store_schema.prepare(self.db, str(self.path), create=create)  # adds what older stores lack
+            self._attach()
         except BaseException:
             self.db.close()
             raise
+
+    @classmethod
+    def postgres(cls, uri: str, *, create: bool = True) -> Store:
+        """A PostgreSQL store. Files that go with runs (diagnostics, crash logs, the default
+        checkpoint folder) stay in $ORCHESTRATOR_HOME on this machine."""
+        self = cls.__new__(cls)
+        self.kind = "postgresql"
+        self.db = PgConnection(uri)
+        self.uri, self.path, self.root = uri, self.db.shown, home()
+        try:
+            store_schema.prepare(self.db, self.db.shown, create=create)
+            self._attach()
+        except BaseException:
+            self.db.close()
+            raise
+        return self
+
+    def _attach(self) -> None:
+        self.points = SeriesStore(self.db)
+        self.logs = LogStore(self.db)
+
+    @property
+    def schema_version(self) -> int:
+        return SCHEMA_VERSION
+
+    def checkpoint_records(self):
+        """The checkpoints table of this store, on a connection of its own (close it after)."""
+        return open_checkpoint_records(self.uri)
 
     def _open_files(self, create: bool) -> None:
         """The directory 0700 and store.db 0600 when made here; SQLite gives -wal and -shm the
@@ -229,13 +231,6 @@ class Store:
     def transaction(self):
         """`with store.transaction():` points and events written inside commit together, or not at all."""
         return self.points.transaction()
-
-    def _migrate(self) -> None:
-        """Add columns that older stores lack (tables themselves are created IF NOT EXISTS)."""
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
-        for col in RUN_COLUMNS:
-            if col not in have:
-                self.db.execute(f"ALTER TABLE runs ADD COLUMN {col} {COLUMN_TYPES.get(col, 'TEXT')}")
 
     def close(self) -> None:
         self.db.close()
@@ -288,7 +283,10 @@ class Store:
 
     def start_attempt(self, run_id: str, attempt: int, *, resumed_from_step: int | None) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO attempts (run_id, attempt, started_at, resumed_from_step) VALUES (?, ?, ?, ?)",
+            "INSERT INTO attempts (run_id, attempt, started_at, resumed_from_step) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (run_id, attempt) DO UPDATE SET started_at = excluded.started_at,"
+            " resumed_from_step = excluded.resumed_from_step, "
+            + ", ".join(f"{c} = NULL" for c in ATTEMPT_COLUMNS[3:]),  # a restarted attempt starts over
             (run_id, attempt, time.time(), resumed_from_step),
         )
 
@@ -320,10 +318,11 @@ class Store:
     def add_event(self, run_id: str, *, kind: str, severity: str, message: str, step: int | None = None,
                   rank: int | None = None, data: dict | None = None) -> int:
         cur = self.db.execute(
-            "INSERT INTO events (run_id, time, step, rank, kind, severity, message, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events (run_id, time, step, rank, kind, severity, message, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " RETURNING rowid",
             (run_id, time.time(), step, rank, kind, severity, message, json.dumps(data or {})),
         )
-        return cur.lastrowid
+        return cur.fetchone()[0]
 
     def update_event_data(self, event_id: int, data: dict) -> None:
         """Add to an event what was learned after it was recorded (e.g. a stall's node checks)."""
@@ -349,7 +348,10 @@ class Store:
 
     def runs(self) -> list[dict[str, Any]]:
         rows = self.db.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY created_at").fetchall()
-        return [self._run_row(r) for r in rows]
+        tags: dict[str, dict[str, str]] = {}
+        for run_id, key, value in self.db.execute("SELECT run_id, key, value FROM tags ORDER BY run_id, key").fetchall():
+            tags.setdefault(run_id, {})[key] = value  # one query, not one per run (a round trip each on PostgreSQL)
+        return [self._run_row(r, tags.get(r[0], {})) for r in rows]
 
     def run(self, ref: str) -> dict[str, Any]:
         """A run by id, or by name when the name is unique (the latest run of that name otherwise)."""
@@ -387,14 +389,14 @@ class Store:
                               "LIMIT 1", (name,)).fetchone()
         return self._run_row(row) if row else None
 
-    def _run_row(self, row: tuple) -> dict[str, Any]:
+    def _run_row(self, row: tuple, tags: dict[str, str] | None = None) -> dict[str, Any]:
         d = dict(zip(RUN_COLUMNS, row, strict=True))
         if d["status"] == "running" and driver_gone(d["driver_host"], d["driver_pid"], d["driver_beat"]):
             d["status"] = "lost"
         d["config"] = json.loads(d["config"])
         d["summary"] = json.loads(d["summary"]) if d["summary"] else None
         d["meta"] = json.loads(d["meta"]) if d["meta"] else {}
-        d["tags"] = self.tags(d["id"])
+        d["tags"] = self.tags(d["id"]) if tags is None else tags
         return d
 
     # --- metrics ------------------------------------------------------------------------
@@ -487,3 +489,12 @@ class Store:
         exact = bucket_points(Points(steps, lo), edges), bucket_points(Points(steps, hi), edges)
         agg["min"], agg["max"] = exact[0]["min"], exact[1]["max"]
         return to_rows(agg)
+
+    # --- runs made through the MLflow API (orchestrator/ui/mlflow_api.py) -------------------
+
+    def update_run(self, run_id: str, *, name: str | None = None, config: dict | None = None) -> None:
+        """Rename a run, or replace its config: MLflow's params arrive after its run is created."""
+        if name is not None:
+            self.db.execute("UPDATE runs SET name = ? WHERE id = ?", (name, run_id))
+        if config is not None:
+            self.db.execute("UPDATE runs SET config = ? WHERE id = ?", (json.dumps(config), run_id))

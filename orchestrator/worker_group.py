@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -15,20 +16,25 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from actors import checkpoint_coordinator
 from actors.health import HealthMonitor
 from actors.metrics_actor import MetricsActor
+from actors.snapshot_keeper import Keepers
 from actors.train_worker import TrainWorker
 from checkpointing.layout import scan
 from checkpointing.storage import open_fs
 from common.errors import NonFiniteLoss, ResourceError, SilentCorruption, UserError
-from orchestrator import cluster, entrypoints, rank, rendezvous, script, visibility
+from orchestrator import cluster, entrypoints, peer_loss, rank, rendezvous, script, stopping, visibility
 from orchestrator.anomaly import AnomalyDetector
 from orchestrator.config import Config
-from orchestrator.hang import nccl
+from orchestrator.hang import nccl, xid
 from orchestrator.hang.followup import check_suspects, collect_flight_recorder
 from orchestrator.policy import Failure, FailureKind, GroupError
-from orchestrator.store import Store
+from orchestrator.store import open_checkpoint_records, open_store
 
 AVOID_WAIT_S = 10.0  # how long to look for room away from a culprit node before using it again
 STOP_WAIT_S = 15.0  # how long a stopped group's ranks get to be gone
+# how long a rank's "lost a peer" error waits for Ray to say which rank or node is gone: Ray 2.60
+# declares a crashed node dead after ~15 s of failed health checks (docs/MULTINODE.md), later on a busy machine
+PEER_LOSS_WAIT_S = 45.0
+CONTROL = "control"  # the worker's second concurrency group: requests that must not wait for the training call
 
 
 @dataclass
@@ -38,13 +44,18 @@ class Handles:
     checkpoints: object = None
     health: object = None
     workers: list = field(default_factory=list)
+    keepers: Keepers | None = None  # in-memory snapshots' keepers, one per node (checkpoint.memory_every_steps)
 
 
 class WorkerGroup:
-    def __init__(self, cfg: Config, run_id: str, store_root: Path, out):
+    def __init__(self, cfg: Config, run_id: str, store_root: Path, out, *, store_uri: str | None = None):
+        """store_root: this machine's folder for the run's files (the default checkpoint folder);
+        store_uri: the tracking store (a SQLite file or postgresql://), default the one in store_root."""
         self.cfg, self.run_id, self.store_root, self.out = cfg, run_id, Path(store_root), out
+        self.store_uri = store_uri or str(self.store_root)
         self.h = Handles()
         self.nodes: list[str] = []  # node id of each rank of the current group
+        self.ips: list[str] = []  # and its node's address
         self.refs: list = []  # the ranks' train() results
         self.pending: list = []
 
@@ -60,15 +71,17 @@ class WorkerGroup:
         t = cfg.telemetry
         self.h.metrics = ray.remote(MetricsActor).options(
             name=f"{cfg.run.name}:{run_id}:metrics", num_cpus=0, max_restarts=-1,  # senders replay into the restarted actor
+            max_concurrency=checkpoint_coordinator.max_calls(cfg.scaling.num_workers),  # a batch waiting from every rank
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-        ).remote(run_id, str(self.store_root), open_store=Store, detector=AnomalyDetector(),
+        ).remote(run_id, self.store_uri, open_store=open_store, detector=AnomalyDetector(),
                  prometheus_host=t.prometheus_host, prometheus_port=t.prometheus_port, alert_webhook=t.alert_webhook)
         try:
             prometheus = ray.get(self.h.metrics.prometheus_address.remote())
         except ray.exceptions.RayActorError as e:
             raise UserError(f"telemetry.prometheus_port={t.prometheus_port}: cannot serve metrics on "
                             f"{t.prometheus_host}: {str(e).strip().splitlines()[-1]}") from None
-        self.h.checkpoints = checkpoint_coordinator.start(cfg, run_id, str(self.store_root), here)
+        self.h.checkpoints = checkpoint_coordinator.start(cfg, run_id, str(self.store_root), here,
+                                                          open_records=partial(open_checkpoint_records, self.store_uri))
         if cfg.hang.enabled:
             self.h.health = ray.remote(HealthMonitor).options(
                 name=f"{cfg.run.name}:{run_id}:health", num_cpus=0,
@@ -142,13 +155,14 @@ class WorkerGroup:
     def start(self, attempt: int) -> dict:
         """Worker actors on the reserved bundles, rendezvous. Returns what the controller reports."""
         t0 = time.time()
+        self.attempt = attempt
         cfg, h = self.cfg, self.h
         world = len(h.placement.bundle_nodes)
         ranks = rendezvous.assign_ranks(h.placement.bundle_nodes)
         by_rank = sorted(range(world), key=lambda b: ranks[b]["rank"])
         s = cfg.scaling
         h.workers = [
-            ray.remote(TrainWorker).options(
+            ray.remote(concurrency_groups={CONTROL: 1})(TrainWorker).options(  # CONTROL: beside the training call
                 name=f"{cfg.run.name}:{self.run_id}:rank{ranks[b]['rank']}" + (f":a{attempt}" if attempt else ""),
                 num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(h.placement.pg, placement_group_bundle_index=b),
@@ -157,6 +171,7 @@ class WorkerGroup:
         ]
         self.nodes = [ranks[b]["node_id"] for b in by_rank]
         infos = self._gather([w.node_info.remote() for w in h.workers], "start")
+        self.ips = [i["ip"] for i in infos]
         master_addr = infos[0]["ip"]
         master_port = self._gather([h.workers[0].execute.remote(rendezvous.free_port)], "start")[0]
         self._check_storage(infos)
@@ -170,11 +185,33 @@ class WorkerGroup:
             for w, b, info in zip(h.workers, by_rank, infos, strict=True)
         ]
         backends = self._gather(joins, "rendezvous")
+        if s.gpus_per_worker > 0:
+            self._listen_for_xids(infos)
         if h.health is not None:
             ray.get(h.health.reset.remote())
         return {"workers": [{"rank": r, **info} for r, info in enumerate(infos)], "world": world,
                 "nodes": len({i["node_id"] for i in infos}), "backend": backends[0],
                 "master": f"{master_addr}:{master_port}", "seconds": time.time() - t0}
+
+    def _listen_for_xids(self, infos: list[dict]) -> None:
+        """An NVML Xid listener on each node of the group, in its first rank's process (so for as
+        long as the group runs), reporting `gpu_xid` events (orchestrator/hang/xid.py)."""
+        by_node: dict[str, tuple[object, dict[int, int]]] = {}
+        for r, (w, info) in enumerate(zip(self.h.workers, infos, strict=True)):
+            _, gpus = by_node.setdefault(info["node_id"], (w, {}))
+            for g in info.get("gpu_ids", []):  # Ray's GPU ids are the node's device indices, as NVML numbers them
+                if str(g).isdigit():
+                    gpus[int(g)] = r
+        refs = [w.execute.options(concurrency_group=CONTROL).remote(xid.listen, self.h.metrics, node, gpus)
+                for node, (w, gpus) in by_node.items()]
+        try:
+            answers = ray.get(refs, timeout=60)
+        except Exception as e:  # never a reason not to train
+            self.out(f"Xid listeners did not start ({type(e).__name__}); training goes on without them")
+            return
+        for node, why in zip(by_node, answers, strict=True):
+            if why:
+                self.out(f"Xid listener off on node {cluster.node_label(node)}: {why}")
 
     def _check_storage(self, infos: list[dict]) -> None:
         """Every node of the group must see the checkpoint location and the dataset (one worker per node asks)."""
@@ -188,23 +225,57 @@ class WorkerGroup:
                          list(by_node), checkpoint_uri=uri, checkpoint_options=cfg.checkpoint.storage_options,
                          data_uri=data, data_options=cfg.data.storage_options)
 
-    def train(self, step0: int | None, source_uri: str | None, skipped: tuple[int, ...]) -> None:
+    def train(self, step0: int | None, source_uri: str | None, skipped: tuple[int, ...], snapshot=None) -> None:
+        """snapshot: a checkpointing.memory.Choice to restore from instead of the checkpoint of step0."""
         h = self.h
         run = {"builtin": rank.run, "function": entrypoints.run_function,
                "script": script.run_script}[self.cfg.entrypoint.kind]
         config = self.cfg.to_dict()
+        snaps = self._snapshot_args(snapshot.step if snapshot else step0, snapshot)
         self.refs = [w.execute.remote(rank.with_config, run, config, metrics=h.metrics, checkpoints=h.checkpoints,
                                       health_monitor=h.health, restore_step=step0, restore_uri=source_uri,
-                                      skipped=list(skipped))
-                     for w in h.workers]
+                                      skipped=list(skipped), **snaps[r])
+                     for r, w in enumerate(h.workers)]
         self.pending = list(self.refs)
+
+    def _snapshot_args(self, resume_at: int | None, snapshot) -> list[dict]:
+        """Per rank: where its snapshots go (a keeper on the next node; on one node, its own) and
+        the snapshot to restore. Keepers drop what is newer than where this group resumes."""
+        world = len(self.h.workers)
+        if not self.cfg.checkpoint.memory_every_steps:
+            return [{} for _ in range(world)]
+        k = self.h.keepers = self.h.keepers or Keepers(f"{self.cfg.run.name}:{self.run_id}")
+        k.ensure(self.nodes)
+        k.begin(self.attempt, resume_at)
+        k.ensure(self.nodes)  # again: begin() forgets keepers that did not answer
+        peer = Keepers.peers(self.nodes)
+        if len(set(self.nodes)) == 1 and not k.said_alone:
+            k.said_alone = True
+            self.alert("snapshot_local_only", "warning", "in-memory snapshots: the group is on one node, so they are "
+                       "kept on it only and do not survive its loss (durable checkpoints do)")
+        args = [{"snapshot_to": {"keeper": k.by_node[peer[n]], "node": peer[n], "attempt": self.attempt,
+                                 "run_id": self.run_id}} for n in self.nodes]
+        if snapshot is not None:
+            source = {"step": snapshot.step, "nodes": [snapshot.holders[r] for r in range(world)],
+                      "keepers": [k.by_node.get(snapshot.holders[r]) for r in range(world)]}  # None: gone since
+            for a in args:
+                a["snapshot_from"] = source
+        return args
+
+    def snapshot_inventory(self) -> dict[str, list[dict]]:
+        """node -> the snapshots its keeper holds, for every keeper still alive."""
+        return self.h.keepers.inventory() if self.h.keepers is not None else {}
 
     def wait(self, timeout_s: float) -> list[dict] | None:
         """The ranks' summaries once every rank has finished, else None after at most timeout_s.
         A failed rank raises GroupError at once (ray.wait returns as soon as one finishes)."""
         done, self.pending = ray.wait(self.pending, num_returns=1, timeout=timeout_s)
         for ref in done:
-            self._gather([ref], "training", ranks=[self.refs.index(ref)])
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+                failure = self._failure(e, self.refs.index(ref), "training")
+                raise GroupError(self._lost_peer(failure) if failure.data.get("peer_lost") else failure) from None
         return None if self.pending else self._gather(self.refs, "training")
 
     def poll(self) -> dict | None:
@@ -237,6 +308,12 @@ class WorkerGroup:
     def check_suspects(self, report: dict) -> dict | None:
         return check_suspects(report, self.nodes, self.cfg.hang.node_check_timeout_s, self.out)
 
+    def request_stop(self) -> None:
+        """`orchestrator stop`: each rank is told in its worker's control lane (the training call
+        keeps running); the ranks agree on a step, save it and end (orchestrator/stopping.py)."""
+        for w in self.h.workers:
+            w.execute.options(concurrency_group=CONTROL).remote(stopping.request)
+
     def stop(self) -> None:
         """Kill the worker group and give back its resources; the run's actors stay."""
         for w in self.h.workers:
@@ -256,6 +333,13 @@ class WorkerGroup:
     def teardown(self) -> None:
         if not ray.is_initialized():
             return
+        if self.h.keepers is not None:
+            self.h.keepers.kill()
+        if self.h.metrics is not None:  # writes it queued for a tracking server go out before it is killed
+            try:
+                ray.get(self.h.metrics.close.remote(), timeout=60)
+            except Exception:
+                pass
         for actor in self.h.workers + [a for a in (self.h.metrics, self.h.checkpoints, self.h.health) if a is not None]:
             try:
                 ray.kill(actor)
@@ -274,45 +358,92 @@ class WorkerGroup:
         ranks = ranks if ranks is not None else list(range(len(refs)))
         try:
             return ray.get(refs)
-        except ray.exceptions.RayTaskError as e:
-            r = _failed_rank(refs, ranks)
-            cause = e.cause if getattr(e, "cause", None) is not None else e
-            lines = str(cause).strip().splitlines()
-            kind, data = FailureKind.EXCEPTION, {}
-            named = nccl.classify(str(cause))
-            if isinstance(cause, UserError):
-                kind = FailureKind.USER_ERROR
-            elif isinstance(cause, NonFiniteLoss):
-                kind = FailureKind.NON_FINITE
-                data = {"batch": cause.step, "value": cause.value}
-            elif isinstance(cause, SilentCorruption):
-                kind = FailureKind.SDC
-                nodes = sorted({n for n in (self.node(s) for s in cause.suspects) if n})
-                every = self.cfg.health.sdc_check_every
-                data = {"step": cause.step, "suspects": cause.suspects, "suspect_nodes": nodes,
-                        "checksums": [str(c) for c in cause.checksums], "last_good": max(0, cause.step - every)}
-                r = cause.suspects[0]
-                raise GroupError(Failure(kind, f"silent data corruption: replicas disagree after step {cause.step}; "
-                                         f"rank(s) {', '.join(map(str, cause.suspects))} on node(s) "
-                                         f"{cluster.node_labels(nodes)} differ from the others", rank=r,
-                                         node_id=self.node(r), data=data)) from None
-            elif named is not None:
-                kind = FailureKind.GPU if named[0] in ("gpu_hardware", "cuda_error") else FailureKind.NCCL
-                data = {"nccl": named[0], "meaning": named[1]}
-            text = getattr(cause, "user_traceback", None) or re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-            tb = f"--- rank {r} traceback ---\n" + text
-            msg = f"rank {r} failed during {phase}: {type(cause).__name__}: {lines[-1] if lines else ''}"
-            if named is not None:
-                msg += f" ({named[0]}: {named[1]}; node {cluster.node_label(self.node(r))})"
-            raise GroupError(Failure(kind, msg, rank=r, node_id=self.node(r), traceback=tb, data=data)) from None
-        except ray.exceptions.RayActorError as e:
-            r = _failed_rank(refs, ranks)
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+            raise GroupError(self._failure(e, _failed_rank(refs, ranks), phase)) from None
+
+    def _failure(self, e: Exception, r: int | None, phase: str) -> Failure:
+        """What rank r's failed call says: its kind, a one-line message naming the rank and node."""
+        if isinstance(e, ray.exceptions.RayActorError):
             node = self.node(r)
             alive = node is None or node in cluster.node_ips()
             kind = FailureKind.DIED if alive else FailureKind.NODE_LOST
-            what = "died (process killed or out of memory)" if alive else f"was lost with its node {node}"
+            what = (f"on node {cluster.node_label(node)} died (process killed or out of memory)" if alive
+                    else f"was lost with its node {node}")
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise GroupError(Failure(kind, f"rank {r} {what} during {phase}: {first}", rank=r, node_id=node)) from None
+            return Failure(kind, f"rank {r} {what} during {phase}: {first}", rank=r, node_id=node)
+        cause = e.cause if getattr(e, "cause", None) is not None else e
+        lines = str(cause).strip().splitlines()
+        kind, data = FailureKind.EXCEPTION, {}
+        named = nccl.classify(str(cause))
+        if isinstance(cause, UserError):
+            kind = FailureKind.USER_ERROR
+        elif isinstance(cause, NonFiniteLoss):
+            kind = FailureKind.NON_FINITE
+            data = {"batch": cause.step, "value": cause.value}
+        elif isinstance(cause, SilentCorruption):
+            nodes = sorted({n for n in (self.node(s) for s in cause.suspects) if n})
+            every = self.cfg.health.sdc_check_every
+            data = {"step": cause.step, "suspects": cause.suspects, "suspect_nodes": nodes,
+                    "checksums": [str(c) for c in cause.checksums], "last_good": max(0, cause.step - every)}
+            r = cause.suspects[0]
+            return Failure(FailureKind.SDC, f"silent data corruption: replicas disagree after step {cause.step}; "
+                           f"rank(s) {', '.join(map(str, cause.suspects))} on node(s) "
+                           f"{cluster.node_labels(nodes)} differ from the others", rank=r,
+                           node_id=self.node(r), data=data)
+        elif named is not None:
+            kind = FailureKind.GPU if named[0] in ("gpu_hardware", "cuda_error") else FailureKind.NCCL
+            data = {"nccl": named[0], "meaning": named[1]}
+        if kind in (FailureKind.EXCEPTION, FailureKind.NCCL) and peer_loss.is_peer_lost(str(cause)):
+            data = {**data, "peer_lost": True}  # maybe a survivor's report: wait() looks for the rank it lost
+        text = getattr(cause, "user_traceback", None) or re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        tb = f"--- rank {r} traceback ---\n" + text
+        msg = f"rank {r} failed during {phase}: {type(cause).__name__}: {lines[-1] if lines else ''}"
+        if named is not None:
+            msg += f" ({named[0]}: {named[1]}; node {cluster.node_label(self.node(r))})"
+        return Failure(kind, msg, rank=r, node_id=self.node(r), traceback=tb, data=data)
+
+    def _lost_peer(self, first: Failure) -> Failure:
+        """`first`: a rank's collective failed because a peer went away. Blame the peer, not the
+        rank that happened to report first: wait (bounded) for Ray's account of the other ranks
+        (a dead actor, a real exception, a node declared dead), and failing that, the rank on
+        the address the errors name (peer_loss.py)."""
+        reports = {first.rank: first.traceback or first.message}
+        finished: set[int] = set()
+        deadline = time.monotonic() + PEER_LOSS_WAIT_S
+        while True:
+            dead = {n for n in set(self.nodes) if n} - set(cluster.node_ips())
+            on_dead = peer_loss.ranks_on(self.nodes, dead)
+            if on_dead:
+                r = on_dead[0]
+                return Failure(FailureKind.NODE_LOST, f"rank {r} was lost with its node {self.node(r)} during "
+                               f"training{_seen_by(reports)}", rank=r, node_id=self.node(r),
+                               data={"peers_reported": sorted(reports)})
+            if not self.pending or time.monotonic() >= deadline:
+                break
+            done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=1.0)
+            for ref in done:
+                r = self.refs.index(ref)
+                try:
+                    ray.get(ref)
+                    finished.add(r)
+                    continue
+                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+                    f = self._failure(e, r, "training")
+                if "peer_lost" not in f.data:  # Ray's own verdict (a dead actor), or a real error
+                    return Failure(f.kind, f.message + _seen_by(reports), rank=f.rank, node_id=f.node_id,
+                                   step=f.step, traceback=f.traceback, data={**f.data, "peers_reported": sorted(reports)})
+                reports[r] = f.traceback or f.message
+        r = peer_loss.suspect(reports, self.ips, finished)
+        if r is None:
+            return first
+        return Failure(FailureKind.DIED, f"rank {r} stopped answering during training: rank(s) "
+                       f"{', '.join(map(str, sorted(reports)))} lost their connection to it at {self.ips[r]} "
+                       f"(Ray had not reported it within {PEER_LOSS_WAIT_S:.0f}s)", rank=r, node_id=self.node(r),
+                       traceback=first.traceback, data={"peers_reported": sorted(reports)})
+
+
+def _seen_by(reports: dict[int, str]) -> str:
+    return f" (rank(s) {', '.join(map(str, sorted(reports)))} lost their connection to it first)" if reports else ""
 
 
 def _failed_rank(refs: list, ranks: list[int]) -> int | None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pg_server import pg_server, pg_uri, store_uri  # noqa: F401 (a session PostgreSQL; a store per backend)
+
 # Before anything imports ray: keep Ray's node address on loopback (see orchestrator/cluster.py).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -22,6 +24,21 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parent.parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """@pytest.mark.gpu(count=N): run where CUDA has N GPUs, skip with the reason elsewhere."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in gpu_items:
+        need = item.get_closest_marker("gpu").kwargs.get("count", 1)
+        if have < need:
+            why = "no CUDA here" if not have else f"{have} GPU(s) here"
+            item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA GPU(s), {why} (make test-gpu on a GPU host)"))
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +115,17 @@ def run_cli(*args: str, home: Path, timeout: float = CLI_TIMEOUT_S, check: bool 
 
 def cli_json(*args: str, home: Path):
     return json.loads(run_cli(*args, "--json", home=home, check=True).stdout)
+
+
+def nvml_gpus() -> int:
+    """GPUs the real NVML sees: 0 without a driver."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()

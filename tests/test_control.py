@@ -92,7 +92,7 @@ def test_a_failed_group_restarts_from_the_latest_checkpoint(where):
     assert actions[1] == EndAttempt(0, "failed", died())
     assert actions[2].text.startswith("RESTART 1/3: rank 1 died")
     assert state.until == 10.0  # the first restart does not wait
-    assert state.run == Run(attempt=1, restore="latest", restarts=1, failed_at=10.0)
+    assert state.run == Run(attempt=1, restore="latest", restarts=1, failed_at=10.0, streak=1)
     state, actions = m.step(state, Tick(), now=10.0)
     assert isinstance(state, Reserving) and actions == [Reserve(1, "latest", ())]
     state, actions = m.step(state, Reserved(2), now=11.0)
@@ -101,9 +101,9 @@ def test_a_failed_group_restarts_from_the_latest_checkpoint(where):
 
 def test_later_restarts_back_off_and_wait_for_the_clock():
     m = machine()
-    state = training(m, Run(attempt=3, restarts=2, restore="latest"))
+    state = training(m, Run(attempt=3, restarts=2, restore="latest", streak=2))  # two failed without recovering
     state, _ = m.step(state, GroupFailed(died()), now=100.0)
-    assert isinstance(state, Restarting) and state.run.restarts == 3
+    assert isinstance(state, Restarting) and state.run.restarts == 3 and state.run.streak == 3
     assert 100.0 + 1.0 <= state.until <= 100.0 + 2.0  # backoff 2 s x jitter 0.5-1.0
     same, actions = m.step(state, Tick(), now=100.5)
     assert same is state and actions == []
@@ -237,3 +237,23 @@ def test_corruption_retires_later_checkpoints_and_restarts_before_it_without_the
     state, _ = m.step(state, Tick(), now=0.0)
     _, actions = m.step(state, Reserved(3), now=0.0)
     assert actions[0].restore == "latest" and actions[0].restore_at_most == 20
+
+
+def test_a_recovery_resets_the_backoff_but_not_the_budget():
+    """Failures a minute apart, each recovered, are not a crash loop: none of them waits."""
+    m = machine(max_restarts=5)
+    state = training(m)
+    for n in range(1, 4):
+        state, _ = m.step(state, GroupFailed(died()), now=100.0 * n)
+        assert isinstance(state, Restarting) and state.until == 100.0 * n  # no wait
+        assert state.run.restarts == n and state.run.streak == 1
+        state, _ = m.step(state, Tick(), now=100.0 * n)
+        state, _ = m.step(state, Reserved(2), now=100.0 * n)
+        state, _ = m.step(state, Started(None), now=100.0 * n)
+        state, actions = m.step(state, Recovered(step=10 * n), now=100.0 * n + 5)
+        assert kinds(actions) == ["RecordRecovery", "Say"] and state.run.streak == 0
+    state, _ = m.step(state, GroupFailed(died()), now=500.0)
+    state, _ = m.step(state, Tick(), now=500.0)
+    state, _ = m.step(state, Reserved(2), now=500.0)
+    state, _ = m.step(state, GroupFailed(died()), now=501.0)  # failed again before recovering
+    assert state.run.streak == 2 and 501.0 + 0.5 <= state.until <= 501.0 + 1.0

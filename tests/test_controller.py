@@ -79,6 +79,9 @@ class FakeGroup:
             raise GroupError(what)
         if what == "done":
             return [{"steps": self.step + 1, "train_time_s": 1.0, "first_loss": 5.0, "last_loss": 1.0}] * self.world
+        if what == "stopped":  # the ranks agreed on a step, saved it and ended (`orchestrator stop`)
+            self.committed.append(self.step + 1)
+            return [{"steps": self.step + 1, "train_time_s": 1.0, "stopped": True, "stopped_at": self.step + 1}] * self.world
         if what == "step":
             self.step += 1
         if what == "ckpt":
@@ -120,6 +123,10 @@ class FakeGroup:
 
     def stop(self):
         self.stops += 1
+
+    def request_stop(self):
+        self.stop_requests = getattr(self, "stop_requests", 0) + 1
+        self.script = ["step", "stopped"]  # one more step to the agreed boundary, then the final checkpoint
 
 
 def setup(tmp_path, scripts, *, first_attempt=0, restore=None, **kw):
@@ -263,3 +270,15 @@ def test_a_stop_request_ends_the_attempt_as_stopped(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         c.run()
     assert [a["status"] for a in store.attempts("r1")] == ["stopped"] and group.stops == 1
+    assert group.stop_requests == 1  # the ranks were asked once, and ended at a step with its checkpoint
+    assert group.committed and group.committed[-1] == group.step + 1
+
+
+def test_ranks_that_do_not_stop_in_time_are_stopped_without_a_final_checkpoint(tmp_path):
+    c, group, store, out = setup(tmp_path, [["step"] * 500], cfg={"fault_tolerance": {"stop_timeout_s": 10}})
+    group.request_stop = lambda: None  # the ranks never reach a step boundary
+    c.stop_requested = lambda: True
+    with pytest.raises(KeyboardInterrupt):
+        c.run()
+    assert [a["status"] for a in store.attempts("r1")] == ["stopped"] and group.stops == 1
+    assert any("did not end within 10s" in line for line in out), out

@@ -54,3 +54,77 @@ def test_torch_may_not_abort_a_hang_before_the_watchdog_diagnoses_it():
         config_from_dict({**base, "distributed": {"timeout_s": 300}})  # noqa: B018
     config_from_dict({**base, "distributed": {"timeout_s": 300}, "hang": {"enabled": False}})  # no watchdog: no rule
     config_from_dict({**base, "distributed": {"timeout_s": 130}, "hang": {"timeout_s": 30, "first_step_timeout_s": 60}})
+
+
+# --- the GPU halves (@pytest.mark.gpu: skipped with the reason without CUDA; `make test-gpu`) -------
+
+
+def _nccl_rank(rank: int, world: int, port: int, out_dir: str, what: str) -> None:
+    """One rank of a real NCCL group (torch.multiprocessing.spawn calls it); its answer as JSON."""
+    import json
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCH_NCCL_TRACE_BUFFER_SIZE="100")
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    try:
+        answer = {}
+        if what == "flight_recorder":
+            from orchestrator.hang.health import flight_recorder_dump
+
+            t = torch.ones(4, device="cuda")
+            for _ in range(3):
+                dist.all_reduce(t)
+            torch.cuda.synchronize()
+            dump = json.loads(flight_recorder_dump() or "{}")
+            answer = {"names": [e.get("profiling_name") for e in dump.get("entries", [])]}
+        elif what == "sdc":
+            from common.errors import SilentCorruption
+            from orchestrator import sdc
+
+            torch.manual_seed(0)
+            model = torch.nn.Linear(8, 8).cuda()
+            sdc.check(model, None, step=1, device=torch.device("cuda", rank))  # identical replicas: silent
+            if rank == 1:
+                with torch.no_grad():
+                    model.weight[0, 0] += 1e-3  # one weight on one rank, outside autograd
+            try:
+                sdc.check(model, None, step=2, device=torch.device("cuda", rank))
+                answer = {"raised": False}
+            except SilentCorruption as e:
+                answer = {"raised": True, "step": e.step, "suspects": e.suspects}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(answer, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _on_two_gpus(tmp_path, what: str) -> list[dict]:
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_nccl_rank, args=(2, port, str(tmp_path), what), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.gpu(count=2)
+def test_on_nccl_the_flight_recorder_read_is_nccls_own(tmp_path):
+    """flight_recorder_dump reads NCCL's recorder when the backend is NCCL: the all-reduces are in it."""
+    for answer in _on_two_gpus(tmp_path, "flight_recorder"):
+        names = answer["names"]
+        assert names and sum("all_reduce" in (n or "") for n in names) >= 3, names
+
+
+@pytest.mark.gpu(count=2)
+def test_on_cuda_replicas_the_replica_check_catches_one_changed_weight(tmp_path):
+    answers = _on_two_gpus(tmp_path, "sdc")
+    assert answers and all(a["raised"] and a["step"] == 2 for a in answers), answers
+    assert all(a["suspects"] == [0, 1] for a in answers)  # two ranks: no majority, both are suspects

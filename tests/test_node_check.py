@@ -1,5 +1,5 @@
-"""Node checks after a stall: NVML parsing through a fake pynvml (no GPU here), host thresholds through
-faked psutil readings, a real matmul, a real gloo probe, and check_nodes on the session's Ray cluster."""
+"""Node checks after a stall: NVML parsing through a fake pynvml (and the real one on a GPU host),
+host thresholds through faked psutil readings, a real matmul, a real gloo probe, and check_nodes on the session's Ray cluster."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import psutil
 import pynvml as real_nvml
 import pytest
+import torch
 
 from actors import node_check
 from actors.node_check import (
@@ -23,13 +24,17 @@ from actors.node_check import (
     gpu_report,
     host_problems,
 )
+from tests.conftest import nvml_gpus
 
 
-def test_gpu_report_without_gpu_says_why():
+def test_gpu_report_says_why_when_there_is_none():
     gpu = gpu_report()
-    assert gpu["available"] is False and gpu["reason"]
-    assert "\n" not in gpu["reason"]
-    assert gpu_problems(gpu) == []
+    if nvml_gpus():  # a GPU host: the real report
+        assert gpu["available"] is True and len(gpu["gpus"]) == nvml_gpus()
+    else:
+        assert gpu["available"] is False and gpu["reason"]
+        assert "\n" not in gpu["reason"]
+        assert gpu_problems(gpu) == []
 
 
 class NotSupported(Exception):
@@ -145,9 +150,10 @@ def test_host_thresholds(monkeypatch, tmp_path):
     assert any("load 9.5 on 2 CPUs" in p for p in problems)
 
 
-def test_compute_benchmark_on_cpu():
+def test_compute_benchmark_on_this_device():
     result = compute_benchmark(0.1)
-    assert result["device"] == "cpu" and result["gflops"] > 0 and result["iters"] >= 1
+    assert result["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert result["gflops"] > 0 and result["iters"] >= 1
 
 
 def test_slow_compute_compared_with_the_healthy_node():
@@ -202,7 +208,7 @@ def test_check_nodes_on_this_node(ray_address):
     json.dumps(report)
     node = report["nodes"][me]
     assert node["role"] == "suspect" and node["hostname"] and node["ip"]
-    assert node["gpu"]["available"] is False and node["compute"]["gflops"] > 0
+    assert node["gpu"]["available"] is bool(nvml_gpus()) and node["compute"]["gflops"] > 0
     assert "memory_total_mb" in node["host"]
     [probe] = report["probes"]
     assert probe["a"] == probe["b"] == me and probe["same_node"] is True and probe["backend"] == "gloo"

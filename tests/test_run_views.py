@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.store import Store
+from orchestrator.store import open_store
 
 
 def cfg(lr: float, workers: int = 2) -> dict:
@@ -16,8 +16,9 @@ def cfg(lr: float, workers: int = 2) -> dict:
 
 
 @pytest.fixture
-def store(home):
-    s = Store()
+def store(home, store_uri, monkeypatch):
+    monkeypatch.setenv("ORCHESTRATOR_STORE", store_uri)  # the commands below read it, as --store would set it
+    s = open_store()
     for i, (lr, status) in enumerate([(0.001, "completed"), (0.003, "failed"), (0.001, "completed")]):
         rid = f"r{i}"
         s.create_run(run_id=rid, name=f"exp{i}", config=cfg(lr), git_commit="abc", host="h", command="c",

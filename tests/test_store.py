@@ -10,12 +10,13 @@ import pytest
 
 from common.errors import UserError
 from orchestrator import series
-from orchestrator.store import Store
+from orchestrator.store import Store, open_store
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path)
+def store(store_uri):
+    """A SQLite store, then a PostgreSQL one: every test here runs on both."""
+    s = open_store(store_uri)
     yield s
     s.close()
 
@@ -111,8 +112,8 @@ def test_summaries_match_raw_bucketing_when_aligned():
     assert np.allclose(a["sum"], b["sum"])
 
 
-def test_reader_sees_rows_while_another_connection_writes(tmp_path):
-    writer = Store(tmp_path)
+def test_reader_sees_rows_while_another_connection_writes(store_uri):
+    writer = open_store(store_uri)
     make_run(writer)
     stop = threading.Event()
 
@@ -123,7 +124,7 @@ def test_reader_sees_rows_while_another_connection_writes(tmp_path):
 
     t = threading.Thread(target=write)
     t.start()
-    reader = Store(tmp_path)
+    reader = open_store(store_uri)
     seen = []
     for _ in range(10_000):  # bounded
         seen.append(len(reader.series("r1", "k", rank=0)) if reader.metric_keys("r1") else 0)

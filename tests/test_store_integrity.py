@@ -17,7 +17,7 @@ import pytest
 
 from actors.metrics_actor import MetricsActor
 from orchestrator.anomaly import AnomalyDetector
-from orchestrator.store import Store, StoreFull
+from orchestrator.store import Store, StoreFull, open_store
 from tests.conftest import ORCH, REPO, tiny_config
 
 POINTS = 400  # per batch: a few pages of SQLite, so the limit below is reached in a few batches
@@ -108,8 +108,8 @@ class Injected(RuntimeError):
     pass
 
 
-def test_points_and_their_alert_are_stored_together_or_not_at_all(tmp_path, monkeypatch):
-    actor = MetricsActor("r", str(tmp_path), open_store=Store, detector=AnomalyDetector())
+def test_points_and_their_alert_are_stored_together_or_not_at_all(store_uri, monkeypatch):
+    actor = MetricsActor("r", store_uri, open_store=open_store, detector=AnomalyDetector())
     nan_loss = {"train/loss": (np.array([7]), np.array([math.nan]))}  # raises a non_finite_loss alert
     real_add_event = actor.store.add_event
 

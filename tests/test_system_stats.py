@@ -1,4 +1,4 @@
-"""System telemetry: real psutil figures; GPU figures through a fake NVML (no GPU here)."""
+"""System telemetry: real psutil figures; GPU figures through a fake NVML (and the real one where a GPU is)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,23 @@ import time
 from types import SimpleNamespace
 
 from actors.system_stats import GpuStats, SystemSampler, SystemStats
+from tests.conftest import nvml_gpus
 
 
-def test_host_and_process_figures_without_gpu():
+def test_host_and_process_figures_with_or_without_gpu():
     stats = SystemStats().read()
     assert stats["sys/process_rss_bytes"] > 10e6
     assert 0 <= stats["sys/host_mem_used_percent"] <= 100
     assert "sys/cpu_percent" in stats and "sys/net_sent_bytes" in stats
-    assert not [k for k in stats if k.startswith("sys/gpu")]  # this machine has none: no keys, no error
+    burn = time.process_time() + 0.05
+    while time.process_time() < burn:  # some CPU between two readings
+        pass
+    assert SystemStats().read()["sys/process_cpu_s"] >= stats["sys/process_cpu_s"] + 0.05  # cumulative seconds
+    gpu_keys = [k for k in stats if k.startswith("sys/gpu")]
+    if nvml_gpus():
+        assert "sys/gpu0/util" in gpu_keys
+    else:
+        assert gpu_keys == []  # no driver: no keys, and no error
 
 
 class FakeNvml:

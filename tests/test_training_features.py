@@ -215,3 +215,22 @@ def test_compile_smoke(tmp_path, home, tiny_data, ray_address):
     (run,) = cli_json("runs", home=home)
     losses = [v for _, v in _series(run["id"], "train/loss", home)]
     assert len(losses) == 6 and all(v == v and v < 10 for v in losses) and losses[-1] < losses[0]
+
+
+def test_a_rank_started_niced_as_ray_does_runs_at_its_parents_priority():
+    """Ray starts workers at nice 15; a rank goes back to its parent's niceness, every thread of it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, threading, time\n"
+            "t = threading.Thread(target=time.sleep, args=(5,), daemon=True); t.start()\n"  # a thread started before
+            "from orchestrator.training import normal_priority\n"
+            "normal_priority()\n"
+            "print(sorted({os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir('/proc/self/task')}))\n")
+    out = subprocess.run([sys.executable, "-c", code], preexec_fn=lambda: os.nice(15), capture_output=True, text=True,
+                         timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    expected = [mine] if os.geteuid() == 0 else [min(19, mine + 15)]  # lowering niceness needs privileges
+    assert json.loads(out.stdout) == expected

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import torch
@@ -23,8 +25,10 @@ class Points(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
-def regression(ctx, *, batch_size: int = 8, lr: float = 0.01, pause_s: float = 0.0, fail_at: int | None = None):
-    """An MLP with dropout trained with AdamW: resumes through ctx.save / ctx.restore."""
+def regression(ctx, *, batch_size: int = 8, lr: float = 0.01, pause_s: float = 0.0, fail_at: int | None = None,
+               sigkill_at: int | None = None):
+    """An MLP with dropout trained with AdamW: resumes through ctx.save / ctx.restore. `sigkill_at`:
+    rank 1 SIGKILLs itself at that step of the first attempt (a lost process, not a user error)."""
     model = ctx.prepare(nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 1)))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     loader = ctx.data_loader(Points(), batch_size)
@@ -40,6 +44,8 @@ def regression(ctx, *, batch_size: int = 8, lr: float = 0.01, pause_s: float = 0
                 break
             if fail_at is not None and step == fail_at:
                 raise ValueError(f"bad batch at step {step}")
+            if step == sigkill_at and ctx.rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+                os.kill(os.getpid(), signal.SIGKILL)
             noise = torch.randn(()).item() * 1e-3  # a random number per step: RNG state must resume too
             loss = nn.functional.mse_loss(model(x.to(ctx.device)), y.to(ctx.device)) + noise
             opt.zero_grad()

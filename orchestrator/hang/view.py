@@ -7,7 +7,7 @@ import json
 
 from common.labels import node_label
 from orchestrator.run_views import out, when
-from orchestrator.store import Store
+from orchestrator.store import Store, open_store
 
 
 def diagnoses(store: Store, run_id: str) -> list[dict]:
@@ -64,7 +64,7 @@ def node_check_lines(checks: dict) -> list[str]:
 
 
 def cmd_diagnose(args, argv) -> int:
-    store = Store()
+    store = open_store()
     run = store.run(args.run)
     rows = diagnoses(store, run["id"])
     if args.json:

@@ -37,13 +37,14 @@ class NotFound(Exception):
 class Api:
     def __init__(self, store):
         self.path = store.path  # the server's Store; requests open their own read-only views of it
+        self.uri = getattr(store, "uri", store.path)  # what to open them with (a PostgreSQL URI keeps its password)
         self.reader = RangeReader()
         self._stats: dict[tuple[str, str], tuple[tuple, dict]] = {}
         # fill the runs-table cache (~1 ms a run) before the first page asks for it
         threading.Thread(target=self._warm_up, name="ui-warm-up", daemon=True).start()
 
     def open(self) -> ReadStore:
-        return ReadStore(self.path)
+        return ReadStore(self.uri)
 
     def _warm_up(self) -> None:
         try:

@@ -1,0 +1,169 @@
+"""In-memory snapshots: every `checkpoint.memory_every_steps` steps each rank copies its whole
+resumable state (weights, optimizer, sampler position, RNG streams, step) to host memory and
+sends it to a keeper on another node (actors/snapshot_keeper.py), which outlives the rank. After
+a failure the group restores from the newest step every rank has a surviving snapshot of, if it
+is newer than the newest durable checkpoint (orchestrator/snapshots.py's `choose`).
+
+The training thread only pays for the copy to host memory; a background thread encodes the copy
+(torch.save, read back with weights_only, like a checkpoint file), flushes the rank's metrics
+(so nothing before the snapshot's step is lost with the rank) and sends it. At most one snapshot
+is in flight per rank: the next take() waits for the previous one.
+
+Sizes are checked before anything is copied: a snapshot whose holdings would not fit
+`memory_limit_mb` is skipped with a `snapshot_skipped` event, and the keeper refuses one its
+node has no room for. Either way training goes on, with durable checkpoints only.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from checkpointing import format
+from checkpointing.loader import LoadedCheckpoint
+
+# What one rank's snapshots take at most: its own copy while it is sent, and the two newest the
+# keeper holds (so one still arriving never leaves a rank without a complete one).
+HOLDINGS = 3
+LogFn = Callable[[int, dict[str, float]], None]
+ReportFn = Callable[[str, str, str, int, dict], None]  # (kind, severity, message, step, data)
+
+
+def mb(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MB"
+
+
+def state_bytes(*objs: Any) -> int:
+    """Bytes of every tensor in nested dicts/lists: what a host copy of them takes."""
+    total, stack = 0, list(objs)
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            total += o.numel() * o.element_size()
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+    return total
+
+
+def capture(*, step: int, rank: int, world_size: int, run_id: str, model_state: dict, optim_state: dict | None,
+            sampler_state: dict) -> dict[str, Any]:
+    """A host copy of this rank's whole resumable state (the same as a checkpoint holds): the
+    model's and optimizer's state dicts (a function's ctx.save state as the model's), RNG, sampler."""
+    return {"step": step, "rank": rank, "world_size": world_size, "run_id": run_id,
+            "model": format.to_host(model_state), "optim": format.to_host(optim_state),
+            "rng": format.rng_state(), "sampler": format.plain(dict(sampler_state))}
+
+
+def as_loaded(data: bytes, *, where: str) -> LoadedCheckpoint:
+    """A snapshot's bytes as what restore_state takes (never unpickles arbitrary objects)."""
+    snap = format.decode(data)
+    return LoadedCheckpoint(step=int(snap["step"]), uri=where, manifest={},
+                            meta={"step": snap["step"], "run_id": snap["run_id"], "world_size": snap["world_size"],
+                                  "config": {}},
+                            model=snap["model"], optimizer=snap["optim"],
+                            rank_state={"rng": snap["rng"], "sampler": snap["sampler"]})
+
+
+class Snapshotter:
+    """What the training loop calls: due(), take() and close().
+
+    `keeper` answers call("reserve", rank, step, nbytes, attempt) and call("put", rank, step,
+    world_size, attempt, data) with None (taken) or why not (checkpointing.client's clients);
+    `report(kind, severity, message, step, data)` records an event; `flush()` delivers the
+    rank's buffered metrics."""
+
+    def __init__(self, *, every_steps: int, limit_bytes: int, rank: int, world_size: int, run_id: str, attempt: int,
+                 keeper, report: ReportFn, flush: Callable[[], Any] = lambda: None, where: str = "",
+                 clock: Callable[[], float] = time.perf_counter, warn: Callable[[str], None] | None = None):
+        self.every, self.limit = every_steps, limit_bytes
+        self.rank, self.world_size, self.run_id, self.attempt = rank, world_size, run_id, attempt
+        self.keeper, self.report, self.flush, self.where, self.clock = keeper, report, flush, where, clock
+        self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.thread: threading.Thread | None = None
+        self.skipping: str | None = None  # the reason last reported, so a skip is said once, not every K steps
+        self.disabled: str | None = None
+        self.checked = False  # whether the state was looked at for DTensors (the first take)
+        self.sent: list[int] = []  # steps the keeper took
+        self.blocked: list[float] = []
+
+    def due(self, steps_done: int) -> bool:
+        return self.every > 0 and steps_done % self.every == 0 and self.disabled is None
+
+    def take(self, step: int, *, model, optimizer, sampler_state: dict, log: LogFn | None = None) -> None:
+        """Snapshot after `step` optimizer steps: blocks for the previous send (if still running)
+        and the copy to host memory; returns while it is encoded and sent."""
+        t0 = self.clock()
+        self.wait()
+        if not self.checked and format.sharded_state(model, optimizer) is not None:
+            self.disabled = "a sharded (FSDP) state is not snapshotted yet"
+            self.report("snapshot_skipped", "warning", f"rank {self.rank}: no in-memory snapshots: {self.disabled}; "
+                        f"durable checkpoints only", step, {"reason": "sharded"})
+            return
+        self.checked = True
+        model_state = model.state_dict()
+        optim_state = optimizer.state_dict() if optimizer is not None else None
+        need = HOLDINGS * state_bytes(model_state, optim_state)
+        if need > self.limit:
+            return self._skip(step, "limit", need, f"{HOLDINGS} x its size (its own copy and the keeper's two newest) "
+                              f"is {mb(need)}, over checkpoint.memory_limit_mb={self.limit / 2**20:g}")
+        host = capture(step=step, rank=self.rank, world_size=self.world_size, run_id=self.run_id,
+                       model_state=model_state, optim_state=optim_state, sampler_state=sampler_state)
+        blocked = self.clock() - t0
+        self.blocked.append(blocked)
+        if log is not None:
+            log(step - 1, {"ckpt/snapshot_blocked_s": blocked})
+        # handed over in a box the thread empties, so the host copy is freed once it is encoded
+        self.thread = threading.Thread(target=self._send, args=(step, [host], log), name=f"snapshot-{step}",
+                                       daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def close(self) -> None:
+        self.wait()
+
+    # --- background thread -----------------------------------------------------------------
+
+    def _send(self, step: int, box: list, log: LogFn | None) -> None:
+        t0 = self.clock()
+        try:
+            data = format.encode(box.pop())
+            if HOLDINGS * len(data) > self.limit:
+                return self._skip(step, "limit", HOLDINGS * len(data),
+                                  f"{HOLDINGS} x its encoded size is {mb(HOLDINGS * len(data))}, over "
+                                  f"checkpoint.memory_limit_mb={self.limit / 2**20:g}")
+            self.flush()  # what a restore from this snapshot will not replay is stored first
+            refused = self.keeper.call("reserve", self.rank, step, len(data), self.attempt)
+            if refused is None:
+                refused = self.keeper.call("put", self.rank, step, self.world_size, self.attempt, data)
+            if refused is not None:
+                return self._skip(step, "keeper", len(data), refused)
+        except Exception as e:  # the keeper's node is gone, a timeout: the next snapshot tries again
+            first = (str(e).strip().splitlines() or [""])[0]
+            return self._skip(step, "error", 0, f"{type(e).__name__}: {first}")
+        self.sent.append(step)
+        if self.skipping is not None:
+            self.skipping = None
+            self.warn(f"rank {self.rank}: in-memory snapshots are taken again (step {step})")
+        if log is not None:
+            log(step - 1, {"ckpt/snapshot_send_s": self.clock() - t0, "ckpt/snapshot_bytes": float(len(data))})
+
+    def _skip(self, step: int, reason: str, nbytes: int, why: str) -> None:
+        if self.skipping == reason:
+            return
+        self.skipping = reason
+        msg = f"rank {self.rank}: in-memory snapshot of step {step} skipped ({why}); durable checkpoints only"
+        if self.where:
+            msg += f" (keeper on {self.where})"
+        self.report("snapshot_skipped", "warning", msg, step,
+                    {"reason": reason, "bytes": nbytes, "limit_bytes": self.limit, "why": why})

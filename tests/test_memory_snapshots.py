@@ -1,0 +1,316 @@
+"""In-memory snapshots (checkpoint.memory_every_steps): the choice of what to restore, the keeper's
+bookkeeping and memory checks, a bit-exact round trip, and on a 2-node Ray cluster a SIGKILLed
+rank restored from its peer node's memory, ending bit for bit where a fault-free run ends; and the
+fallback to durable checkpoints when a snapshot exceeds checkpoint.memory_limit_mb."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from actors.snapshot_keeper import Keepers, SnapshotKeeper
+from checkpointing import memory
+from checkpointing.client import LocalClient
+from common.errors import ConfigError
+from orchestrator.gpt import GPT
+from orchestrator.snapshots import choose
+from tests.conftest import cli_json, run_cli, tiny_config
+
+MB = 2**20
+
+
+# --- what to restore ------------------------------------------------------------------------
+
+
+def snaps(*pairs, world=2):
+    return [{"rank": r, "step": s, "world_size": world} for r, s in pairs]
+
+
+def test_choose_takes_the_newest_step_every_rank_has():
+    inv = {"a": snaps((0, 8), (0, 12), (1, 8)), "b": snaps((1, 12), (1, 16))}
+    c = choose(inv, world_size=2, durable_step=5)
+    assert (c.step, c.holders) == (12, {0: "a", 1: "b"})
+    # rank 1 still sending 16 when the failure struck: 12 is the newest both have
+    assert choose(inv, world_size=2, durable_step=None).step == 12
+
+
+def test_choose_falls_back_with_the_reason():
+    inv = {"a": snaps((0, 8), (1, 8))}
+    c = choose(inv, world_size=2, durable_step=10)
+    assert c.step is None and "not newer than the durable checkpoint (step 10)" in c.why
+    c = choose({"a": snaps((0, 8), (0, 12))}, world_size=2, durable_step=None)
+    assert c.step is None and "rank(s) 1 have none left" in c.why
+    c = choose({"a": snaps((0, 8), (1, 4))}, world_size=2, durable_step=None)
+    assert c.step is None and "rank 0 step 8, rank 1 step 4" in c.why
+    assert "no snapshot survived" in choose({"a": []}, world_size=2, durable_step=None).why
+    assert "this group has 1" in choose(inv, world_size=1, durable_step=None).why  # an elastic shrink
+    # after silent corruption only steps up to the last good check may be used
+    assert choose({"a": snaps((0, 8), (1, 8), (0, 12), (1, 12))}, world_size=2, durable_step=None,
+                  at_most=10).step == 8
+
+
+def test_ring_of_peers():
+    assert Keepers.peers(["n1", "n1", "n2", "n2"]) == {"n1": "n2", "n2": "n1"}
+    assert Keepers.peers(["n1", "n2", "n3"]) == {"n1": "n2", "n2": "n3", "n3": "n1"}
+    assert Keepers.peers(["n1", "n1"]) == {"n1": "n1"}  # one node: its own keeper
+
+
+# --- the keeper -----------------------------------------------------------------------------
+
+
+def test_keeper_keeps_the_two_newest_and_drops_a_replayed_future():
+    k = SnapshotKeeper("node-a", free_bytes=lambda: 100 * MB, headroom_bytes=0)
+    for step in (4, 8, 12):
+        assert k.reserve(0, step, 3, attempt=0) is None
+        assert k.put(0, step, 2, 0, b"abc") is None
+    assert [s["step"] for s in k.inventory()] == [8, 12]
+    assert k.get(0, 12) == b"abc"
+    assert k.put(0, 16, 2, 0, b"abc") is not None  # nothing sent without a reservation
+    assert k.begin(1, keep_through=8) == 1  # the new group resumes at 8: step 12 is a future it replays
+    assert [s["step"] for s in k.inventory()] == [8]
+    assert "attempt 0 is over" in k.reserve(0, 12, 3, attempt=0)  # a send of the killed group, late
+    assert k.begin(2, keep_through=None) == 1 and k.inventory() == []
+
+
+def test_keeper_refuses_what_its_node_has_no_room_for():
+    free = [60 * MB]
+    k = SnapshotKeeper("node-abcdef123456", free_bytes=lambda: free[0], headroom_bytes=50 * MB)
+    assert k.reserve(0, 4, 8 * MB, attempt=0) is None  # 60 - 8 >= 50
+    k.put(0, 4, 2, 0, b"x" * (8 * MB))
+    free[0] -= 8 * MB
+    why = k.reserve(1, 4, 8 * MB, attempt=0)
+    assert why is not None and "52.0 MB free" in why and "8.0 MB" in why and "50 MB must stay free" in why
+    assert [s["rank"] for s in k.inventory()] == [0]  # nothing of rank 1 was taken
+    # rank 0's next snapshot may use the room of its oldest, which it lets go (two are kept)
+    k.reserve(0, 8, 1, attempt=0)
+    k.put(0, 8, 2, 0, b"y")
+    free[0] = 52 * MB + 1
+    assert k.reserve(0, 12, 8 * MB, attempt=0) is None  # step 4's 8 MB freed first
+    assert [s["step"] for s in k.inventory()] == [8]
+
+
+# --- the rank side, no Ray --------------------------------------------------------------------
+
+
+def train_steps(model, opt, n, gen_seed):
+    g = torch.Generator().manual_seed(gen_seed)
+    losses = []
+    for _ in range(n):
+        x = torch.randint(0, 50, (4, 16), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).reshape(-1, 50), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def fresh(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(vocab_size=50, block_size=16, n_layer=1, n_head=2, d_model=32, dropout=0.2)  # dropout: RNG matters
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def test_snapshot_round_trip_is_bit_exact():
+    from checkpointing.format import set_rng_state
+
+    events = []
+    keeper = SnapshotKeeper("node-b", free_bytes=lambda: 10**12, headroom_bytes=0)
+    snap = memory.Snapshotter(every_steps=3, limit_bytes=100 * MB, rank=0, world_size=1, run_id="r", attempt=0,
+                              keeper=LocalClient(keeper), report=lambda *a: events.append(a))
+    model, opt = fresh()
+    train_steps(model, opt, 3, gen_seed=1)
+    assert snap.due(3) and not snap.due(4)
+    random.seed(5)
+    np.random.seed(5)
+    snap.take(3, model=model, optimizer=opt, sampler_state={"samples_consumed": np.int64(12)})
+    snap.close()
+    after = train_steps(model, opt, 4, gen_seed=2)  # dropout draws from the torch RNG
+    expected_py, expected_np = random.random(), np.random.rand()
+    assert snap.sent == [3] and not events and len(snap.blocked) == 1
+
+    loaded = memory.as_loaded(keeper.get(0, 3), where="memory://node-b")
+    model2, opt2 = fresh(seed=99)  # different weights until restored
+    model2.load_state_dict(loaded.model)
+    opt2.load_state_dict(loaded.optimizer)
+    set_rng_state(loaded.rank_state["rng"])
+    assert loaded.step == 3 and loaded.rank_state["sampler"] == {"samples_consumed": 12}
+    assert train_steps(model2, opt2, 4, gen_seed=2) == after
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True))
+    assert (random.random(), np.random.rand()) == (expected_py, expected_np)
+
+
+def test_snapshot_over_the_limit_is_skipped_before_any_copy():
+    events = []
+    keeper = SnapshotKeeper("node-b", free_bytes=lambda: 10**12, headroom_bytes=0)
+    model, opt = fresh()
+    train_steps(model, opt, 1, gen_seed=1)
+    size = memory.state_bytes(model.state_dict(), opt.state_dict())
+    assert size > 0
+    snap = memory.Snapshotter(every_steps=1, limit_bytes=size, rank=1, world_size=2, run_id="r", attempt=0,
+                              keeper=LocalClient(keeper), report=lambda *a: events.append(a))
+    for step in (1, 2):
+        snap.take(step, model=model, optimizer=opt, sampler_state={})
+    snap.close()
+    assert keeper.inventory() == [] and snap.blocked == []  # not even the host copy was made
+    assert len(events) == 1  # said once, not at every snapshot
+    kind, severity, message, step, data = events[0]
+    assert (kind, step, data["reason"], data["bytes"], data["limit_bytes"]) == ("snapshot_skipped", 1, "limit", 3 * size, size)
+    assert "over checkpoint.memory_limit_mb" in message and "durable checkpoints only" in message
+
+
+def test_snapshot_refused_by_the_keeper_is_reported():
+    events = []
+    keeper = SnapshotKeeper("node-c", free_bytes=lambda: 1 * MB, headroom_bytes=2 * MB)
+    snap = memory.Snapshotter(every_steps=1, limit_bytes=100 * MB, rank=0, world_size=2, run_id="r", attempt=0,
+                              keeper=LocalClient(keeper), report=lambda *a: events.append(a), where="node-c")
+    model, opt = fresh()
+    snap.take(1, model=model, optimizer=opt, sampler_state={})
+    snap.close()
+    assert keeper.inventory() == [] and snap.sent == []
+    assert [e[0] for e in events] == ["snapshot_skipped"] and events[0][4]["reason"] == "keeper"
+    assert "must stay free" in events[0][2] and "node-c" in events[0][2]
+
+
+def test_config_checks(tmp_path, tiny_data):
+    from orchestrator.config import load_config
+
+    cfg = tiny_config(tmp_path, tiny_data)
+    assert load_config(cfg, ["checkpoint.memory_every_steps=5"]).checkpoint.memory_every_steps == 5
+    with pytest.raises(ConfigError, match="memory_every_steps"):
+        load_config(cfg, ["checkpoint.memory_every_steps=-1"])
+    with pytest.raises(ConfigError, match="need the built-in training loop or a function"):
+        load_config(cfg, ["checkpoint.memory_every_steps=5", "entrypoint.script=x.py"])
+    with pytest.raises(ConfigError, match="fsdp"):
+        load_config(cfg, ["checkpoint.memory_every_steps=5", "parallelism.strategy=fsdp"])
+
+
+# --- on a 2-node Ray cluster ------------------------------------------------------------------
+
+
+STEPS = 24
+
+
+def config(tmp_path, data, *, kill_call=0, **checkpoint):
+    return tiny_config(tmp_path, data, train={"max_steps": STEPS, "eval_every": 0},
+                       checkpoint=checkpoint, fault_tolerance={"max_restarts": 2, "backoff_s": 0.1},
+                       model={"factory": "bench.memory_snapshots:killed_gpt",  # SIGKILLs its own rank once
+                              "kwargs": {"kill_rank": 1 if kill_call else -1, "kill_call": kill_call}})
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:  # a node that fails to start (a very busy machine) must not leave the others running
+        nodes = [c.add_node(num_cpus=1) for _ in range(2)]
+        c.wait_for_nodes()
+        yield c, nodes
+    finally:
+        c.shutdown()  # only the raylets this fixture started
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_data, two_nodes):
+    """The fault-free run: (per-rank losses, final weights)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run_cli("launch", str(config(tmp, tiny_data)), "--address", two_nodes[0].address, home=tmp / "home", check=True)
+    return outcome(tmp / "home")
+
+
+def outcome(home):
+    from checkpointing.loader import load_latest
+
+    run = cli_json("runs", home=home)[-1]["id"]
+    losses = [[(p["step"], p["value"]) for p in cli_json("metrics", run, "--key", "train/loss", "--rank", str(r),
+                                                           home=home)["points"]] for r in (0, 1)]
+    loaded = load_latest(cli_json("checkpoints", run, home=home)["uri"])
+    assert loaded is not None and loaded.step == STEPS
+    return losses, loaded.model
+
+
+def assert_same_run(got, reference):
+    (losses, weights), (ref_losses, ref_weights) = got, reference
+    assert [s for s, _ in ref_losses[0]] == list(range(STEPS))
+    assert losses == ref_losses  # every step, both ranks, bit for bit
+    assert weights.keys() == ref_weights.keys()
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+
+
+def events_of(home, kind):
+    run = cli_json("runs", home=home)[-1]["id"]
+    return [e for e in cli_json("show", run, home=home)["events"] if e["kind"] == kind]
+
+
+@pytest.mark.ray
+def test_sigkilled_rank_restores_from_its_peers_memory_bit_exact(tmp_path, home, tiny_data, two_nodes, reference):
+    # durable checkpoints only at the end: whatever is restored comes from memory
+    cfg = config(tmp_path, tiny_data, kill_call=15, every_steps=0, memory_every_steps=4)
+    proc = run_cli("launch", str(cfg), "--address", two_nodes[0].address, home=home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("RESTART") == 1 and "from in-memory snapshots" in proc.stdout, proc.stdout
+
+    (restore,) = events_of(home, "snapshot_restore")
+    # killed in step 14: the snapshot of step 12, or of 8 if 12 was still on its way
+    step = restore["data"]["step"]
+    assert step in (8, 12) and restore["step"] == step and restore["data"]["durable_step"] is None
+    workers = {n.node_id for n in two_nodes[1]}
+    assert set(restore["data"]["holders"].values()) <= workers and restore["data"]["nodes"]
+    assert not events_of(home, "snapshot_fallback") and not events_of(home, "snapshot_skipped")
+
+    from orchestrator.store import Store
+
+    run = cli_json("runs", home=home)[-1]["id"]
+    attempts = Store(home).attempts(run)
+    assert [a["status"] for a in attempts] == ["failed", "completed"]
+    assert attempts[0]["cause"] == "died" and attempts[0]["rank"] == 1
+    assert attempts[1]["resumed_from_step"] == step
+    assert 0 <= attempts[0]["steps_lost"] <= 14 - step  # from step 0 without snapshots
+    assert_same_run(outcome(home), reference)
+
+
+@pytest.mark.ray
+def test_snapshot_over_the_limit_falls_back_to_durable_checkpoints(tmp_path, home, tiny_data, two_nodes, reference):
+    cfg = config(tmp_path, tiny_data, kill_call=15, every_steps=5, memory_every_steps=2, memory_limit_mb=1)
+    proc = run_cli("launch", str(cfg), "--address", two_nodes[0].address, home=home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    skipped = events_of(home, "snapshot_skipped")
+    assert sorted(e["rank"] for e in skipped) == [0, 0, 1, 1]  # each rank says so once per attempt
+    for e in skipped:
+        assert e["data"]["reason"] == "limit" and e["data"]["bytes"] > e["data"]["limit_bytes"] == MB
+        assert "over checkpoint.memory_limit_mb=1" in e["message"]
+    (fallback,) = events_of(home, "snapshot_fallback")
+    assert "no snapshot survived" in fallback["data"]["why"]
+    assert not events_of(home, "snapshot_restore")
+
+    from orchestrator.store import Store
+
+    attempts = Store(home).attempts(cli_json("runs", home=home)[-1]["id"])
+    assert [a["status"] for a in attempts] == ["failed", "completed"]
+    assert attempts[1]["resumed_from_step"] in (None, 5, 10) and attempts[1]["resumed_from_step"] == fallback["data"]["durable_step"]
+    assert_same_run(outcome(home), reference)
+
+
+@pytest.mark.ray
+def test_a_function_restores_from_memory_through_ctx(tmp_path, home, tiny_data, two_nodes):
+    def launch(name, kill_step, **checkpoint):
+        cfg = tiny_config(tmp_path, tiny_data, run={"name": name, "seed": 3}, train={"max_steps": STEPS},
+                          checkpoint=checkpoint, fault_tolerance={"max_restarts": 2, "backoff_s": 0.1},
+                          entrypoint={"function": "tests.user_functions:regression",
+                                      "kwargs": {"sigkill_at": kill_step}})
+        proc = run_cli("launch", str(cfg), "--address", two_nodes[0].address, home=home)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        run = cli_json("runs", home=home)[-1]["id"]
+        return run, [[(p["step"], p["value"]) for p in cli_json("metrics", run, "--key", "train/loss", "--rank", str(r),
+                                                                 home=home)["points"]] for r in (0, 1)]
+
+    _, reference = launch("reference", -1)
+    run, got = launch("chaos", 13, every_steps=0, memory_every_steps=5)
+    (restore,) = [e for e in cli_json("show", run, home=home)["events"] if e["kind"] == "snapshot_restore"]
+    assert restore["data"]["step"] in (5, 10)  # killed in step 13 (14 done would be next)
+    assert len(reference[0]) == STEPS and got == reference  # every step's loss, both ranks, bit for bit
