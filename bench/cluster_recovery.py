@@ -42,7 +42,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from benchlib import git_state, machine  # noqa: E402
-from recovery import STDLIB, drive, log, ours_config, ray_train_phases, read_logs  # noqa: E402
+from recovery import (  # noqa: E402
+    STDLIB,
+    drive,
+    fit,
+    log,
+    loop_config,
+    make_trainer,
+    ours_config,
+    ray_train_phases,
+    read_logs,
+)
 
 from tests.netns_cluster import NetnsCluster, _free_port, unavailable_reason  # noqa: E402
 
@@ -190,32 +200,16 @@ def crash_ours(i: int, args, cluster, data_uri: str, tmp: Path) -> dict:
 
 
 def crash_ray_train(i: int, args, cluster, data_uri: str, tmp: Path) -> dict:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from bench.recovery import ray_train_loop  # by reference: Ray's workers import it from ROOT
-
     log_dir = Path(tempfile.mkdtemp(prefix=f"rt{i}-steps-", dir=tmp))
     storage = Path(tempfile.mkdtemp(prefix=f"rt{i}-storage-", dir=tmp))
-    loop_cfg = {"seed": 1, "data_uri": data_uri, "n_layer": args.n_layer, "n_head": args.n_head,
-                "d_model": args.d_model, "lr": args.lr, "warmup_steps": 5, "global_batch_size": args.batch,
-                "max_steps": args.max_steps, "ckpt_every": args.ckpt_every, "step_log_dir": str(log_dir)}
     name = f"crash-rt-{i}"
-    trainer = TorchTrainer(ray_train_loop, train_loop_config=loop_cfg,
-                           scaling_config=ScalingConfig(num_workers=(1, args.workers), use_gpu=False),
-                           run_config=RunConfig(name=name, storage_path=str(storage),
-                                                failure_config=FailureConfig(max_failures=3)))
+    trainer = make_trainer(loop_config(args, data_uri, log_dir), name=name, storage=storage,
+                           workers=(1, args.workers), max_failures=3)  # elastic, as ours
     crasher = NodeCrasher(cluster, log_dir, kill_step=args.kill_step, victim_rank=1, world=args.workers,
                           deadline=time.time() + args.run_timeout)
     crasher.start()
     t0 = time.time()
-    error = None
-    try:
-        result = trainer.fit()
-        if result.error is not None:
-            error = f"{type(result.error).__name__}: {str(result.error)[:300]}"
-    except Exception as e:
-        error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    _, error = fit(trainer)
     crasher.join(timeout=60)
     crasher.stop.set()
     out = {"system": "ray_train", "wall_s": time.time() - t0, **analyse(log_dir, crasher)}

@@ -59,6 +59,7 @@ from benchlib import git_state, machine  # noqa: E402
 from bench.recovery import (  # noqa: E402
     STDLIB,
     drive,
+    fit,
     log,
     make_trainer,
     ray_train_phases,
@@ -424,13 +425,7 @@ def run_ray_train(label: str, args, *, data_uri: str, tmp: Path, address: str, c
     injector = Injector(log_dir, kinds=kinds, every_s=args.fault_every_s, max_steps=steps, cluster=cluster,
                         deadline=t0 + args.run_timeout, hang_bound_s=args.hang_bound_s, min_gap_s=args.min_gap_s)
     injector.start()
-    error, result = None, None
-    try:
-        result = trainer.fit()  # bounded: every fault is recovered or killed within hang_bound_s
-        if result.error is not None:
-            error = f"{type(result.error).__name__}: {str(result.error)[:300]}"
-    except Exception as e:
-        error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    result, error = fit(trainer)  # bounded: every fault is recovered or killed within hang_bound_s
     injector.stop.set()
     injector.join(timeout=30)
     out = {"system": label, "faulted": bool(kinds), "wall_s": round(time.time() - t0, 2),

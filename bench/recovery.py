@@ -277,8 +277,25 @@ def analyse(log_dir: Path, killer: Killer, world: int) -> dict:
 # --- one run of each system ------------------------------------------------------------------------
 
 
-def make_trainer(loop_cfg: dict, *, name: str, storage: Path, workers: int, max_failures: int):
-    """The peer: TorchTrainer running ray_train_loop on CPU workers, restarted by FailureConfig."""
+def loop_config(args, data_uri: str, log_dir: Path) -> dict:
+    """ray_train_loop's config from this bench's model and run arguments."""
+    return {"seed": 1, "data_uri": data_uri, "n_layer": args.n_layer, "n_head": args.n_head,
+            "d_model": args.d_model, "lr": args.lr, "warmup_steps": 5, "global_batch_size": args.batch,
+            "max_steps": args.max_steps, "ckpt_every": args.ckpt_every, "step_log_dir": str(log_dir)}
+
+
+def fit(trainer) -> tuple[object | None, str | None]:
+    """Run trainer.fit(): (its result or None, its error in one line or None)."""
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    return result, None if result.error is None else f"{type(result.error).__name__}: {str(result.error)[:300]}"
+
+
+def make_trainer(loop_cfg: dict, *, name: str, storage: Path, workers: int | tuple[int, int], max_failures: int):
+    """The peer: TorchTrainer running ray_train_loop on CPU workers, restarted by FailureConfig.
+    `workers` (min, max): Ray Train's elastic group."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -292,21 +309,13 @@ def make_trainer(loop_cfg: dict, *, name: str, storage: Path, workers: int, max_
 def run_ray_train(i: int, args, data_uri: str, tmp: Path) -> dict:
     log_dir = Path(tempfile.mkdtemp(prefix=f"raytrain{i}-steps-", dir=tmp))
     storage = Path(tempfile.mkdtemp(prefix=f"raytrain{i}-storage-", dir=tmp))
-    loop_cfg = {"seed": 1, "data_uri": data_uri, "n_layer": args.n_layer, "n_head": args.n_head,
-                "d_model": args.d_model, "lr": args.lr, "warmup_steps": 5, "global_batch_size": args.batch,
-                "max_steps": args.max_steps, "ckpt_every": args.ckpt_every, "step_log_dir": str(log_dir)}
-    trainer = make_trainer(loop_cfg, name=f"recovery-bench-{i}", storage=storage, workers=args.workers, max_failures=3)
+    trainer = make_trainer(loop_config(args, data_uri, log_dir), name=f"recovery-bench-{i}", storage=storage,
+                           workers=args.workers, max_failures=3)
     killer = Killer(log_dir, kill_step=args.kill_step, victim_rank=args.victim_rank, world=args.workers,
                     deadline=time.time() + args.run_timeout)
     killer.start()
     t0 = time.time()
-    error = None
-    try:
-        result = trainer.fit()
-        if result.error is not None:
-            error = f"{type(result.error).__name__}: {str(result.error)[:300]}"
-    except Exception as e:
-        error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    _, error = fit(trainer)
     killer.stop.set()
     killer.join(timeout=5)
     out = {"system": "ray_train", "wall_s": time.time() - t0, **analyse(log_dir, killer, args.workers)}
