@@ -133,6 +133,12 @@ class CheckpointCoordinator:
     def history(self) -> list[dict[str, Any]]:
         return list(self.outcomes)
 
+    def close(self) -> None:
+        """Before the actor is killed: records queued for a tracking server go out."""
+        if self.records is not None:
+            self.records.close()
+            self.records = None
+
     def retire_after(self, step: int, reason: str) -> list[int]:
         """Uncommit every checkpoint after `step` (its manifest removed, so no restore takes it;
         retention deletes the rest) and record why. Returns the retired steps."""

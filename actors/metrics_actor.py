@@ -69,6 +69,17 @@ class MetricsActor:
             asyncio.ensure_future(self._drain())
         return await done
 
+    async def log_columns_many(self, batches: list[tuple]) -> list[int]:
+        """The batches (rank, seq, columns, dropped) of a node's ranks in one call, written like
+        log_columns_grouped's. If any fails, its error is raised once all were tried: the caller
+        sends them all again, and those already stored are skipped by their seq."""
+        results = await asyncio.gather(*(self.log_columns_grouped(*batch) for batch in batches),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
     async def _drain(self) -> None:
         try:
             while self.queue:

@@ -1,13 +1,15 @@
 """The control plane at scale: N simulated ranks against the real run actors, on several Ray nodes.
 
-Each simulated rank does what a real rank's side threads do, with the real rank-side classes:
-the heartbeat thread (orchestrator/hang/health.py's Heartbeat) every hang.heartbeat_s, the
-metric sender (actors/metric_sender.py, its own flusher thread) every telemetry.flush_every_s
-with 50 keys logged per step (the built-in loop's train/* and health/compute_s among them, so the
-anomaly and straggler detectors do their real work), and at every checkpoint one shard write
-through checkpointing/writer.py's FileWriter (jittered start, write slot from the coordinator,
-release), the write itself simulated (a sleep of --write-s). The ranks live as threads in one
-host actor per Ray node (a few processes for thousands of ranks; the machine has 2 cores).
+Each simulated rank makes the actor calls a real rank's side threads make, on their schedule: a
+heartbeat every hang.heartbeat_s, a metrics flush every telemetry.flush_every_s with 50 keys
+logged per step (the built-in loop's train/* and health/compute_s among them, so the anomaly and
+straggler detectors do their real work), and at every checkpoint one shard write (jittered
+start, a write slot from the coordinator, the write simulated by a sleep of --write-s, release).
+The ranks of a node live in one host actor on that node: asyncio tasks on fixed timers
+(bench/control_plane_sim.py, the default), or `--sim threads`, the real Heartbeat, MetricSender
+and FileWriter threads, 2+ per rank (bench/control_plane_threads.py; it starves 2 cores at 1,024
+ranks and is kept for the before/after comparison). `--aggregate`: each host also plays its
+node's aggregator, one heartbeat call and one metrics call per node a tick (async sim only).
 
 Against them, the real HealthMonitor, MetricsActor (+ the SQLite tracking store and the anomaly
 detector) and CheckpointCoordinator, on the head node as the worker group places them, and the
@@ -17,7 +19,11 @@ At a random moment one rank freezes (as under SIGSTOP: its heartbeats and its tr
 the other ranks then wait in a collective (their progress stops, their heartbeats go on).
 
 Figures (JSON on the last line):
-  heartbeat_age_p99_s  age of each live rank's latest heartbeat, sampled at every watchdog tick
+  heartbeat_age_p99_s  age of each live rank's latest heartbeat in the HealthMonitor, by its own
+                       clock when the watchdog's tick reads it (heartbeat_age_watchdog_p99_s: once
+                       the answer is back in the driver, which the watchdog judges by)
+  sim_late_p99_s       how far behind their own schedule the simulated ranks' timers fired (large:
+                       the figures measure a starved simulator, not the control plane)
   ingest_lag_p99_s     a point logged (its value is the wall time it was logged) -> readable from
                        the store, for a sample of ranks polled every 0.25 s (so up to 0.25 s high)
   points_sent / points_stored  every point logged vs every point in the store at the end
@@ -26,7 +32,7 @@ Figures (JSON on the last line):
   frozen_rank_named_s  freeze -> the stall event naming that rank (null if it was never named)
   cpu_s                CPU seconds of each actor over the run (psutil, by pid)
 
-  python bench/control_plane.py --ranks 1024 [--nodes 8] [--duration-s 60]
+  python bench/control_plane.py --ranks 1024 [--nodes 8] [--duration-s 60] [--sim async|threads] [--aggregate]
 
 Only processes this script starts are stopped (the Cluster's raylets); progress goes to stderr.
 """
@@ -43,8 +49,10 @@ import threading
 import time
 from pathlib import Path
 
-KEYS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s", "health/compute_s",
-        "bench/sent_at"] + [f"sys/k{i:02d}" for i in range(43)]  # 50 keys per step
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import control_plane_sim  # noqa: E402
+import control_plane_threads  # noqa: E402
+from control_plane_sim import KEYS  # noqa: E402
 
 
 def log(*a) -> None:
@@ -66,176 +74,6 @@ def peak_overlap(intervals: list[tuple[float, float]]) -> int:
         now += d
         peak = max(peak, now)
     return peak
-
-
-class SlowFS:
-    """The shard write, simulated: a sleep; each write's start and end are kept (slots in flight)."""
-
-    protocol = "bench"
-
-    def __init__(self, write_s: float):
-        self.write_s = write_s
-        self.writes: list[tuple[float, float]] = []
-        self.sizes: dict[str, int] = {}
-
-    def pipe_file(self, path: str, data: bytes, **kw) -> None:
-        t0 = time.time()
-        time.sleep(self.write_s)
-        self.sizes[path] = len(data)
-        self.writes.append((t0, time.time()))
-
-    def invalidate_cache(self, path: str) -> None:
-        pass
-
-    def size(self, path: str) -> int:
-        return self.sizes[path]
-
-
-class TimedClient:
-    """A rank's coordinator client, timing each write's first slot request to its grant."""
-
-    def __init__(self, client):
-        self.client = client
-        self.asked: float | None = None
-        self.grants: list[float] = []
-
-    def call(self, method: str, *args, **kwargs):
-        if method == "acquire" and self.asked is None:
-            self.asked = time.time()
-        out = self.client.call(method, *args, **kwargs)
-        if method == "acquire" and out is not None:
-            self.grants.append(time.time() - self.asked)
-            self.asked = None
-        return out
-
-
-class CountingMonitor:
-    """The health monitor's handle as the heartbeat threads see it, counting the beats they send
-    (do the simulated ranks keep their pace on this machine, or is the simulation starved?)."""
-
-    def __init__(self, monitor):
-        self.monitor, self.sent = monitor, 0
-
-    @property
-    def beat(self):
-        self.sent += 1
-        return self.monitor.beat
-
-    @property
-    def put_dump(self):
-        return self.monitor.put_dump
-
-
-class RankHost:
-    """Many simulated ranks in one process: their heartbeat and sender threads are the real ones;
-    one thread plays every rank's training loop (a step each step_s, 50 keys logged per step)."""
-
-    def __init__(self, ranks: list[int], node: str, plan: dict, *, monitor, metrics, coordinator):
-        from actors.metric_sender import MetricSender
-        from checkpointing.client import RayClient
-        from checkpointing.config import CheckpointConfig
-        from checkpointing.writer import FileWriter
-        from orchestrator.hang.health import Health, Heartbeat
-
-        self.ranks, self.node, self.plan = ranks, node, plan
-        self.fs = SlowFS(plan["write_s"])
-        cfg = CheckpointConfig()
-        self.health = {r: Health(r) for r in ranks}
-        self.monitor = CountingMonitor(monitor)
-        self.beats = {r: Heartbeat(self.monitor, self.health[r], plan["heartbeat_s"]).start() for r in ranks}
-        self.senders = {r: MetricSender(metrics, r, flush_every_s=plan["flush_every_s"]) for r in ranks}
-        self.clients = {r: TimedClient(RayClient(coordinator)) for r in ranks}
-        self.writers = {r: FileWriter(self.fs, self.clients[r], rank=r, node=node, cfg=cfg) for r in ranks}
-        self.logged = 0
-        self.write_errors: list[str] = []
-        self.active: dict[int, threading.Thread] = {}  # each rank's write in progress
-        self.skipped = 0
-        self.stop_event = threading.Event()
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-
-    def _freeze(self, rank: int) -> None:
-        """SIGSTOP, as the monitor and the metrics actor see it: its side threads stop."""
-        self.beats[rank]._stop.set()
-        sender = self.senders[rank]
-        sender._stop.set()
-        sender._wake.set()
-
-    def _write(self, rank: int, step: int, threads: list) -> None:
-        if self.active.get(rank) is not None and self.active[rank].is_alive():
-            self.skipped += 1  # its last checkpoint is still being written: a rank saves one at a time
-            return
-
-        def go():
-            try:
-                self.writers[rank].write(f"ckpt/step{step}/rank{rank}.pt", b"x" * 1024)
-            except Exception as e:  # a write that never got a slot: counted, and the bench says so
-                self.write_errors.append(f"rank {rank}: {type(e).__name__}: {e}")
-
-        t = self.active[rank] = threading.Thread(target=go, name=f"write-{rank}", daemon=True)
-        t.start()
-        threads.append(t)
-
-    def run(self) -> dict:
-        plan, frozen = self.plan, self.plan["frozen_rank"]
-        timer = None
-        if frozen in self.health:
-            timer = threading.Timer(max(0.0, plan["freeze_at"] - time.time()), self._freeze, (frozen,))
-            timer.start()
-        writes: list[threading.Thread] = []
-        late: list[float] = []  # how far behind its schedule this host's training loop ran
-        step = 0
-        while not self.stop_event.wait(max(0.0, plan["t0"] + step * plan["step_s"] - time.time())):
-            now = time.time()
-            if now >= plan["freeze_at"]:
-                break
-            late.append(now - plan["t0"] - step * plan["step_s"])
-            for r in self.ranks:
-                h = self.health[r]
-                h.step, h.progress, h.phase = step, step + 1, "forward"
-                h.coll_entered += 1
-                h.coll_completed += 1
-                values = {k: 1.0 for k in KEYS}
-                values.update({"train/loss": 5.0 / (1 + 0.01 * step), "train/lr": 3e-3, "train/grad_norm": 1.0,
-                               "train/tokens_per_s": 1e4, "train/step_time_s": plan["step_s"],
-                               "health/compute_s": 0.5 * plan["step_s"] * (1 + 0.01 * random.random()),
-                               "bench/sent_at": now})
-                self.senders[r].log(values, step=step)
-                self.logged += len(values)
-            if step and step % plan["ckpt_every"] == 0:
-                for r in self.ranks:
-                    self._write(r, step, writes)
-            step += 1
-        for r in self.ranks:  # the others wait in the collective the frozen rank never joins
-            h = self.health[r]
-            h.phase = "backward"
-            h.coll_entered += 1
-        beats_at, beats0 = time.time(), self.monitor.sent
-        self.stop_event.wait()
-        beat_rate = (self.monitor.sent - beats0) / max(1e-9, time.time() - beats_at) / len(self.ranks)
-        if timer is not None:
-            timer.cancel()
-        deadline = time.time() + 120  # one bound for all of them
-        for t in writes:
-            t.join(timeout=max(0.0, deadline - time.time()))
-        stuck = sum(t.is_alive() for t in writes)
-        for b in self.beats.values():
-            b.stop()
-        unsent = []
-        for s in self.senders.values():  # delivers what is left (the frozen one: as if sent SIGCONT)
-            try:
-                s.close()
-            except RuntimeError as e:
-                unsent.append(str(e))
-        return {"logged": self.logged, "late": late, "beat_rate": beat_rate, "acked": sum(s.sent_points for s in self.senders.values()),
-                "dropped": sum(s.dropped_points for s in self.senders.values()), "unsent": unsent,
-                "grants": [g for c in self.clients.values() for g in c.grants], "writes": self.fs.writes,
-                "write_errors": self.write_errors[:5], "n_write_errors": len(self.write_errors), "stuck": stuck,
-                "skipped": self.skipped}
 
 
 def cpu_of(pids: dict[str, list[int]]) -> dict[str, float]:
@@ -285,9 +123,11 @@ class LagProbe(threading.Thread):
 
 def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, step_s: float = 1.0,
         heartbeat_s: float | None = None, flush_every_s: float | None = None, ckpt_every: int = 15,
-        write_s: float = 0.02, seed: int = 0, verbose: bool = False) -> dict:
+        write_s: float = 0.02, seed: int = 0, sim: str = "async", aggregate: bool = False,
+        verbose: bool = False) -> dict:
     """One measurement on a connected Ray cluster; `nodes`: the Ray node ids to spread ranks over
-    (the run's actors go on the first, as the worker group places them next to the store)."""
+    (the run's actors go on the first, as the worker group places them next to the store).
+    sim: "async" (control_plane_sim.py) or "threads" (control_plane_threads.py)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -301,8 +141,11 @@ def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, st
     from orchestrator.hang.watchdog import Watchdog
     from orchestrator.store import Store
 
-    if __name__ != "__main__":  # imported (the test): Ray's workers cannot import bench/, so ship the classes
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    if sim not in ("async", "threads") or (aggregate and sim != "async"):
+        raise ValueError(f"sim must be 'async' or 'threads' (aggregate: async only), got {sim!r}, aggregate={aggregate}")
+    # Ray's workers cannot import bench/: ship the simulators' code (and this module's, when imported)
+    for module in (control_plane_sim, control_plane_threads, *([sys.modules[__name__]] if __name__ != "__main__" else [])):
+        ray.cloudpickle.register_pickle_by_value(module)
     rng = random.Random(seed)
     hang = HangConfig(**({"heartbeat_s": heartbeat_s} if heartbeat_s else {}))
     flush_every_s = flush_every_s or TelemetryConfig().flush_every_s
@@ -327,24 +170,32 @@ def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, st
     per = [list(range(ranks))[i::len(nodes)] for i in range(len(nodes))]  # round-robin: node i has ranks i, i+n, ...
     node_of = {r: nodes[i] for i, rs in enumerate(per) for r in rs}
     frozen = rng.randrange(ranks)
-    t0 = time.time() + 3 + ranks / 100  # every host has started its threads by then
-    freeze_at = t0 + duration_s * rng.uniform(0.6, 0.8)
-    plan = {"t0": t0, "step_s": step_s, "heartbeat_s": hang.heartbeat_s, "flush_every_s": flush_every_s,
-            "ckpt_every": ckpt_every, "write_s": write_s, "freeze_at": freeze_at, "frozen_rank": frozen}
-    hosts = [ray.remote(RankHost).options(**on(n, num_cpus=0, max_concurrency=4)).remote(
+    freeze_frac = rng.uniform(0.6, 0.8)
+    plan = {"step_s": step_s, "heartbeat_s": hang.heartbeat_s, "flush_every_s": flush_every_s,
+            "ckpt_every": ckpt_every, "write_s": write_s, "frozen_rank": frozen,
+            "seed": seed, "aggregate": aggregate, "start_jitter_s": ck.start_jitter_s,
+            "commit_timeout_s": ck.commit_timeout_s}
+    host_class, concurrency = ((control_plane_sim.AsyncRankHost, 1000) if sim == "async"
+                               else (control_plane_threads.RankHost, 4))
+    hosts = [ray.remote(host_class).options(**on(n, num_cpus=0, max_concurrency=concurrency)).remote(
         rs, n, plan, monitor=monitor, metrics=metrics, coordinator=coordinator) for n, rs in zip(nodes, per, strict=True) if rs]
     pids = {k: [ray.get(a.__ray_call__.remote(lambda self: os.getpid()))] for k, a in actors.items()}
     pids["rank_hosts"] = ray.get([h.pid.remote() for h in hosts], timeout=300)
-    cpu0 = cpu_of(pids)
-    done = [h.run.remote() for h in hosts]
-    log(f"{ranks} ranks on {len(nodes)} nodes; rank {frozen} freezes {freeze_at - t0:.1f}s after the first step")
+    # the schedule starts once every host is up (Ray starts their processes slowly on a busy machine)
+    t0 = time.time() + 3 + ranks / 500
+    freeze_at = t0 + duration_s * freeze_frac
+    cpu0, cpu_t0 = cpu_of(pids), time.time()
+    done = [h.run.remote({"t0": t0, "freeze_at": freeze_at}) for h in hosts]
+    log(f"{ranks} ranks ({sim}{', aggregated' if aggregate else ''}) on {len(nodes)} nodes; rank {frozen} freezes {freeze_at - t0:.1f}s after the first step")
 
     sample = sorted({per[i % len(per)][j] for i in range(len(per)) for j in (0, len(per[i]) // 2, len(per[i]) - 1)
                      if per[i]})[:32]
     probe = LagProbe(root, run_id, sample)
     probe.start()
     dog = Watchdog.from_config(hang)
-    ages: list[float] = []
+    ages: list[float] = []  # in the monitor, by its clock at the snapshot
+    ages_dog: list[float] = []  # once the snapshot is back in this process (what the watchdog judges by)
+    snap = lambda self: (time.time(), self.snapshot())  # noqa: E731
     tick = min(TelemetryConfig().progress_every_s, 2.0)  # the controller's tick
     named_s, report, false_stalls = None, None, []
     deadline = freeze_at + hang.timeout_s + 30
@@ -355,7 +206,7 @@ def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, st
         except ray.exceptions.GetTimeoutError:
             progress = {}
         try:
-            beats = ray.get(monitor.snapshot.remote(), timeout=5)
+            at, beats = ray.get(monitor.__ray_call__.remote(snap), timeout=5)
         except ray.exceptions.GetTimeoutError:
             log("health monitor snapshot timed out")
             continue
@@ -363,7 +214,9 @@ def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, st
         if verbose:
             log(f"t={now - t0:.0f}s slots {ray.get(coordinator.stats.remote(), timeout=30)}")
         if now >= t0:
-            ages += [now - b["time"] for r, b in beats.items() if not (r == frozen and now >= freeze_at)]
+            live = [b["time"] for r, b in beats.items() if not (r == frozen and at >= freeze_at)]
+            ages += [at - t for t in live]
+            ages_dog += [now - t for t in live]
         report = dog.check(beats, median_step_s=progress.get("median_step_time_s"), world=ranks,
                            nodes=[node_of[r] for r in range(ranks)])
         if report is None:
@@ -380,7 +233,7 @@ def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, st
         if len(false_stalls) > 3:
             break
     log(f"stall named after {named_s}s" if named_s is not None else f"stall not named; false: {false_stalls}")
-    cpu1 = cpu_of(pids)
+    cpu1, cpu_t1 = cpu_of(pids), time.time()
     for h in hosts:
         h.stop.remote()
     results = ray.get(done, timeout=600)
@@ -391,7 +244,9 @@ def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, st
     writes = [w for r in results for w in r["writes"]]
     out = {
         "ranks": ranks, "nodes": len(nodes), "duration_s": duration_s,
+        "sim": sim, "aggregate": aggregate,
         "heartbeat_age_p99_s": p99(ages), "heartbeat_age_max_s": round(max(ages), 3) if ages else None,
+        "heartbeat_age_watchdog_p99_s": p99(ages_dog),
         "ingest_lag_p99_s": p99(probe.lags), "ingest_lag_samples": len(probe.lags),
         "points_sent": sum(r["logged"] for r in results), "points_acked": sum(r["acked"] for r in results),
         "points_stored": stored, "points_dropped": sum(r["dropped"] for r in results),
@@ -402,12 +257,14 @@ def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, st
         "write_error_examples": [e for r in results for e in r["write_errors"]][:3],
         "slots_peak": peak_overlap(writes), "slot_cap": min(ck.max_concurrent_writes, ck.per_node_writes * len(set(nodes))),
         "slots_peak_coordinator": stats["peak"],
-        "host_late_p99_s": p99([x for r in results for x in r["late"]]),
-        "beats_per_rank_s_after_freeze": round(min(r["beat_rate"] for r in results), 3),
+        "sim_late_p99_s": p99([x for r in results for x in r["late"]]),
+        "beats_per_rank_s_after_freeze": min((round(r["beat_rate"], 3) for r in results if r["beat_rate"] is not None),
+                                             default=None),
+        "send_errors": sum(r.get("send_errors", 0) for r in results),
         "frozen_rank": frozen, "frozen_rank_named_s": None if named_s is None else round(named_s, 2),
         "false_stalls": false_stalls, "hang_timeout_s": hang.timeout_s,
         "cpu_s": {k: round(cpu1[k] - cpu0[k], 2) for k in cpu0},
-        "cpu_window_s": round(time.time() - t0, 1),
+        "cpu_window_s": round(cpu_t1 - cpu_t0, 1),
     }
     for a in [*hosts, *actors.values()]:
         ray.kill(a)
@@ -416,33 +273,73 @@ def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, st
 
 
 FIGURES = [("heartbeat_age_p99_s", "heartbeat age p99 (s)", 2.0), ("ingest_lag_p99_s", "ingest lag p99 (s)", 5.0),
-           ("slot_grant_p99_s", "slot grant p99 (s)", None), ("frozen_rank_named_s", "freeze -> rank named (s)", 50.0)]
+           ("slot_grant_p99_s", "slot grant p99 (s)", None), ("frozen_rank_named_s", "freeze -> rank named (s)", 50.0),
+           ("health_monitor_cpu_s_per_min", "health monitor CPU (s a minute)", None)]
+
+
+def load_results(results: list[str]) -> dict[str, dict[int, list[dict]]]:
+    """LABEL=FILE.json arguments (FILE may be a glob) -> {label: {ranks: [result, ...]}}."""
+    import glob
+
+    series: dict[str, dict[int, list[dict]]] = {}
+    for arg in results:
+        label, _, pattern = arg.rpartition("=")
+        paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not paths:
+            sys.exit(f"control_plane: --plot: no file matches {pattern!r} (LABEL=FILE.json, a glob allowed)")
+        for path in paths:
+            load_one(series.setdefault(label or "run", {}), path)
+    return series
+
+
+def load_one(by_ranks: dict[int, list[dict]], path: str) -> None:
+    """One saved result (its last line) into {ranks: [result, ...]}."""
+    try:
+        out = json.loads(Path(path).read_text().strip().splitlines()[-1])
+        ranks = int(out["ranks"])
+    except (OSError, ValueError, IndexError, KeyError, TypeError) as e:
+        sys.exit(f"control_plane: --plot: {path} is not a result of this bench (expected JSON with 'ranks' on "
+                 f"its last line): {type(e).__name__}")
+    out.setdefault("sim_late_p99_s", out.get("host_late_p99_s"))  # its name in the first round's results
+    cpu, window = out.get("cpu_s", {}).get("health_monitor"), out.get("cpu_window_s")
+    out["health_monitor_cpu_s_per_min"] = cpu / window * 60 if cpu is not None and window else None
+    by_ranks.setdefault(ranks, []).append(out)
 
 
 def plot(out_png: str, results: list[str]) -> None:
-    """Each figure against ranks, one line per label, from saved JSON lines: --plot OUT.png LABEL=FILE.json ..."""
+    """Each figure against ranks, one line per label, the median of the runs at each size:
+    --plot OUT.png LABEL=FILE.json ..."""
+    import statistics
+
     try:
         import matplotlib
     except ImportError:
         sys.exit("control_plane: --plot needs matplotlib, which is not installed in this environment")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    series: dict[str, list[dict]] = {}
-    for arg in results:
-        label, _, path = arg.rpartition("=")
-        series.setdefault(label or "run", []).append(json.loads(Path(path).read_text().strip().splitlines()[-1]))
-    fig, axes = plt.subplots(1, len(FIGURES), figsize=(4 * len(FIGURES), 3.5))
+    series = load_results(results)
+    fig, axes = plt.subplots(1, len(FIGURES), figsize=(3.6 * len(FIGURES), 3.6))
     for ax, (key, title, target) in zip(axes, FIGURES, strict=True):
-        for label, runs in series.items():
-            runs = sorted((r for r in runs if r.get(key) is not None), key=lambda r: r["ranks"])
-            ax.plot([r["ranks"] for r in runs], [r[key] for r in runs], marker="o", label=label)
+        for label, by_ranks in series.items():
+            points = sorted((n, statistics.median(vals)) for n, runs in by_ranks.items()
+                            if (vals := [r[key] for r in runs if r.get(key) is not None]))
+            line, = ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=label)
+            never = [n for n, runs in by_ranks.items() if key == "frozen_rank_named_s" and all(r[key] is None for r in runs)]
+            for n in never:  # not named in any run at this size: marked above the target line
+                ax.plot([n], [target * 1.3], marker="x", markersize=9, color=line.get_color())
+                ax.annotate("never", (n, target * 1.3), textcoords="offset points", xytext=(-30, -3), fontsize=7)
         if target:
             ax.axhline(target, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
+        if key not in ("heartbeat_age_p99_s", "frozen_rank_named_s"):  # these span one decade: linear reads better
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("ranks")
-        ax.set_title(title)
-    axes[0].legend()
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
 
@@ -455,6 +352,10 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=15, help="steps between checkpoints (a step is 1 s)")
     ap.add_argument("--write-s", type=float, default=0.02, help="simulated duration of one shard write")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sim", choices=["async", "threads"], default="async",
+                    help="simulated ranks as asyncio tasks (light) or as the real side threads (2+ threads a rank)")
+    ap.add_argument("--aggregate", action="store_true",
+                    help="one heartbeat call and one metrics call per node a tick (needs the actors' batch methods)")
     ap.add_argument("--verbose", action="store_true", help="the coordinator's slot counts at every tick, on stderr")
     ap.add_argument("--plot", nargs="+", metavar=("OUT.png", "LABEL=RESULT.json"),
                     help="draw docs/scale_control_plane.png from saved results instead of measuring")
@@ -463,14 +364,14 @@ def main() -> None:
         return plot(args.plot[0], args.plot[1:])
     if args.ranks < 2 or not 1 <= args.nodes <= 16:
         sys.exit(f"control_plane: --ranks must be >= 2 and --nodes 1-16, got {args.ranks} and {args.nodes}")
+    if args.aggregate and args.sim != "async":
+        sys.exit("control_plane: --aggregate works with --sim async only")
 
     import logging
 
     import ray
-    from ray.cluster_utils import Cluster
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from benchlib import git_state, machine
+    from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cluster = Cluster(initialize_head=True, connect=False,
@@ -485,7 +386,8 @@ def main() -> None:
         load0 = os.getloadavg()
         with tempfile.TemporaryDirectory(prefix="control-plane-") as root:
             out = run(args.ranks, nodes, root=root, duration_s=args.duration_s, ckpt_every=args.ckpt_every,
-                      write_s=args.write_s, seed=args.seed, verbose=args.verbose)
+                      write_s=args.write_s, seed=args.seed, sim=args.sim, aggregate=args.aggregate,
+                      verbose=args.verbose)
         out["load_before"], out["load_after"] = [round(x, 2) for x in load0], [round(x, 2) for x in os.getloadavg()]
         out["machine"] = machine(**git_state())
     finally:

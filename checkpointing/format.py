@@ -158,6 +158,12 @@ def sharded_state(model, optimizer) -> dict[str, Any] | None:
     return {"model": state} if optimizer is None else {"model": state, "optim": optimizer.state_dict()}
 
 
+def holds_dtensors(obj: Any) -> bool:
+    """Whether a state (nested dicts, lists, tuples) holds a DTensor anywhere: a sharded state."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and _holds(obj, dtensor)
+
+
 def _dtensor_type():
     if "torch.distributed.tensor" not in sys.modules:
         return None
@@ -189,10 +195,11 @@ def encode_sharded(state: dict[str, Any], *, process_group=None) -> dict[str, by
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def decode_sharded(files: dict[str, bytes], state: dict[str, Any], *, process_group=None) -> None:
+def decode_sharded(files: dict[str, bytes], state: dict[str, Any], *, process_group=None) -> list[str]:
     """Every rank together: fill `state` in place from a sharded checkpoint's files (SHARD_INDEX
     and every shard_file). `state` is shaped the way this rank wants it, sharded over any world
-    size or whole (DCP re-slices); a key it lacks is not read."""
+    size or whole (DCP re-slices); a key it lacks is not read. Returns the checkpoint's keys
+    (DCP's dotted paths) that were not read, sorted."""
     import torch.distributed.checkpoint as dcp
 
     reader_cls, planner_cls = _safe_reading()
@@ -200,11 +207,12 @@ def decode_sharded(files: dict[str, bytes], state: dict[str, Any], *, process_gr
     try:
         for name, data in files.items():
             Path(tmp, _dcp_name(name)).write_bytes(data)
-        reader = reader_cls(tmp)
+        reader, planner = reader_cls(tmp), planner_cls()
         try:
             with _plain_errors(prefix=False):
-                dcp.load(state, storage_reader=reader, planner=planner_cls(), process_group=process_group,
+                dcp.load(state, storage_reader=reader, planner=planner, process_group=process_group,
                          no_dist=_alone())
+            return planner.unread
         except Exception:
             if reader.refused is not None:  # DCP reports a refused index as "metadata is None"
                 raise reader.refused from None
@@ -260,6 +268,12 @@ def is_shard_file(name: str) -> bool:
     return name == SHARD_INDEX or _SHARD.fullmatch(name) is not None
 
 
+def sharded_keys(files: dict[str, bytes]) -> set[str]:
+    """Every key (DCP's dotted path) a sharded checkpoint holds, from its index alone: what a
+    rank can check before it joins the collective load."""
+    return set(_IndexUnpickler(io.BytesIO(files[SHARD_INDEX])).load().state_dict_metadata)
+
+
 # DCP's index is a pickle of these classes (and torch dtypes); nothing else is let in.
 _INDEX_GLOBALS = {
     *(("torch.distributed.checkpoint.metadata", n) for n in (
@@ -307,6 +321,13 @@ def _safe_reading() -> tuple[type, type]:
                 return metadata
 
         class SafePlanner(DefaultLoadPlanner):
+            unread: list[str] = []
+
+            def create_local_plan(self):
+                plan = super().create_local_plan()  # self.state_dict is the flattened template now
+                self.unread = sorted(set(self.metadata.state_dict_metadata) - set(self.state_dict))
+                return plan
+
             def load_bytes(self, read_item, value: io.BytesIO) -> None:
                 torch.load(value, weights_only=True)  # raises on anything but plain values
                 value.seek(0)

@@ -69,16 +69,25 @@ def load_step(fs, root: str, step: int, *, rank: int = 0) -> LoadedCheckpoint:
                             model=model, optimizer=optim, rank_state=rank_state, shards=shards)
 
 
-def read_sharded(loaded: LoadedCheckpoint, state: dict[str, Any], *, process_group=None) -> None:
+def read_sharded(loaded: LoadedCheckpoint, state: dict[str, Any], *, process_group=None) -> list[str]:
     """Every rank together (a collective): fill `state` in place from a sharded checkpoint, e.g.
-    {"model": msd, "optim": osd} from torch's get_state_dict on this rank's model. Files that do
-    not decode (checksums matched, yet written wrong) are reported as CorruptCheckpoint."""
+    {"model": msd, "optim": osd} from torch's get_state_dict on this rank's model. Returns the
+    checkpoint's keys `state` lacks (not read). Files that do not decode (checksums matched, yet
+    written wrong) are reported as CorruptCheckpoint."""
     if loaded.shards is None:
         raise CheckpointError(f"checkpoint {loaded.uri} is not sharded (it holds model.pt/optim.pt)")
     try:
-        format.decode_sharded(loaded.shards, state, process_group=process_group)
+        return format.decode_sharded(loaded.shards, state, process_group=process_group)
     except pickle.UnpicklingError as e:
         raise CorruptCheckpoint(loaded.step, f"cannot decode {format.SHARD_INDEX}: {e}") from None
+
+
+def sharded_keys(loaded: LoadedCheckpoint) -> set[str]:
+    """The keys (DCP's dotted paths) a sharded checkpoint holds, read from its index alone."""
+    try:
+        return format.sharded_keys(loaded.shards or {})
+    except (pickle.UnpicklingError, KeyError, EOFError, AttributeError) as e:
+        raise CorruptCheckpoint(loaded.step, f"cannot decode {format.SHARD_INDEX}: {type(e).__name__}: {e}") from None
 
 
 def load_latest(uri: str, *, rank: int = 0, storage_options: dict | None = None, max_step: int | None = None,

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["ORCHESTRATOR_STORE"] = args.store
         if args.command in ("show", "metrics", "compare", "diagnose", "checkpoints", "tag", "note", "resume",
                             "fork", "logs", "attach", "stop"):  # on existing runs: no store is an error (exit 2), never made empty
-            open_store(create=False).close()
+            _check_runs_exist(args)
         return _dispatch(args, argv)
     except KeyboardInterrupt:
         print("orchestrator: interrupted", file=sys.stderr)
@@ -223,6 +223,19 @@ def _dispatch(args, argv) -> int:
             code = handler(args, argv) or 0
     sys.stdout.flush()
     return code
+
+
+def _check_runs_exist(args) -> None:
+    """Commands on existing runs: no store is an error (exit 2), never made empty. A PostgreSQL
+    database no run has written to yet is a store without runs: "no run" here, before the command
+    opens it for writing (which would give the shared database our tables)."""
+    store = open_store(create=False)
+    try:
+        if store.empty_database:
+            for ref in getattr(args, "runs", None) or [args.run]:
+                store.run(ref)
+    finally:
+        store.close()
 
 
 def _check_arguments(args) -> None:
@@ -320,6 +333,9 @@ def cmd_launch(args, argv) -> int:
     from orchestrator.driver import launch
 
     overrides = list(args.overrides)
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        overrides.insert(0, args.config)  # `launch --script X a.b=1`: the first override, not a config file
+        args.config = None
     if args.script:  # a script without a config file: the defaults, its path, its arguments
         overrides += [f"entrypoint.script={Path(args.script).absolute()}", f"entrypoint.args={json.dumps(args.script_args)}"]
         if args.workers is not None:

@@ -66,6 +66,10 @@ class DistributedConfig:
     backend: Backend = option(Backend.AUTO, help="auto: nccl when the worker has a GPU, gloo otherwise")
     timeout_s: float = option(600.0, min=1, max=MAX_SECONDS, help="torch.distributed collective timeout; must exceed "
                               "the stall watchdog's limits + 60 s, so torch never aborts a hang before it is diagnosed")
+    async_collectives: bool = option(False, help="test mode (ddp, built-in loop): gradients all-reduced with "
+                                     "async_op=True after backward and waited for at the optimizer step, so gloo on CPU "
+                                     "behaves like DDP on CUDA as the host sees it (the hang watchdog's attribution "
+                                     "is tested against it)")
 
 
 class Strategy(str, Enum):
@@ -367,6 +371,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("entrypoint.args: given without entrypoint.script (arguments are for a script)")
     if e.kwargs and not e.function:
         raise ConfigError("entrypoint.kwargs: given without entrypoint.function (keyword arguments are for a function)")
+    if cfg.distributed.async_collectives and (e.kind != "builtin" or cfg.parallelism.strategy != Strategy.DDP):
+        raise ConfigError("distributed.async_collectives=true: a test mode of the built-in loop with "
+                          f"parallelism.strategy=ddp (here: entrypoint {e.kind}, strategy {cfg.parallelism.strategy.value}); "
+                          "set it to false")
     if e.kind != "builtin":
         _validate_scaling(cfg)
         return  # data.*, model.* and optim.* configure the built-in loop only

@@ -1,21 +1,25 @@
 """`ctx`: what a user's training function gets, `fn(ctx, **kwargs)`, once per rank.
 
     ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, ctx.max_steps, ctx.config
-    ctx.prepare(model)                    to the device, wrapped per parallelism (DDP)
+    ctx.prepare(model)                    to the device, wrapped per parallelism (DDP, FSDP2)
     ctx.data_loader(dataset, batch_size)  per-rank batches in our deterministic sampler's order
     ctx.save(state, step) -> bool         a staggered, verified checkpoint when `step` is due
                                           (after `orchestrator stop`: the final one, then the end)
-    ctx.restore() -> dict | None          the state last saved, loaders and RNGs put back
+    ctx.restore(into=None) -> dict | None the state last saved, loaders and RNGs put back;
+                                          sharded (FSDP) state loads in place, into= a template
     ctx.log(metrics, step)                tracking, alerts and the stall watchdog
 
 Steps are 0-based, as in `for step in range(ctx.max_steps)`: `save(state, step)` after step
 `step` is done records `step + 1` steps done; `ctx.start_step` is where a restored run goes on.
 Saved state is a dict of tensors and plain values (ints, floats, strings, lists, dicts): what
-`torch.load(weights_only=True)` reads back, so a checkpoint is never a code source.
+`torch.load(weights_only=True)` reads back, so a checkpoint is never a code source. A state that
+holds DTensors (an FSDP model's and its optimizer's state dicts) is sharded: every rank writes
+its slices through torch.distributed.checkpoint, and a restore re-slices them for any world size.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -23,7 +27,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import default_collate
 
-from checkpointing.format import plain, set_rng_state
+from checkpointing import templates
+from checkpointing.format import holds_dtensors, plain, set_rng_state
+from checkpointing.loader import read_sharded, sharded_keys
 from common.errors import UserError
 from dataloading.sampler import GlobalSampler
 from orchestrator import parallel, stopping
@@ -88,6 +94,9 @@ class _State:
         return self.state
 
 
+_SAVED = "model.state."  # where ctx.save puts the user's state in a sharded checkpoint (DCP's dotted keys)
+
+
 class TrainContext:
     def __init__(self, cfg: Config, services):
         m = services.member
@@ -97,7 +106,7 @@ class TrainContext:
         self._services = services
         self._loaders: list[Loader] = []
         self._restored = False
-        self._sharded = False
+        self._saved_loaders: list[dict] = []  # the restored checkpoint's loader positions
         self.start_step = services.loaded.step if services.loaded is not None else 0
         self.last_step = -1
         self.stopped_at: int | None = None  # steps done when `orchestrator stop` ended the function
@@ -117,7 +126,6 @@ class TrainContext:
             raise UserError(f"ctx.prepare: expected a torch.nn.Module, got {type(model).__name__}")
         model = parallel.wrap_model(model, strategy=self.config.parallelism.strategy, device=self.device,
                                     world_size=self.world_size, compile=self.config.train.compile)
-        self._sharded = self._sharded or parallel.is_sharded(model)
         torch.manual_seed(self.config.run.seed * 1000 + self.rank + 1)
         return model
 
@@ -144,9 +152,6 @@ class TrainContext:
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
             raise UserError(f"ctx.save: expected a state dict (a dict with string keys, e.g. "
                             f"{{'model': model.state_dict(), 'optimizer': opt.state_dict()}}), got {type(state).__name__}")
-        if self._sharded:
-            raise UserError("ctx.save: a model prepared with parallelism.strategy=fsdp is not saved through ctx yet; "
-                            "use parallelism.strategy=ddp with ctx.save, or the built-in loop for FSDP")
         checkpointer = self._services.checkpointer
         done = int(step) + 1
         snapshots = self._services.snapshots  # checkpoint.memory_every_steps: to a peer node's memory
@@ -163,6 +168,8 @@ class TrainContext:
         # the loaders' positions are global, so they travel with the replicated state: a rank that
         # did not exist when it was saved (a larger group) finds them there too; RNGs are per rank
         loaders = [loader.state_dict() for loader in self._loaders]
+        if holds_dtensors(state):  # through DCP, where a list of dicts would need a template: one value
+            loaders = json.dumps(loaders)
         checkpointer.save(done, model=_State({"state": plain(state), "loaders": loaders}), optimizer=None,
                           sampler_state={"steps_done": done}, log=self._services.sender)
         self._services.sender.flush()  # what a restore will not replay must reach the store now
@@ -179,29 +186,79 @@ class TrainContext:
         """After the user's function returned: the ranks' last stop agreement completes."""
         self._stop.close()
 
-    def restore(self) -> dict | None:
+    def restore(self, into: dict | None = None) -> dict | None:
         """After a restart, resume or fork: the state last saved, with the loaders and the random
-        number generators put back; None on a fresh start."""
+        number generators put back; None on a fresh start. Call it on every rank.
+
+        A sharded state (one that held DTensors: an FSDP model's and optimizer's state dicts) is
+        read by every rank together into tensors it already has, shaped for this rank (any world
+        size): pass `into`, a dict shaped like the state given to ctx.save, e.g.
+        `ctx.restore(into={"model": model, "optimizer": opt, "step": 0})`. A module or optimizer
+        there stands for its state_dict() and is loaded (a fresh optimizer gets its state created
+        first); tensors in `into` are filled in place; the state returned is `into`'s structure
+        with the saved values. Without `into`, a sharded checkpoint is a UserError. On a
+        replicated checkpoint `into` is optional: the saved state is returned and the modules
+        and optimizers in `into` are loaded from it."""
         loaded = self._services.loaded
-        self._restored = True
         if loaded is None:
+            self._restored = True
             return None
-        if not isinstance(loaded.model, dict) or "state" not in loaded.model:
-            raise UserError(f"checkpoint of step {loaded.step} holds no state saved by ctx.save (was it made by "
-                            "another entrypoint?)")
+        if into is not None and not isinstance(into, dict):
+            raise UserError(f"ctx.restore: into= must be a dict shaped like the state given to ctx.save, "
+                            f"got {type(into).__name__}")
+        state = self._read_sharded(loaded, into) if loaded.sharded else self._read_replicated(loaded, into)
+        self._restored = True
         if loaded.rank_state is not None:
             set_rng_state(loaded.rank_state["rng"])
         else:  # a rank that did not exist when it was saved: seeded by run, rank and step instead
             torch.manual_seed(self.config.run.seed * 1000 + self.rank + 1 + loaded.step * 7919)
         for i, loader in enumerate(self._loaders):
             self._restore_loader(i, loader)
-        return loaded.model["state"]
+        return state
+
+    def _read_replicated(self, loaded, into: dict | None) -> dict:
+        if not isinstance(loaded.model, dict) or "state" not in loaded.model:
+            raise UserError(f"checkpoint of step {loaded.step} holds no state saved by ctx.save (was it made by "
+                            "another entrypoint?)")
+        state = loaded.model["state"]
+        for path, obj in templates.objects_in(into):
+            try:
+                obj.load_state_dict(templates.at(state, path))
+            except KeyError as e:
+                raise UserError(f"ctx.restore: into= has {type(obj).__name__} at {e.args[0]!r}; the checkpoint "
+                                f"of step {loaded.step} has nothing there") from None
+        self._saved_loaders = list(loaded.model.get("loaders", []))
+        return state
+
+    def _read_sharded(self, loaded, into: dict | None) -> dict:
+        """Every rank together: DCP fills `into`'s template; nothing saved may be left unread."""
+        if into is None:
+            raise UserError(f"ctx.restore: the checkpoint of step {loaded.step} holds sharded (FSDP) state, which "
+                            "loads in place: pass a template of what you saved, e.g. "
+                            "ctx.restore(into={'model': model, 'optimizer': opt, 'step': 0})")
+        if "model.loaders" not in sharded_keys(loaded):  # ctx.save writes {"state": ..., "loaders": ...}
+            raise UserError(f"checkpoint of step {loaded.step} holds no state saved by ctx.save (was it made by "
+                            "another entrypoint?)")
+        template = templates.template(into)
+        box = {"model": {"state": template.state, "loaders": ""}}
+        try:
+            unread = read_sharded(loaded, box)
+        except (RuntimeError, ValueError, KeyError) as e:  # a template of another shape than the checkpoint
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].replace(_SAVED, "")
+            raise UserError(f"ctx.restore: into= does not fit the checkpoint of step {loaded.step}: {first}") from None
+        unread = [k.removeprefix(_SAVED) for k in unread if k.startswith(_SAVED)]
+        if unread:
+            more = f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""
+            raise UserError(f"ctx.restore: the checkpoint of step {loaded.step} holds {unread[0]}{more}, which into= "
+                            "lacks; pass a template of everything saved (an optimizer itself, not a fresh "
+                            "optimizer's state dict: that has no state yet)")
+        template.load_objects()
+        self._saved_loaders = json.loads(box["model"]["loaders"])
+        return box["model"]["state"]
 
     def _restore_loader(self, i: int, loader: Loader) -> None:
-        loaded = self._services.loaded
-        saved = loaded.model.get("loaders", []) if loaded is not None and isinstance(loaded.model, dict) else []
-        if i < len(saved):
-            loader.load_state_dict(saved[i])
+        if i < len(self._saved_loaders):
+            loader.load_state_dict(self._saved_loaders[i])
 
     # --- tracking -----------------------------------------------------------------------
 

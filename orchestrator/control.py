@@ -242,7 +242,7 @@ class Machine:
             actions.append(FollowUpStall())
             if self.avoid_culprit_node:
                 avoid |= set(f.data.get("culprit_nodes", ()))
-        if f.kind in (FailureKind.STRAGGLER, FailureKind.GPU) and f.node_id:
+        if f.kind in (FailureKind.STRAGGLER, FailureKind.GPU) and f.node_id and f.data.get("avoid_node", True):
             avoid.add(f.node_id)
         at_most = None
         if f.kind is FailureKind.SDC:

@@ -43,6 +43,7 @@ from orchestrator.control import (
     Tick,
     Training,
 )
+from orchestrator.hang import xid
 from orchestrator.hang.watchdog import Watchdog
 from orchestrator.policy import (
     ElasticPolicy,
@@ -322,7 +323,7 @@ class Controller:
                 if self.stopping_since is not None:  # asked to stop: no restart
                     self.out(f"stopping: {g.failure.message}; no final checkpoint")
                     return Interrupt(STOPPED, "stopped")
-                return GroupFailed(g.failure)
+                return GroupFailed(self._after_xid(g.failure))
             if summaries is not None:
                 if any(s.get("stopped") for s in summaries):
                     at = summaries[0].get("stopped_at")
@@ -345,6 +346,9 @@ class Controller:
                 self.out(f"[rank 0] {line}")
             for alert in polled["alerts"]:
                 self._show_alert(alert, state)
+            gpu = self._xid_failure(polled["alerts"])
+            if gpu is not None:
+                return GroupFailed(gpu)
             if state.run.failed_at is not None and self.last_step >= (self.step0 or 0):
                 return Recovered(self.last_step)
             if self.progress.due():
@@ -391,6 +395,33 @@ class Controller:
                                             latest=self._latest(), max_restarts=self.policy.max_restarts)
             if note:
                 self.out(note)
+
+    def _xid_failure(self, alerts: list[dict], then: Failure | None = None) -> Failure | None:
+        """A GPU Xid that asks for a restart (hang/xid.py): the group's failure, on that GPU's node."""
+        for alert in alerts:
+            what = xid.action(alert)
+            if what is None:
+                continue
+            d = alert["data"]
+            msg = alert["message"] + (f"; then {then.message}" if then is not None else "")
+            return Failure(FailureKind.GPU, msg, rank=alert.get("rank"), node_id=d.get("node"),
+                           traceback=then.traceback if then is not None else None,
+                           data={"xid": d.get("xid"), "meaning": d.get("meaning"), "gpu": d.get("gpu"),
+                                 "avoid_node": what == "fatal"})
+        return None
+
+    def _after_xid(self, f: Failure) -> Failure:
+        """A group that failed just after a GPU Xid failed of it, however the ranks saw it (often as
+        a vague NCCL error on another node): name the Xid, its GPU and node instead."""
+        if f.kind in (FailureKind.USER_ERROR, FailureKind.SDC, FailureKind.NON_FINITE) or not self.cfg.scaling.gpus_per_worker:
+            return f
+        try:
+            alerts = self.group.take_alerts()
+        except Exception:  # the metrics actor is gone too
+            return f
+        for alert in alerts:
+            self.out(f"ALERT {alert['severity']} {alert['kind']}: {alert['message']}")
+        return self._xid_failure(alerts, then=f) or f
 
     def _watchdog(self, progress: dict):
         """A stall: the report naming the culprit is stored, the Flight Recorder collected, the group failed."""

@@ -266,7 +266,9 @@ def _drive(cfg: Config, run_id: str, store: Store, out, *, address: str | None, 
     loss = f"train/loss {first:.3f} -> {last:.3f}" if first is not None else ""
     loss += f", eval/loss {ev:.3f}" if ev is not None else ""
     restarts = f", {summary['restarts']} restart(s)" if summary.get("restarts") else ""
-    out(f"run {run_id} completed: {summary['steps']} steps in {fmt_duration(summary['wall_time_s'])}{restarts}; {loss}")
+    # a script that never called worker.log reports no steps: say nothing about them rather than 0
+    steps = f"{summary['steps']} steps in " if summary.get("steps") else "in "
+    out(f"run {run_id} completed: {steps}{fmt_duration(summary['wall_time_s'])}{restarts}" + (f"; {loss}" if loss else ""))
     out(f"look at it:  orchestrator show {run_id}")
     out(f"             orchestrator metrics {run_id} --key train/loss")
     return run_id

@@ -25,8 +25,9 @@ _ROOT = Path(__file__).resolve().parent.parent
 OURS = tuple(str(_ROOT / p) + "/" for p in ("orchestrator", "actors", "checkpointing", "dataloading", "common"))
 
 
-def load_function(spec: str, workdir: str | None):
-    """The user's function from "module:function", importable from the working directory."""
+def load_function(spec: str, workdir: str | None, kwargs: dict | None = None):
+    """The user's function from "module:function", importable from the working directory, and
+    callable as fn(ctx, **kwargs) (entrypoint.kwargs)."""
     if workdir and workdir not in sys.path:
         sys.path.insert(0, workdir)
     module_name, _, attr = spec.partition(":")
@@ -39,10 +40,10 @@ def load_function(spec: str, workdir: str | None):
     if not callable(fn):
         raise ConfigError(f"entrypoint.function={spec!r}: {module_name} has no function {attr!r}")
     try:
-        inspect.signature(fn).bind(object())
-    except TypeError:
-        raise ConfigError(f"entrypoint.function={spec!r}: expected a function taking ctx as its first argument, "
-                          f"got {attr}{inspect.signature(fn)}") from None
+        inspect.signature(fn).bind(object(), **(kwargs or {}))
+    except TypeError as e:
+        raise ConfigError(f"entrypoint.function={spec!r}: expected a function taking ctx as its first argument and "
+                          f"entrypoint.kwargs {sorted(kwargs or {})} ({e}), got {attr}{inspect.signature(fn)}") from None
     except ValueError:  # a builtin without a signature: let the call decide
         pass
     return fn
@@ -53,7 +54,7 @@ def run_function(cfg: Config, *, skipped: list[int] = (), **kw) -> dict:
     from orchestrator.context import TrainContext  # torch: only in the rank's process
 
     e = cfg.entrypoint
-    fn = load_function(e.function, e.workdir)
+    fn = load_function(e.function, e.workdir, e.kwargs)
     with rank.services(cfg, **kw) as s:
         ctx = TrainContext(cfg, s)
         try:

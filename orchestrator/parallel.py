@@ -42,11 +42,12 @@ from orchestrator.config import Precision, Strategy
 
 
 def wrap_model(model: nn.Module, *, strategy: Strategy, device: torch.device, world_size: int,
-               compile: bool = False) -> nn.Module:
+               compile: bool = False, async_grads: bool = False) -> nn.Module:
     """`model` on `device`, wrapped per `strategy`: a DDP wrapper (the model is `.module`), or the
     model itself turned into an FSDP module (parameters become sharded DTensors). Build the
     optimizer from the returned module's parameters. `compile`: torch.compile the model's forward
-    in place (state-dict keys stay the same, so checkpoints do not change)."""
+    in place (state-dict keys stay the same, so checkpoints do not change). `async_grads` (ddp
+    only): no DDP wrapper; the caller reduces gradients with AsyncGradReduce."""
     strategy = Strategy(strategy)
     model = model.to(device)
     distributed = world_size > 1 and dist.is_initialized()
@@ -61,9 +62,44 @@ def wrap_model(model: nn.Module, *, strategy: Strategy, device: torch.device, wo
     if compile:
         _check_compiler(device)
         model.compile()
-    if distributed and strategy == Strategy.DDP:
+    if distributed and strategy == Strategy.DDP and async_grads:
+        for t in model.state_dict().values():  # what DDP does at construction: rank 0's weights everywhere
+            dist.broadcast(t, 0)
+    elif distributed and strategy == Strategy.DDP:
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
+
+
+class AsyncGradReduce:
+    """`distributed.async_collectives`, a test mode: on gloo, the gradient all-reduce behaves as
+    DDP's does on CUDA when seen from the host. It is issued after backward without waiting
+    (`async_op=True`) and waited for only at the optimizer step, so the host runs ahead of the
+    collective into another phase. CPU tests can then check that the hang watchdog counts a
+    collective done when it completes, not when the host passes it (orchestrator/hang/health.py).
+    Gradients are averaged as DDP's are (divided by the world size, then summed), in one bucket."""
+
+    def __init__(self, model: nn.Module, world_size: int):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.world_size = world_size
+        self._flat: torch.Tensor | None = None
+        self._work = None
+
+    def issue(self):
+        """After the last backward of a step; returns the torch Work (for completes_later)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self._flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.world_size)
+        self._work = dist.all_reduce(self._flat, async_op=True)
+        return self._work
+
+    def wait(self) -> None:
+        """Before anything reads the gradients (clipping, the optimizer)."""
+        self._work.wait()
+        offset = 0
+        for p in self.params:
+            averaged = self._flat[offset:offset + p.numel()].view_as(p)
+            p.grad = averaged.clone() if p.grad is None else p.grad.copy_(averaged)
+            offset += p.numel()
+        self._flat = self._work = None
 
 
 def _check_compiler(device: torch.device) -> None:

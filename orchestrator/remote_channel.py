@@ -150,15 +150,16 @@ class Channel:
 
     # --- reads ----------------------------------------------------------------------------
 
-    def read(self, body: bytes) -> tuple[int, dict]:
-        """POST a read, retried while the server is unreachable (up to give_up_s)."""
-        deadline = time.monotonic() + self.give_up_s
+    def read(self, body: bytes, *, give_up_s: float | None = None) -> tuple[int, dict]:
+        """POST a read, retried while the server is unreachable (up to give_up_s, default the channel's)."""
+        give_up_s = self.give_up_s if give_up_s is None else give_up_s
+        deadline = time.monotonic() + give_up_s
         for delay in backoff():
             try:
                 return self.post(READ_PATH, body, "application/json")
             except Transient as e:
                 if time.monotonic() + delay > deadline:
-                    raise StoreError(f"tracking server {self.uri} unreachable for {self.give_up_s:g}s ({e})") from None
+                    raise StoreError(f"tracking server {self.uri} unreachable for {give_up_s:g}s ({e})") from None
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -349,12 +350,12 @@ def error_of(data: bytes) -> str:
         return data[:200].decode(errors="replace")
 
 
-def refusal(uri: str, status: int, answer: dict) -> str:
+def refusal(uri: str, status: int, answer: dict, what: str = "a batch") -> str:
     said = str(answer.get("error") or "")[:300]
     if status in (401, 403):
         return (f"tracking server {uri} refused this client (HTTP {status}: {said}); set {TOKEN_ENV} to the token "
                 "the server was started with")
-    return f"tracking server {uri} refused a batch (HTTP {status}: {said})"
+    return f"tracking server {uri} refused {what} (HTTP {status}: {said})"
 
 
 def save_batches(client: str, batches: list[tuple[int, bytes]]) -> Path | None:

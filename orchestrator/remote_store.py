@@ -11,7 +11,12 @@ applied once each, retried with backoff, saved to disk if the server stays away)
   The same batch number again is answered 0 (stored already), here and on the server.
 - The queue is bounded; past it, a write raises StoreFull and the caller keeps its data (a rank's
   sender does).
-- Reads (the few a run makes) flush first, so a run reads what it wrote.
+- Reads flush first, so a run reads what it wrote. They are the Store reads a run makes and the
+  CLI's read commands (runs, show, metrics, compare, checkpoints, diagnose, logs, export) call,
+  answered from a read-only view of the server's store (ui/ingest.py READS; read_wire.py keeps
+  NaNs, arrays and long series exact and compact). A store that has neither written nor had a
+  read answered gives up a read after FIRST_READ_S (a command against a server that is not
+  there: one line soon); after that, reads ride out a server restart as writes do.
 
 The token comes from $ORCHESTRATOR_TOKEN (never from the URI: URIs are printed and stored).
 """
@@ -26,8 +31,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from checkpointing.records import STATUSES as CHECKPOINT_STATUSES
 from common.errors import StoreError, UserError
-from orchestrator import remote_channel
+from orchestrator import read_wire, remote_channel
 from orchestrator.ingest_wire import dumps, points_op
 from orchestrator.remote_channel import (
     BATCH_PATH,
@@ -38,9 +44,11 @@ from orchestrator.remote_channel import (
     refusal,
     say_to_stderr,
 )
+from orchestrator.series import Points
 
-__all__ = ["BATCH_PATH", "RemoteStore", "parse_uri"]
+__all__ = ["BATCH_PATH", "CheckpointRecordsSender", "RemoteStore", "parse_uri"]
 MAX_LINE = 16_384  # as run_logs.MAX_LINE: a runaway line is cut before it travels
+FIRST_READ_S = 5.0
 
 
 class _Unsupported(StoreError, AttributeError):
@@ -72,6 +80,16 @@ class _Points:
                *, seq: int | None = None) -> int:
         return self.owner._append(run_id, rank, attempt, data, seq)
 
+    # the series reads `export` makes (SeriesStore's, by the server's series ids)
+    def keys(self, run_id: str) -> list[str]:
+        return self.owner._read("points.keys", run_id=run_id)
+
+    def find(self, run_id: str, key: str) -> list[tuple[int, int, int, int]]:
+        return [tuple(row) for row in self.owner._read("points.find", run_id=run_id, key=key)]
+
+    def read(self, sid: int) -> Points:
+        return self.owner._read("points.read", sid=int(sid))
+
 
 class _Logs:
     def __init__(self, owner: RemoteStore):
@@ -81,8 +99,43 @@ class _Logs:
         self.owner._write({"op": "logs", "run_id": run_id, "attempt": attempt, "rank": rank,
                            "lines": [[float(t), stream, text[:MAX_LINE]] for t, stream, text in lines]})
 
+    def read(self, run_id: str, *, rank: int | None = None, attempt: int | None = None, after: int = 0,
+             limit: int = 100_000, tail: int | None = None) -> list[dict[str, Any]]:
+        return self.owner._read("logs.read", run_id=run_id, rank=rank, attempt=attempt, after=after, limit=limit,
+                                tail=tail)
+
+
+class CheckpointRecordsSender:
+    """The checkpoint coordinator's records (checkpointing/records.py's add and mark_corrupt) sent to
+    the server in order with the process's other writes, without waiting: the coordinator's loop
+    must not stall on the network. The server upserts them by (run, step), so a repeat is harmless;
+    close() delivers what is queued (the coordinator is closed before it is killed)."""
+
+    def __init__(self, store: RemoteStore):
+        self.store = store
+
+    def add(self, *, run_id: str, step: int, status: str, bytes: int | None = None, blocked_s: float | None = None,
+            upload_s: float | None = None, uri: str | None = None, error: str | None = None) -> None:
+        if status not in CHECKPOINT_STATUSES:
+            raise ValueError(f"checkpoint status must be one of {CHECKPOINT_STATUSES}, got {status!r}")
+        self.store._write({"op": "checkpoint", "run_id": run_id, "step": int(step), "status": status, "bytes": bytes,
+                           "blocked_s": blocked_s, "upload_s": upload_s, "uri": uri, "error": error})
+
+    def mark_corrupt(self, *, run_id: str, step: int, uri: str, error: str) -> None:
+        self.store._write({"op": "checkpoint_corrupt", "run_id": run_id, "step": int(step), "uri": uri,
+                           "error": error})
+
+    def list(self, run_id: str) -> list[dict[str, Any]]:
+        return self.store._read("checkpoints.list", run_id=run_id)
+
+    def close(self) -> None:
+        self.store.close()
+
 
 class RemoteStore:
+    kind = "http"  # Store's are "sqlite" and "postgresql"
+    empty_database = False  # as Store's: the server's store exists
+
     def __init__(self, uri: str, *, create: bool = True, token: str | None = None, give_up_s: float = GIVE_UP_S,
                  max_points: int = MAX_POINTS, say=None, private: bool = False):
         """create: accepted for open_store's sake (the server's store exists). give_up_s, max_points,
@@ -104,6 +157,7 @@ class RemoteStore:
         self._sender_seqs: dict[tuple[str, int, int], int] = {}  # ranks' batch numbers stored
         self._local = threading.local()  # the open transaction's unit, per thread
         self._closed = False
+        self._reached = False  # a read answered or a write made: later reads wait out an outage as writes do
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.uri!r})"
@@ -215,10 +269,15 @@ class RemoteStore:
         if self._closed:
             raise StoreError(f"tracking server {self.uri}: this store was closed")
         self._ch.submit(unit)
+        self._reached = True  # a run's store: its reads ride out a restart (a CLI's reads-only store gives up soon)
         for key, seq in seqs:  # stored (a unit with batch numbers is waited for): a resend is answered 0
             self._sender_seqs[key] = max(seq, self._sender_seqs.get(key, 0))
 
-    # --- reads (the few a run makes) ------------------------------------------------------
+    def checkpoint_records(self) -> CheckpointRecordsSender:
+        """The checkpoint coordinator's records, on a store of their own (close it after)."""
+        return CheckpointRecordsSender(RemoteStore(self.uri, token=self._ch.token))
+
+    # --- reads (what a run reads back, and the CLI's read commands) -------------------------
 
     def run(self, ref: str) -> dict[str, Any]:
         return self._read("run", ref=ref)
@@ -247,21 +306,39 @@ class RemoteStore:
     def events(self, run_id: str, kind: str | None = None) -> list[dict[str, Any]]:
         return self._read("events", run_id=run_id, kind=kind)
 
+    def notes(self, run_id: str) -> list[dict[str, Any]]:
+        return self._read("notes", run_id=run_id)
+
+    def metric_keys(self, run_id: str) -> list[str]:
+        return self._read("metric_keys", run_id=run_id)
+
+    def ranks(self, run_id: str, key: str) -> list[int]:
+        return self._read("ranks", run_id=run_id, key=key)
+
+    def series(self, run_id: str, key: str, *, rank: int | None = None) -> list[dict[str, Any]]:
+        return self._read("series", run_id=run_id, key=key, rank=rank)
+
+    def buckets(self, run_id: str, key: str, buckets: int, *, rank: int | None = None) -> list[dict[str, Any]]:
+        return self._read("buckets", run_id=run_id, key=key, buckets=int(buckets), rank=rank)
+
     def _read(self, method: str, **args):
         self.flush()
-        status, answer = self._ch.read(dumps({"method": method, "args": args}).encode())
+        give_up_s = self._ch.give_up_s if self._reached else min(FIRST_READ_S, self._ch.give_up_s)
+        status, answer = self._ch.read(dumps({"method": method, "args": args}).encode(), give_up_s=give_up_s)
         if status == 404:  # no such run: the server's one line
             raise UserError(answer.get("error") or f"not found on {self.uri}")
         if status != 200:
-            raise StoreError(refusal(self.uri, status, answer))
-        return answer["result"]
+            raise StoreError(refusal(self.uri, status, answer, what="a read"))
+        self._reached = True
+        return read_wire.decode(answer["result"])
 
     def __getattr__(self, name: str):
         # only reached for what this class lacks: say so plainly instead of an AttributeError deep in a command
         if name.startswith("_"):
             raise AttributeError(name)
-        raise _Unsupported(f"{name}: the tracking server {self.__dict__.get('uri', '?')} takes a run's writes; "
-                           "read commands read the server's store itself (--store or ORCHESTRATOR_STORE naming it)")
+        raise _Unsupported(f"{name}: the tracking server {self.__dict__.get('uri', '?')} does not offer this; "
+                           "name the server's database itself (--store or ORCHESTRATOR_STORE: a SQLite path or "
+                           "postgresql://...)")
 
     # --- the end --------------------------------------------------------------------------
 

@@ -267,6 +267,25 @@ class SeriesStore:
         keep = (steps >= lo) & (steps <= hi)
         return latest_per_step(steps[keep], vals[keep])
 
+    def read_many(self, sids: list[int], per_query: int = 500) -> dict[int, Points]:
+        """read(sid) of many whole series, in one query per `per_query` of them: on PostgreSQL each
+        query is a round trip, and the runs table reads thousands of short series."""
+        found: dict[int, tuple[list, list]] = {}
+        unique = list(dict.fromkeys(int(s) for s in sids))
+        for i in range(0, len(unique), per_query):
+            part = unique[i : i + per_query]
+            rows = self.db.execute(
+                f"SELECT series_id, steps, vals FROM chunks WHERE series_id IN ({','.join('?' * len(part))}) "
+                "ORDER BY series_id, sealed DESC, rowid", part).fetchall()
+            for sid, steps, vals in rows:  # per series in read()'s order: the later write wins
+                s_, v_ = found.setdefault(sid, ([], []))
+                s_.append(np.frombuffer(steps, dtype="<i8"))
+                v_.append(np.frombuffer(vals, dtype="<f8"))
+        out = {sid: Points.empty() for sid in unique}
+        for sid, (s_, v_) in found.items():
+            out[sid] = latest_per_step(np.concatenate(s_), np.concatenate(v_))
+        return out
+
     def span(self, sid: int) -> tuple[int, int] | None:
         lo, hi = self.db.execute("SELECT MIN(step_lo), MAX(step_hi) FROM chunks WHERE series_id = ?", (sid,)).fetchone()
         return None if lo is None else (lo, hi)

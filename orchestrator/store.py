@@ -144,17 +144,30 @@ def _private(path: Path) -> None:
 
 def open_checkpoint_records(uri: str | None = None):
     """The checkpoints table of the store at `uri`, on a connection of its own (for the
-    checkpoint coordinator); None for a store reached over HTTP (it keeps no such table here)."""
+    checkpoint coordinator); for an `orchestrator server`, what sends the records to it."""
     from checkpointing.records import CheckpointRecords
 
     where = locate(uri)
     if where.kind == "http":
-        return None
+        from orchestrator.remote_store import CheckpointRecordsSender, RemoteStore
+
+        return CheckpointRecordsSender(RemoteStore(where.uri))
     return CheckpointRecords(where.path if where.kind == "sqlite" else PgConnection(where.uri))
+
+
+def _empty_view(shown: str) -> sqlite3.Connection:
+    """The tables of a store, empty and read-only, in memory: what a read of a PostgreSQL database
+    without a store in it sees (it must not create one: the database is shared)."""
+    db = sqlite3.connect(":memory:", factory=_Connection, isolation_level=None, check_same_thread=False)
+    db.path = shown
+    store_schema.migrate(db)
+    db.execute("PRAGMA query_only = ON")
+    return db
 
 
 class Store:
     kind = "sqlite"
+    empty_database = False  # a PostgreSQL database without a store yet, opened to read (see postgres())
 
     def __init__(self, root: str | os.PathLike | None = None, *, create: bool = True, file: str = "store.db"):
         """A SQLite store: `file` in the directory `root`. create=False (commands that only use
@@ -173,7 +186,7 @@ class Store:
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            store_schema.prepare(self.db, str(self.path), create=create)  # adds what older stores lack
+            store_schema.prepare(self.db, str(self.path))  # adds what older stores lack
             self._attach()
         except BaseException:
             self.db.close()
@@ -188,7 +201,12 @@ class Store:
         self.db = PgConnection(uri)
         self.uri, self.path, self.root = uri, self.db.shown, home()
         try:
-            store_schema.prepare(self.db, self.db.shown, create=create)
+            if not create and store_schema.read_version(self.db) is None:
+                # a database nobody has written to yet: a store with no runs; reading makes no tables
+                self.db.close()
+                self.db, self.empty_database = _empty_view(self.path), True
+            else:
+                store_schema.prepare(self.db, self.db.shown)
             self._attach()
         except BaseException:
             self.db.close()
@@ -205,6 +223,10 @@ class Store:
 
     def checkpoint_records(self):
         """The checkpoints table of this store, on a connection of its own (close it after)."""
+        if self.empty_database:
+            from checkpointing.records import CheckpointRecords
+
+            return CheckpointRecords(":memory:")  # none yet, as the empty view says
         return open_checkpoint_records(self.uri)
 
     def _open_files(self, create: bool) -> None:

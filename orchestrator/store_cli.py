@@ -4,6 +4,13 @@ copy moves runs between stores (SQLite <-> PostgreSQL) row for row: the run, its
 events, attempts, checkpoint records, log lines, and its metric series as the stored chunks and
 block summaries themselves (so every point, duplicates and replays included, arrives as it was
 written). Each run is copied in one transaction of the destination: all of it or nothing.
+
+A tracking server's bookkeeping goes along, so a server moved to the copy (stop it, copy, start
+it on DST) still takes every client's batches once: the references to the run's events (renumbered
+in DST), and the last batch applied per client. A client's batch numbers span every run it
+writes, so every client's number is carried (the larger one where DST has it too); a batch sent
+again after the move is then acknowledged, not applied twice. Copy from a store no server is
+writing to: a client's batches applied to SRC after the copy would be missing from DST.
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ from orchestrator.store_schema import SCHEMA_VERSION, migrate, read_version
 from orchestrator.store_sql import PgConnection, table_columns
 
 # (table, ordering that keeps the source's write order); every row has a run_id
-PER_RUN = [("tags", "key"), ("notes", "rowid"), ("events", "rowid"), ("attempts", "attempt"),
-           ("checkpoints", "step"), ("logs", "id"), ("ingest", "rank, attempt")]
+PER_RUN = [("tags", "key"), ("notes", "rowid"), ("attempts", "attempt"),
+           ("checkpoints", "step"), ("logs", "id"), ("ingest", "rank, attempt")]  # events: _copy_events
 MADE_ANEW = {"rowid"}  # row ids (PostgreSQL's rowid column, logs.id) come from the destination
 
 
@@ -111,6 +118,8 @@ def copy_run(src: Store, dst: Store, run_id: str) -> dict[str, int]:
         _copy_rows(src, dst, "runs", "id = ?", (run_id,), "id")
         for table, order in PER_RUN:
             counts[table] = _copy_rows(src, dst, table, "run_id = ?", (run_id,), order)
+        counts["events"] = _copy_events(src, dst, run_id)
+        _copy_clients(src, dst)
         # the run's own series, and the wall times of points logged through MLflow or an import
         for sid, series_run, key, rank, attempt, tail_n, n in src.db.execute(
                 "SELECT id, run_id, key, rank, attempt, tail_n, n FROM series WHERE run_id IN (?, ?) ORDER BY id",
@@ -142,6 +151,33 @@ def _copy_rows(src: Store, dst: Store, table: str, where: str, args: tuple, orde
         dst.db.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                            [_plain(r) for r in rows])
     return len(rows)
+
+
+def _copy_events(src: Store, dst: Store, run_id: str) -> int:
+    """The run's events in their order, and the server's references to them, pointed at the
+    events' new row ids."""
+    cols = sorted(table_columns(src.db, "events") - MADE_ANEW)
+    rows = src.db.execute(f"SELECT rowid, {', '.join(cols)} FROM events WHERE run_id = ? ORDER BY rowid",
+                          (run_id,)).fetchall()
+    insert = f"INSERT INTO events ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) RETURNING rowid"
+    new_ids = {row[0]: dst.db.execute(insert, _plain(row[1:])).fetchone()[0] for row in rows}
+    if new_ids:
+        refs = src.db.execute("SELECT r.ref, r.event_id FROM ingest_events r JOIN events e ON e.rowid = r.event_id"
+                              " WHERE e.run_id = ? ORDER BY r.ref", (run_id,)).fetchall()
+        dst.db.executemany("INSERT INTO ingest_events (ref, event_id) VALUES (?, ?) ON CONFLICT (ref) DO NOTHING",
+                           [(ref, new_ids[old]) for ref, old in refs])
+    return len(rows)
+
+
+def _copy_clients(src: Store, dst: Store) -> None:
+    """Every client's last applied batch (the larger where DST knows the client too)."""
+    rows = src.db.execute("SELECT client, last_seq, time FROM ingest_clients ORDER BY client").fetchall()
+    dst.db.executemany(
+        "INSERT INTO ingest_clients (client, last_seq, time) VALUES (?, ?, ?) ON CONFLICT (client) DO UPDATE SET"
+        " last_seq = CASE WHEN excluded.last_seq > ingest_clients.last_seq THEN excluded.last_seq"
+        " ELSE ingest_clients.last_seq END,"
+        " time = CASE WHEN excluded.time > ingest_clients.time THEN excluded.time ELSE ingest_clients.time END",
+        rows)
 
 
 def _plain(row) -> tuple:

@@ -2,6 +2,8 @@
 
 Version 1: runs, tags, notes, events, attempts (below), series/chunks/summaries/ingest
 (series.py), logs (run_logs.py), checkpoints (checkpointing/records.py), schema_version.
+Version 2: ingest_clients and ingest_events (below), the tracking server's bookkeeping, which
+its ingest API used to create for itself when it started.
 Stores made before versions were recorded (SQLite only) count as version 0.
 
 SQLite stores migrate themselves when opened, as they always have (missing tables and columns
@@ -18,7 +20,7 @@ from orchestrator.run_logs import SCHEMA as LOGS_SCHEMA
 from orchestrator.series import SCHEMA as SERIES_SCHEMA
 from orchestrator.store_sql import existing_tables, pg_ddl, table_columns, table_names
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATE_LOCK = 0x6F726368  # a PostgreSQL advisory lock: one migration at a time
 
 RUNS_SCHEMA = """
@@ -85,13 +87,26 @@ CREATE TABLE IF NOT EXISTS schema_version (
     version INTEGER NOT NULL
 );
 """
+# the tracking server's (orchestrator/ui/ingest.py): the last batch applied per client (a batch sent
+# again is acknowledged, not applied twice), and the rows of events its clients refer to by name
+INGEST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ingest_clients (
+    client TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ingest_events (
+    ref TEXT PRIMARY KEY,
+    event_id INTEGER NOT NULL
+);
+"""
 RUN_COLUMNS = [
     "id", "name", "status", "parent", "fork_step", "config", "created_at", "ended_at",
     "git_commit", "host", "command", "world_size", "error", "summary", "meta", "driver_host", "driver_pid",
     "driver_beat", "stop_requested",
 ]
 COLUMN_TYPES = {"driver_pid": "INTEGER", "driver_beat": "REAL", "stop_requested": "REAL"}  # added to older stores with these types
-SCRIPTS = (RUNS_SCHEMA, SERIES_SCHEMA, LOGS_SCHEMA, CHECKPOINTS_SCHEMA)
+SCRIPTS = (RUNS_SCHEMA, SERIES_SCHEMA, LOGS_SCHEMA, CHECKPOINTS_SCHEMA, INGEST_SCHEMA)
 TABLES = [name for script in SCRIPTS for name in table_names(script)]
 
 
@@ -143,19 +158,13 @@ def newer_error(version: int, shown: str) -> StoreError:
                       f" ({SCHEMA_VERSION}); upgrade orchestrator to use it")
 
 
-def prepare(db, shown: str, *, create: bool) -> None:
+def prepare(db, shown: str) -> None:
     """On open: SQLite migrates itself (today's behaviour); PostgreSQL is checked, and an empty
-    database is given the schema when `create`."""
+    database is given the schema (a reader never gets here with one: store.py's empty view)."""
     version = read_version(db)
     if version is not None and version > SCHEMA_VERSION:
         raise newer_error(version, shown)
-    if not is_pg(db):
-        migrate(db)
-        return
-    if version is None:
-        if not create:
-            raise StoreError(f"no tracking store at {shown} (the database has no tables): "
-                             f"`orchestrator store migrate --store {shown}` makes one")
+    if not is_pg(db) or version is None:
         migrate(db)
         return
     missing = [t for t in TABLES if t not in existing_tables(db)]

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +25,7 @@ from orchestrator import sdc, stopping, telemetry
 from orchestrator.config import Config
 from orchestrator.gpt import build_model
 from orchestrator.hang.health import Health
-from orchestrator.parallel import autocast, grad_sync, is_sharded, wrap_model
+from orchestrator.parallel import AsyncGradReduce, autocast, grad_sync, is_sharded, wrap_model
 from orchestrator.restore import restore_state
 
 LogFn = Callable[[int, dict[str, float]], None]
@@ -114,11 +114,18 @@ def micro_batches(cfg: Config, world_size: int) -> int:
 
 
 @contextmanager
-def counted(health: Health, collective: bool):
-    """Counts a phase that runs collectives (what the hang watchdog reads)."""
+def counted(health: Health, collective: bool, device: torch.device):
+    """Counts a phase that runs collectives (what the hang watchdog reads). On CUDA the host
+    leaves the phase with its collectives queued, not done: a CUDA event recorded after them
+    tells the heartbeat thread when they complete (hang/health.py)."""
     health.coll_entered += collective
     yield
-    health.coll_completed += collective
+    if collective and device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record()
+        health.completes_later(event)
+    elif collective:
+        health.coll_completed += 1
 
 
 def open_data(cfg: Config) -> tuple[TokenDataset, TokenDataset | None]:
@@ -148,11 +155,8 @@ def evaluate(model, val: TokenDataset, cfg: Config, ctx: WorkerContext, health: 
         if health is not None:
             health.progress += 1
     if ctx.world_size > 1:
-        if health is not None:
-            health.coll_entered += 1
-        dist.all_reduce(total)
-        if health is not None:
-            health.coll_completed += 1
+        with counted(health, True, ctx.device) if health is not None else nullcontext():
+            dist.all_reduce(total)
     model.train()
     return float(total[0] / total[1])
 
@@ -177,10 +181,12 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
     accum = micro_batches(cfg, ctx.world_size)
     model = build_model(cfg.model, vocab_size=train_data.index.vocab_size, block_size=seq_len - 1)
     # `ddp` is what is called (a DDP wrapper, or the FSDP-sharded model itself); `model` is the module
-    ddp = wrap_model(model, strategy=cfg.parallelism.strategy, device=ctx.device, world_size=ctx.world_size,
-                     compile=cfg.train.compile)
-    sharded = is_sharded(model)
     multi = ctx.world_size > 1
+    async_grads = cfg.distributed.async_collectives and multi
+    ddp = wrap_model(model, strategy=cfg.parallelism.strategy, device=ctx.device, world_size=ctx.world_size,
+                     compile=cfg.train.compile, async_grads=async_grads)
+    reducer = AsyncGradReduce(model, ctx.world_size) if async_grads else None
+    sharded = is_sharded(model)
     health = health or Health(ctx.rank)
     stop = stopping.Agreement(ctx.world_size, ctx.device, health)  # `orchestrator stop`: all ranks, same step
     stopped_at = None
@@ -214,17 +220,22 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
             with grad_sync(ddp, final):
                 health.phase = "forward"
                 compute_started = time.perf_counter()
-                with counted(health, multi and sharded), autocast(ctx.device, cfg.train.precision):
+                with counted(health, multi and sharded, ctx.device), autocast(ctx.device, cfg.train.precision):
                     loss = loss_of(ddp, micro)  # FSDP all-gathers each block's weights in here
                 compute_s += time.perf_counter() - compute_started  # DDP: no collective in it
-                # DDP's gradient all-reduces run inside backward and are all waited for before it
-                # returns: counting them per step here costs nothing (a Python comm hook per bucket
-                # cost ~3% here)
+                # DDP's gradient all-reduces are issued inside backward (on gloo also waited for
+                # there; on CUDA queued, hence `counted`'s event): counting them once per step here
+                # costs nothing (a Python comm hook per bucket cost ~3%)
                 health.phase = "backward"
-                with counted(health, multi and (final or sharded)):
+                with counted(health, multi and (final or sharded) and reducer is None, ctx.device):
                     (loss if accum == 1 else loss / accum).backward()
             total = loss.detach() if total is None else total + loss.detach()
+        if reducer is not None:  # issued now, waited for below: the host runs ahead as on CUDA
+            health.coll_entered += 1
+            health.completes_later(reducer.issue())
         health.phase = "optimizer"
+        if reducer is not None:
+            reducer.wait()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced across ranks
@@ -239,7 +250,7 @@ def train(cfg: Config, ctx: WorkerContext, log: LogFn, checkpointer=None, restor
         every = cfg.health.sdc_check_every
         if multi and every and not sharded and ((step + 1) % every == 0 or is_last):  # before a checkpoint of it
             health.phase = "optimizer"
-            with counted(health, True):
+            with counted(health, True, ctx.device):
                 sdc.check(model, optimizer, step=step + 1, device=ctx.device)
 
         now = time.perf_counter()

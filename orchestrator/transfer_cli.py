@@ -26,8 +26,9 @@ def _store(create: bool):
     from orchestrator.store import open_store
 
     store = open_store(create=create)
-    if not hasattr(getattr(store, "points", None), "find"):
-        raise UserError("import and export read and write points directly: name a SQLite or PostgreSQL store "
+    if create and getattr(store, "kind", None) not in ("sqlite", "postgresql"):  # export reads through a server too
+        store.close()
+        raise UserError("import writes points directly: name a SQLite or PostgreSQL store "
                         "(--store / $ORCHESTRATOR_STORE), not an orchestrator server")
     return store
 

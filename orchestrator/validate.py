@@ -74,7 +74,7 @@ def check_model(cfg: Config) -> Check:
     if e.kind == "function":
         from orchestrator.entrypoints import load_function  # imports the user's module (and so torch)
 
-        load_function(e.function, e.workdir)
+        load_function(e.function, e.workdir, e.kwargs)
         return Check("ok", f"entrypoint.function {e.function} imports and takes ctx")
     if not cfg.model.factory:
         m = cfg.model

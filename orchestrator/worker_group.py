@@ -4,7 +4,6 @@ the controller asks of them. Tests replace it with a fake (tests/test_controller
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,11 +19,12 @@ from actors.snapshot_keeper import Keepers
 from actors.train_worker import TrainWorker
 from checkpointing.layout import scan
 from checkpointing.storage import open_fs
-from common.errors import NonFiniteLoss, ResourceError, SilentCorruption, UserError
+from common.errors import ResourceError, UserError
 from orchestrator import cluster, entrypoints, peer_loss, rank, rendezvous, script, stopping, visibility
 from orchestrator.anomaly import AnomalyDetector
 from orchestrator.config import Config
-from orchestrator.hang import nccl, xid
+from orchestrator.failures import describe
+from orchestrator.hang import xid
 from orchestrator.hang.followup import check_suspects, collect_flight_recorder
 from orchestrator.policy import Failure, FailureKind, GroupError
 from orchestrator.store import open_checkpoint_records, open_store
@@ -335,11 +335,12 @@ class WorkerGroup:
             return
         if self.h.keepers is not None:
             self.h.keepers.kill()
-        if self.h.metrics is not None:  # writes it queued for a tracking server go out before it is killed
-            try:
-                ray.get(self.h.metrics.close.remote(), timeout=60)
-            except Exception:
-                pass
+        for actor in (self.h.metrics, self.h.checkpoints):  # writes queued for a tracking server go out before a kill
+            if actor is not None:
+                try:
+                    ray.get(actor.close.remote(), timeout=60)
+                except Exception:
+                    pass
         for actor in self.h.workers + [a for a in (self.h.metrics, self.h.checkpoints, self.h.health) if a is not None]:
             try:
                 ray.kill(actor)
@@ -362,45 +363,7 @@ class WorkerGroup:
             raise GroupError(self._failure(e, _failed_rank(refs, ranks), phase)) from None
 
     def _failure(self, e: Exception, r: int | None, phase: str) -> Failure:
-        """What rank r's failed call says: its kind, a one-line message naming the rank and node."""
-        if isinstance(e, ray.exceptions.RayActorError):
-            node = self.node(r)
-            alive = node is None or node in cluster.node_ips()
-            kind = FailureKind.DIED if alive else FailureKind.NODE_LOST
-            what = (f"on node {cluster.node_label(node)} died (process killed or out of memory)" if alive
-                    else f"was lost with its node {node}")
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return Failure(kind, f"rank {r} {what} during {phase}: {first}", rank=r, node_id=node)
-        cause = e.cause if getattr(e, "cause", None) is not None else e
-        lines = str(cause).strip().splitlines()
-        kind, data = FailureKind.EXCEPTION, {}
-        named = nccl.classify(str(cause))
-        if isinstance(cause, UserError):
-            kind = FailureKind.USER_ERROR
-        elif isinstance(cause, NonFiniteLoss):
-            kind = FailureKind.NON_FINITE
-            data = {"batch": cause.step, "value": cause.value}
-        elif isinstance(cause, SilentCorruption):
-            nodes = sorted({n for n in (self.node(s) for s in cause.suspects) if n})
-            every = self.cfg.health.sdc_check_every
-            data = {"step": cause.step, "suspects": cause.suspects, "suspect_nodes": nodes,
-                    "checksums": [str(c) for c in cause.checksums], "last_good": max(0, cause.step - every)}
-            r = cause.suspects[0]
-            return Failure(FailureKind.SDC, f"silent data corruption: replicas disagree after step {cause.step}; "
-                           f"rank(s) {', '.join(map(str, cause.suspects))} on node(s) "
-                           f"{cluster.node_labels(nodes)} differ from the others", rank=r,
-                           node_id=self.node(r), data=data)
-        elif named is not None:
-            kind = FailureKind.GPU if named[0] in ("gpu_hardware", "cuda_error") else FailureKind.NCCL
-            data = {"nccl": named[0], "meaning": named[1]}
-        if kind in (FailureKind.EXCEPTION, FailureKind.NCCL) and peer_loss.is_peer_lost(str(cause)):
-            data = {**data, "peer_lost": True}  # maybe a survivor's report: wait() looks for the rank it lost
-        text = getattr(cause, "user_traceback", None) or re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-        tb = f"--- rank {r} traceback ---\n" + text
-        msg = f"rank {r} failed during {phase}: {type(cause).__name__}: {lines[-1] if lines else ''}"
-        if named is not None:
-            msg += f" ({named[0]}: {named[1]}; node {cluster.node_label(self.node(r))})"
-        return Failure(kind, msg, rank=r, node_id=self.node(r), traceback=tb, data=data)
+        return describe(e, r, phase, self.nodes, sdc_every=self.cfg.health.sdc_check_every)
 
     def _lost_peer(self, first: Failure) -> Failure:
         """`first`: a rank's collective failed because a peer went away. Blame the peer, not the

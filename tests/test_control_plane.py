@@ -1,5 +1,5 @@
-"""The control plane with many ranks (bench/control_plane.py, small): 64 simulated ranks, with the
-real heartbeat and metric-sender threads and checkpoint writer, against the real health monitor,
+"""The control plane with many ranks (bench/control_plane.py, small): 64 simulated ranks (asyncio
+tasks making the actor calls real ranks' side threads make) against the real health monitor,
 metrics actor + store and checkpoint coordinator, and the real watchdog; one rank freezes.
 Nothing is dropped, the frozen rank is named, the write cap holds. (Speed is the bench's job.)"""
 
@@ -80,3 +80,44 @@ def test_the_coordinator_hands_a_freed_slot_to_the_waiting_call_and_times_out_th
         assert c.release_rank(5) == 0 and await asyncio.wait_for(dead, 5) is None  # a restarted rank's wait ends
 
     asyncio.run(scenario())
+
+
+# --- the batch calls a node's aggregator makes (bench/control_plane.py --aggregate), no Ray --------
+
+
+def test_beat_many_keeps_each_ranks_latest_heartbeat_and_answers_the_dump_request():
+    from actors.health import HealthMonitor
+
+    m = HealthMonitor()
+    m.request_dumps()
+    assert m.beat_many([{"rank": 0, "step": 1, "time": 1.0}, {"rank": 1, "step": 1, "time": 1.0}]) == 1
+    m.beat_many([{"rank": 1, "step": 2, "time": 2.0}])
+    beats = m.snapshot()
+    assert sorted(beats) == [0, 1] and beats[1]["step"] == 2 and beats[0]["step"] == 1
+
+
+def test_log_columns_many_stores_every_ranks_batch_once_and_fails_only_what_cannot_be_stored(tmp_path):
+    import asyncio
+
+    import numpy as np
+
+    from actors.metrics_actor import MetricsActor
+    from orchestrator.anomaly import AnomalyDetector
+    from orchestrator.store import Store
+
+    store = Store(tmp_path)
+    store.create_run(run_id="r", name="cp", config={}, git_commit=None, host="h", command="c", world_size=3)
+    actor = MetricsActor("r", str(tmp_path), open_store=Store, detector=AnomalyDetector())
+    cols = lambda step: {"train/loss": (np.array([step]), np.array([1.0]))}  # noqa: E731
+    batches = [(rank, 1, cols(0), 0) for rank in range(3)]
+
+    assert asyncio.run(actor.log_columns_many(batches)) == [1, 1, 1]
+    assert asyncio.run(actor.log_columns_many(batches)) == [0, 0, 0]  # sent again: skipped by seq
+    bad = [(0, 2, cols(1), 0), (1, 2, {"train/loss": "not columns"}, 0)]
+    with pytest.raises(ValueError):  # its columns cannot be unpacked: its error comes back to the caller
+        asyncio.run(actor.log_columns_many(bad))
+    assert asyncio.run(actor.log_columns_many(bad[:1])) == [0]  # the good one went in despite its neighbour
+    stored = {rank: n for _, rank, _, n in store.points.find("r", "train/loss")}
+    assert stored == {0: 2, 1: 1, 2: 1}, stored
+    actor.close()
+    store.close()

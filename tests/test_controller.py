@@ -282,3 +282,45 @@ def test_ranks_that_do_not_stop_in_time_are_stopped_without_a_final_checkpoint(t
         c.run()
     assert [a["status"] for a in store.attempts("r1")] == ["stopped"] and group.stops == 1
     assert any("did not end within 10s" in line for line in out), out
+
+
+def xid_alert(xid_number: int, rank: int = 1) -> dict:
+    from orchestrator.hang import xid
+
+    return xid.to_event(xid_number, gpu=0, uuid="GPU-x", node_id=f"node-{rank}", rank=rank)
+
+
+def test_a_fatal_gpu_xid_restarts_at_once_without_its_node(tmp_path):
+    """Xid 79 (fallen off the bus): no waiting for NCCL's timeout; the next group avoids the node."""
+    c, group, store, lines = setup(tmp_path, [["step", "step"] + ["hang"] * 20, ["step", "done"]],
+                                   alerts={1: [xid_alert(79)]}, cfg={"scaling": {"gpus_per_worker": 1}})
+    c.run()
+    first = store.attempts("r1")[0]
+    assert (first["cause"], first["node"], first["rank"]) == ("gpu", "node-1", 1)
+    assert "Xid 79" in first["message"] and "fallen off the bus" in first["message"]
+    assert group.reserved[1] == (2, ("node-1",)) and not store.events("r1", kind="stall")
+    assert any(line.startswith("RESTART 1/") and "Xid 79" in line for line in lines)
+
+
+def test_a_contained_ecc_xid_restarts_on_the_same_nodes_and_a_warning_xid_does_nothing(tmp_path):
+    c, group, store, _ = setup(tmp_path, [["step", "step", "step"] + ["hang"] * 20, ["step", "done"]],
+                               alerts={0: [xid_alert(63)], 1: [xid_alert(94)]}, cfg={"scaling": {"gpus_per_worker": 1}})
+    c.run()
+    first = store.attempts("r1")[0]
+    assert first["cause"] == "gpu" and "Xid 94" in first["message"] and first["failed_step"] == 1  # not at 63's step
+    assert group.reserved[1] == (2, ())
+
+
+def test_a_vague_nccl_error_after_an_xid_is_blamed_on_the_xids_node(tmp_path):
+    """Rank 0 reports the timeout; the Xid that caused it came from rank 1's GPU."""
+    timeout = Failure(FailureKind.NCCL, "rank 0 failed during training: DistBackendError: Watchdog caught collective "
+                      "operation timeout", rank=0, node_id="node-0")
+    c, group, store, lines = setup(tmp_path, [["step", timeout], ["step", "done"]],
+                                   cfg={"scaling": {"gpus_per_worker": 1}})
+    pending = [xid_alert(48)]
+    group.take_alerts = lambda: [pending.pop()] if pending else []
+    c.run()
+    first = store.attempts("r1")[0]
+    assert (first["cause"], first["node"], first["rank"]) == ("gpu", "node-1", 1)
+    assert "Xid 48" in first["message"] and "then rank 0 failed" in first["message"]
+    assert group.reserved[1] == (2, ("node-1",))

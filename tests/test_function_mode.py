@@ -100,3 +100,21 @@ def test_saving_something_that_is_not_a_state_dict_is_one_line(tmp_path, home, t
     last = proc.stderr.strip().splitlines()[-1]
     assert "ctx.save: expected a state dict" in last and "rank" in last, proc.stderr
     assert "RESTART" not in proc.stdout  # bad input: restarting cannot help
+
+
+def test_keyword_only_settings_from_entrypoint_kwargs_are_accepted_and_checked():
+    from common.errors import ConfigError
+    from orchestrator.entrypoints import load_function
+
+    assert load_function("tests.user_functions:keyword_only", None, {"lr": 0.1})(None, lr=0.1) == 0.1
+    with pytest.raises(ConfigError, match=r"entrypoint.kwargs \[\] .*missing a required argument: 'lr'"):
+        load_function("tests.user_functions:keyword_only", None, {})
+    with pytest.raises(ConfigError, match=r"entrypoint.kwargs \['lr', 'momentum'\]"):
+        load_function("tests.user_functions:keyword_only", None, {"lr": 0.1, "momentum": 0.9})
+
+
+def test_overrides_after_script_are_overrides_not_a_config_file(tmp_path, home):
+    proc = run_cli("launch", "--script", str(tmp_path / "missing.py"), "--workers", "2", "cluster.dashboard=false",
+                   home=home, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "entrypoint.script: no such file" in lines[0], proc.stderr

@@ -128,3 +128,21 @@ def test_on_cuda_replicas_the_replica_check_catches_one_changed_weight(tmp_path)
     answers = _on_two_gpus(tmp_path, "sdc")
     assert answers and all(a["raised"] and a["step"] == 2 for a in answers), answers
     assert all(a["suspects"] == [0, 1] for a in answers)  # two ranks: no majority, both are suspects
+
+
+@pytest.mark.gpu(count=1)
+def test_a_collective_on_cuda_counts_as_done_when_the_device_is_done():
+    """The host leaves `counted` at once with work queued on the stream; the heartbeat counts the
+    collective done only when a CUDA event recorded after it has completed."""
+    import torch
+
+    from orchestrator.hang.health import Health
+    from orchestrator.training import counted
+
+    health = Health(0)
+    with torch.cuda.device(0), counted(health, True, torch.device("cuda", 0)):
+        torch.cuda._sleep(2_000_000_000)  # about a second of queued GPU time (cycles), as an all-reduce waiting
+    queued = health.snapshot()
+    torch.cuda.synchronize()
+    assert (queued["coll_entered"], queued["coll_completed"]) == (1, 0)
+    assert health.snapshot()["coll_completed"] == 1

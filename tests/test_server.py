@@ -78,9 +78,9 @@ class ServerProcess:
 class InProcess:
     """A server in this process (cheaper than a child process where no restart is needed)."""
 
-    def __init__(self, store_dir: Path, *, token: str | None = None):
+    def __init__(self, store_dir: Path, *, token: str | None = None, store=None):
         self.store_dir = store_dir
-        self.store = Store(store_dir)
+        self.store = store if store is not None else Store(store_dir)
         self.srv, _ = start_in_thread(store=self.store, port=0, token=token)
         self.port = self.srv.server_address[1]
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -131,7 +131,7 @@ def points_of(store: Store, run_id: str, key: str, rank: int) -> tuple[list[int]
 @pytest.mark.ray
 def test_launch_writes_everything_to_the_server(tmp_path, home, tiny_data, ray_address, server):
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 12, "eval_every": 6, "eval_batches": 1},
-                      tracking={"uri": server.uri})
+                      checkpoint={"uri": str(tmp_path / "ckpt"), "every_steps": 6}, tracking={"uri": server.uri})
     proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"store {server.uri}" in proc.stdout
@@ -155,8 +155,16 @@ def test_launch_writes_everything_to_the_server(tmp_path, home, tiny_data, ray_a
         assert attempt["status"] == "completed" and attempt["ended_at"] is not None
         row = s.db.execute("SELECT driver_beat FROM runs WHERE id = ?", (run["id"],)).fetchone()
         assert row[0] is not None  # the driver's beats arrived
+        # the checkpoint coordinator's records came through the ingest API (not only manifests at the destination)
+        recorded = s.db.execute("SELECT step, status, bytes FROM checkpoints WHERE run_id = ? ORDER BY step",
+                                (run["id"],)).fetchall()
+        assert [(step, status) for step, status, _ in recorded] == [(6, "committed"), (12, "committed")], recorded
+        assert all(n and n > 0 for _, _, n in recorded)
     finally:
         s.close()
+    report = cli_json("checkpoints", run["id"], *store, home=home)
+    assert [(c["step"], c["status"], c["present"]) for c in report["checkpoints"]] == [
+        (6, "committed", True), (12, "committed", True)], report
 
 
 # --- batches: once each, in order ------------------------------------------------------------
@@ -214,6 +222,47 @@ def test_both_backends_take_the_same_batches(tmp_path, store_uri):
         srv.shutdown()
         srv.server_close()
         store.close()
+
+
+def test_checkpoint_records_go_through_the_server_once(tmp_path, store_uri):
+    """What the checkpoint coordinator records (open_checkpoint_records on an http URI) lands in the
+    server's checkpoints table, on either backend; a batch sent again changes nothing."""
+    from orchestrator.store import open_checkpoint_records, open_store
+
+    store = open_store(store_uri)
+    srv, _ = start_in_thread(store=store, port=0)
+    uri = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        r = RemoteStore(uri, private=True)
+        new_run(r)
+        r.close()
+        records = open_checkpoint_records(uri)
+        records.add(run_id="r1", step=5, status="committed", bytes=1234, blocked_s=0.5, upload_s=1.5,
+                    uri="file:///c/step_00000005")
+        records.add(run_id="r1", step=10, status="failed", error="disk full")
+        records.mark_corrupt(run_id="r1", step=5, uri="file:///c/step_00000005", error="sha256 mismatch")
+        with pytest.raises(ValueError, match="status"):
+            records.add(run_id="r1", step=15, status="exploded")
+        records.close()  # delivers what is queued
+        op = {"op": "checkpoint", "run_id": "r1", "step": 10, "status": "failed", "bytes": None, "blocked_s": None,
+              "upload_s": None, "uri": None, "error": "disk full"}
+        body = encode("client-ckpt", 1, [[op]], [])
+        assert post(uri + BATCH_PATH, body) == (200, {"applied": True, "points": 0})
+        assert post(uri + BATCH_PATH, body) == (200, {"applied": False, "points": 0})
+        status, answer = post(uri + BATCH_PATH, encode("client-ckpt", 2, [[{**op, "status": "maybe"}]], []))
+        assert status == 400 and "op checkpoint: status 'maybe'" in answer["error"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        store.close()
+    check = open_store(store_uri)
+    rows = check.checkpoint_records()
+    try:
+        got = [(c["step"], c["status"], c["bytes"], c["error"]) for c in rows.list("r1")]
+    finally:
+        rows.close()
+        check.close()
+    assert got == [(5, "corrupt", 1234, "sha256 mismatch"), (10, "failed", None, "disk full")]
 
 
 def test_bad_batches_are_refused_with_one_line(inproc):
@@ -436,3 +485,269 @@ def test_bad_uri_is_one_line():
         with pytest.raises(StoreError) as e:
             RemoteStore(uri)
         assert words in str(e.value) and "pw" not in str(e.value)
+
+
+# --- moving a server's store: its bookkeeping goes along ----------------------------------------
+
+
+def test_a_store_copied_to_postgresql_still_takes_each_batch_once(tmp_path, pg_uri, home):
+    """Server on SQLite; stop it, `store copy` to PostgreSQL, serve that: the batch whose answer was
+    lost is acknowledged, not applied again, and an event is found again by its reference."""
+    from orchestrator.store import open_store
+
+    def op_create(run_id: str) -> dict:
+        return {"op": "create_run", "run_id": run_id, "name": run_id, "config": {}, "git_commit": None, "host": "h",
+                "command": "c", "world_size": 1, "parent": None, "fork_step": None, "meta": None, "tags": None}
+
+    event = {"op": "add_event", "ref": "client-move:1", "run_id": "r1", "kind": "stall", "severity": "error",
+             "message": "rank 0 stalled", "step": 3, "rank": 0, "data": None}
+    logs = {"op": "logs", "run_id": "r1", "attempt": 0, "rank": 0, "lines": [[1.0, "stdout", "hello"]]}
+    points, arrays, _ = points_op("r1", 0, 0, None, {"loss": (np.arange(4), np.array([4.0, 3.0, 2.0, 1.0]))})
+    first = encode("client-move", 1, [[op_create("r1"), op_create("r2")]], [])
+    second = encode("client-move", 2, [[event, logs, points]], arrays)  # its answer is lost in the move
+
+    old = InProcess(tmp_path / "old")
+    try:
+        assert post(old.uri + BATCH_PATH, first)[0] == 200
+        assert post(old.uri + BATCH_PATH, second) == (200, {"applied": True, "points": 4})
+    finally:
+        old.stop()
+    copied = run_cli("store", "copy", str(tmp_path / "old"), pg_uri, "--run", "r1", home=home, check=True)
+    assert "run r1: copied 4 points in 1 series, 1 events, 1 log lines" in copied.stdout
+
+    store = open_store(pg_uri)
+    srv, _ = start_in_thread(store=store, port=0)
+    uri = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        assert post(uri + BATCH_PATH, second) == (200, {"applied": False, "points": 0})  # sent again: once
+        update = {"op": "update_event_data", "event": "client-move:1", "data": {"node": "n1"}}
+        assert post(uri + BATCH_PATH, encode("client-move", 3, [[update]], []))[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        store.close()
+    check = open_store(pg_uri)
+    try:
+        (stall,) = check.events("r1")
+        assert stall["message"] == "rank 0 stalled" and stall["data"] == {"node": "n1"}
+        assert [r["line"] for r in check.logs.read("r1")] == ["hello"]
+        assert points_of(check, "r1", "loss", 0) == ([0, 1, 2, 3], [4.0, 3.0, 2.0, 1.0], 4)
+        assert [r["id"] for r in check.runs()] == ["r1"]  # r2 stayed behind (--run r1)
+    finally:
+        check.close()
+
+
+# --- read commands against a server: the same output as against its database ------------------
+
+TOKEN = "read-token-1234"
+
+
+def _a_finished_store(where: str, ckpt_root: Path) -> None:
+    """Two runs (one forked) with what every read command shows, made with the Store API."""
+    from orchestrator.logged_points import PointWriter
+    from orchestrator.store import open_store
+
+    s = open_store(where)
+    try:
+        cfg = {"run": {"name": "base"}, "optim": {"lr": 0.01}, "checkpoint": {"uri": str(ckpt_root / "base")},
+               "$odd": {"$f": "a user's key that looks like the wire's"}}
+        s.create_run(run_id="base", name="base", config=cfg, git_commit="abc123", host="h", command="orchestrator launch",
+                     world_size=2, tags={"team": "nlp"})
+        s.add_note("base", "first try")
+        s.start_attempt("base", 0, resumed_from_step=None)
+        steps = np.arange(150)
+        for rank in (0, 1):
+            loss = np.linspace(3.0, 1.0, 150) + rank * 0.01
+            loss[50] = np.nan if rank == 0 else np.inf  # a diverged step: must travel as itself
+            loss[90] = 40.0  # a one-step spike
+            s.points.append("base", rank, 0, {"train/loss": (steps, loss),
+                                              "train/tokens_per_s": (steps, np.full(150, 1000.0 + rank))})
+        s.points.append("base", 0, 0, {"eval/loss": (np.array([49, 99, 149]), np.array([2.5, 2.0, 1.5]))})
+        s.end_attempt("base", 0, "failed", cause="stall", rank=1, message="rank 1 stalled", failed_step=149)
+        s.add_event("base", kind="stall", severity="error", message="rank 1 stalled in all_reduce", step=149, rank=1,
+                    data={"verdict": "rank 1 hung", "culprits": [1], "culprit_nodes": ["n1"], "stalled_s": 31.5,
+                          "ranks": {str(r): {"node": f"n{r}", "step": 149, "phase": phase, "coll_entered": 300 - r,
+                                             "coll_completed": 299 - r, "age_s": 0.5 + 30 * r}
+                                    for r, phase in ((0, "collective"), (1, "forward"))}})
+        s.start_attempt("base", 1, resumed_from_step=100)  # replays 100..149: the later attempt wins
+        for rank in (0, 1):
+            s.points.append("base", rank, 1, {"train/loss": (np.arange(100, 200), np.linspace(1.2, 0.8, 100))})
+        s.end_attempt("base", 1, "completed")
+        PointWriter(s).write("base", [("mlflow/acc", i, 0.5 + i / 100, 1_700_000_000.0 + i) for i in range(70)])
+        s.logs.add("base", 0, 0, [(1.0, "stdout", "hello from rank 0"), (2.0, "stderr", "a warning \x1b[31mred")])
+        s.logs.add("base", 1, 1, [(3.0, "stdout", "rank 1 after the restart")])
+        s.finish_run("base", "completed", summary={"last_loss": 0.8, "restarts": 1})
+        records = s.checkpoint_records()
+        records.add(run_id="base", step=100, status="committed", bytes=123_456, blocked_s=0.1, upload_s=1.5,
+                    uri=str(ckpt_root / "base" / "step_00000100"))
+        records.add(run_id="base", step=150, status="failed", error="upload timed out")
+        records.close()
+        s.create_run(run_id="fork1", name="fork1", config={**cfg, "optim": {"lr": 0.02}}, git_commit="abc123",
+                     host="h", command="orchestrator fork", world_size=2, parent="base", fork_step=120)
+        for rank in (0, 1):
+            s.points.append("fork1", rank, 0, {"train/loss": (np.arange(120, 180), np.linspace(0.9, 0.7, 60))})
+        s.finish_run("fork1", "completed", summary={"last_loss": 0.7})
+    finally:
+        s.close()
+
+
+class ReadServer(InProcess):
+    """A server (in this process, with a token) on a store holding finished runs; `where` names
+    that store for the direct reads."""
+
+    def __init__(self, where: str, ckpt_root: Path):
+        from orchestrator.store import open_store
+
+        _a_finished_store(where, ckpt_root)
+        self.where = where
+        super().__init__(Path(where), token=TOKEN, store=open_store(where))
+
+
+@pytest.fixture
+def read_server(tmp_path):
+    srv = ReadServer(str(tmp_path / "server-store"), tmp_path / "ckpts")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def read_server_each(tmp_path, store_uri):
+    """The same on SQLite, then on PostgreSQL."""
+    srv = ReadServer(store_uri, tmp_path / "ckpts")
+    yield srv
+    srv.stop()
+
+
+def _cli(capsys, monkeypatch, *args: str, token: str | None = None) -> tuple[int, str, str]:
+    """The CLI in this process (a subprocess per command would cost seconds each)."""
+    from orchestrator.cli import main
+
+    if token is None:
+        monkeypatch.delenv("ORCHESTRATOR_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("ORCHESTRATOR_TOKEN", token)
+    capsys.readouterr()
+    code = main(list(args))
+    got = capsys.readouterr()
+    return code, got.out, got.err
+
+
+READ_COMMANDS = [
+    ["runs"], ["runs", "--json"], ["runs", "--tag", "team=nlp", "--where", "optim.lr=0.02", "--json"],
+    ["show", "base"], ["show", "base", "--json"], ["show", "fork1"],
+    ["metrics", "base"], ["metrics", "base", "--json"], ["metrics", "base", "--key", "train/loss"],
+    ["metrics", "base", "--key", "train/loss", "--json"], ["metrics", "base", "--key", "train/loss", "--rank", "1"],
+    ["metrics", "base", "--key", "train/loss", "--buckets", "7", "--json"],
+    ["metrics", "fork1", "--key", "train/loss", "--buckets", "5"], ["metrics", "fork1", "--key", "train/loss", "--json"],
+    ["compare", "base", "fork1"], ["compare", "base", "fork1", "--json"],
+    ["checkpoints", "base"], ["checkpoints", "base", "--json"],
+    ["diagnose", "base"], ["diagnose", "base", "--json"],
+    ["logs", "base"], ["logs", "base", "--rank", "1", "--json"], ["logs", "base", "--attempt", "0"],
+]
+
+
+def test_every_read_command_says_the_same_over_http_as_from_the_database(read_server_each, tmp_path, capsys,
+                                                                         monkeypatch):
+    read_server = read_server_each
+    monkeypatch.setenv("ORCHESTRATOR_STORE", "")  # main() sets it from --store: put back after
+    monkeypatch.setenv("ORCHESTRATOR_HOME", str(tmp_path / "client-home"))
+    direct, remote = ["--store", read_server.where], ["--store", read_server.uri]
+    for args in READ_COMMANDS:
+        code, want, err = _cli(capsys, monkeypatch, *args, *direct)
+        assert code == 0 and want.strip(), (args, err)
+        code, got, err = _cli(capsys, monkeypatch, *args, *remote, token=TOKEN)
+        assert code == 0 and err == "", (args, err)
+        assert got == want, args
+    # spot checks that the outputs compared hold what they should
+    _, shown, _ = _cli(capsys, monkeypatch, "metrics", "base", "--key", "train/loss", "--rank", "0", "--json",
+                       *remote, token=TOKEN)
+    points = {p["step"]: p["value"] for p in json.loads(shown)["points"]}
+    assert len(points) == 200 and points[50] is None and points[90] == 40.0  # NaN (null in JSON), the spike
+    _, shown, _ = _cli(capsys, monkeypatch, "show", "base", "--json", *remote, token=TOKEN)
+    run = json.loads(shown)
+    assert run["config"]["$odd"] == {"$f": "a user's key that looks like the wire's"} and len(run["attempts"]) == 2
+    # export: the same file either way
+    for fmt in ("csv", "parquet"):
+        a, b = tmp_path / f"direct.{fmt}", tmp_path / f"remote.{fmt}"
+        assert _cli(capsys, monkeypatch, "export", "base", "--format", fmt, "--out", str(a), *direct)[0] == 0
+        assert _cli(capsys, monkeypatch, "export", "base", "--format", fmt, "--out", str(b), *remote, token=TOKEN)[0] == 0
+        if fmt == "csv":
+            text = a.read_text()
+            assert text.count("\n") > 600 and "mlflow/acc" in text and text == b.read_text()
+        else:
+            import pyarrow.parquet as pq
+
+            assert pq.read_table(a).num_rows > 600 and a.read_bytes() == b.read_bytes()  # NaN != NaN: bytes
+
+
+def test_read_commands_over_http_fail_in_one_line(read_server, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ORCHESTRATOR_STORE", "")
+    monkeypatch.setenv("ORCHESTRATOR_HOME", str(tmp_path / "client-home"))
+    cases = [
+        (["show", "nope", "--store", read_server.uri], TOKEN, "nope"),  # unknown run
+        (["runs", "--store", read_server.uri], "wrong-token-999", "HTTP 401"),
+        (["metrics", "base", "--key", "train/loss", "--store", read_server.uri], None, "HTTP 401"),
+        (["runs", "--store", f"http://127.0.0.1:{free_port()}"], TOKEN, "unreachable"),  # nothing listens
+        (["import", "tensorboard", str(tmp_path), "--store", read_server.uri], TOKEN, "import writes points directly"),
+    ]
+    for args, token, words in cases:
+        code, out, err = _cli(capsys, monkeypatch, *args, token=token)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in err, (args, err)
+        assert TOKEN not in err
+
+
+def test_a_read_cannot_write(read_server):
+    """Only whitelisted reads, answered from a read-only view: write methods are refused by name."""
+    uri, headers = read_server.uri + "/ingest/v1/read", {"X-Token": TOKEN}
+    for method, args in (("finish_run", {"run_id": "base", "status": "failed"}), ("points.append", {}),
+                         ("logs.add", {}), ("request_stop", {"run_id": "base"}), ("db.execute", {})):
+        status, answer = post(uri, json.dumps({"method": method, "args": args}).encode(), "application/json", headers)
+        assert status == 400 and "expected" in answer["error"], (method, answer)
+    status, answer = post(uri, json.dumps({"method": "logs.read", "args": {"run_id": "base", "rank": None,
+                          "attempt": None, "after": 0, "limit": 10**9, "tail": None}}).encode(), "application/json",
+                          headers)
+    assert status == 400 and "limit" in answer["error"]
+    s = Store(Path(read_server.where), create=False)
+    try:
+        assert s.run("base")["status"] == "completed" and not s.stop_requested("base")
+    finally:
+        s.close()
+
+
+def test_the_runs_table_reads_its_series_in_one_query(tmp_path, store_uri):
+    """The UI's runs table (also a server's first /api/runs on PostgreSQL) reads every short series
+    at once (read_many), with the same result as one read per series."""
+    from orchestrator.store import open_store
+    from orchestrator.ui.api import TABLE_KEYS, Api
+    from orchestrator.ui.ranges import quick_stats
+
+    s = open_store(store_uri)
+    try:
+        rng = np.random.default_rng(3)
+        for i in range(6):
+            new_run(s, f"r{i}")
+            for rank in (0, 1):
+                n = 9000 if i == 0 else 40 + i  # r0: a sealed chunk and a tail
+                s.points.append(f"r{i}", rank, 0, {"train/loss": (np.arange(n), rng.normal(size=n)),
+                                                   "train/tokens_per_s": (np.arange(n), rng.uniform(900, 1100, n))})
+            s.points.append(f"r{i}", 0, 0, {"train/loss": (np.array([5, 6]), np.array([-7.0, np.nan]))})  # again
+        s.points.append("r1", 0, 1, {"train/loss": (np.arange(20, 60), np.zeros(40))})  # a restart's replay
+        sids = [sid for i in range(6) for key in TABLE_KEYS for sid, *_ in s.points.find(f"r{i}", key)]
+        many = s.points.read_many([*sids, sids[0], 10**9])
+        assert len(sids) >= 24 and len(many[10**9].steps) == 0
+        for sid in sids:
+            one = s.points.read(sid)
+            assert len(one.steps) and np.array_equal(many[sid].steps, one.steps)
+            assert np.array_equal(many[sid].values, one.values, equal_nan=True)
+        api = Api(s)
+        reader = api.open()
+        try:
+            table = {r["id"]: r for r in api.runs(reader)["runs"]}
+            for i in range(6):
+                want = quick_stats(reader, f"r{i}", "train/loss", reader.points.find(f"r{i}", "train/loss"))
+                assert want and table[f"r{i}"]["last_loss"] == want["last"] and table[f"r{i}"]["best_loss"] == want["best"]
+        finally:
+            reader.close()
+    finally:
+        s.close()

@@ -17,8 +17,8 @@ import pytest
 
 from common.errors import StoreError
 from orchestrator.store import open_store
-from orchestrator.store_schema import SCHEMA_VERSION
-from orchestrator.store_sql import PgConnection
+from orchestrator.store_schema import SCHEMA_VERSION, TABLES
+from orchestrator.store_sql import PgConnection, existing_tables
 from tests.conftest import cli_json, run_cli, tiny_config
 
 
@@ -74,13 +74,70 @@ def test_an_older_schema_says_to_migrate_and_migrate_upgrades_it(pg_uri, home):
     assert [r["name"] for r in cli_json("runs", "--store", pg_uri, home=home)] == ["old"]  # the run survived
 
 
-def test_a_read_command_on_an_empty_database_makes_nothing(pg_uri, home):
-    line = one_line(run_cli("show", "r1", "--store", pg_uri, home=home))
-    assert "no tracking store at" in line and "store migrate" in line
-    db = PgConnection(pg_uri)
-    tables = db.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema()")
-    assert tables.fetchone()[0] == 0
-    db.close()
+def test_version_1_gains_the_servers_bookkeeping_tables(pg_uri, tmp_path, home):
+    """Version 2 brought ingest_clients and ingest_events under the schema: a version 1 store (as the
+    last release left it: the server made them itself, if it ran) is told to migrate, and migrate
+    adds them; a SQLite store adds them when opened."""
+    assert SCHEMA_VERSION == 2
+    for uri in (pg_uri, str(tmp_path / "s")):
+        store = open_store(uri)
+        store.create_run(run_id="r1", name="old", config={}, git_commit=None, host="h", command="c", world_size=1)
+        store.db.execute("DROP TABLE ingest_clients")
+        store.db.execute("DROP TABLE ingest_events")
+        store.db.execute("UPDATE schema_version SET version = 1")
+        store.close()
+    line = one_line(run_cli("runs", "--store", pg_uri, home=home))
+    assert "older schema (version 1, missing ingest_clients, ingest_events" in line and "store migrate" in line
+    proc = run_cli("store", "migrate", "--store", pg_uri, home=home, check=True)
+    assert "schema version 1 -> 2" in proc.stdout
+    for uri in (pg_uri, str(tmp_path / "s")):
+        store = open_store(uri)
+        try:
+            assert {"ingest_clients", "ingest_events"} <= existing_tables(store.db)
+            assert store.db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 2
+            assert [r["name"] for r in store.runs()] == ["old"]
+        finally:
+            store.close()
+
+
+def tables_in(uri: str) -> int:
+    db = PgConnection(uri)
+    try:
+        return db.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema()"
+                          ).fetchone()[0]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["fresh-database", "migrated-store"])
+def test_read_commands_on_an_empty_store_list_nothing_and_make_nothing(made, pg_uri, home, monkeypatch, capsys):
+    """A fresh database (nobody has written to it) reads as a store without runs, as does a
+    migrated one: `runs` lists nothing, a command on a run says there is no such run."""
+    from orchestrator import cli
+
+    if made:
+        open_store(pg_uri).close()
+    before = tables_in(pg_uri)
+    assert before == (len(TABLES) if made else 0)
+    monkeypatch.setenv("ORCHESTRATOR_STORE", pg_uri)  # restored after (main sets it from --store)
+    assert cli.main(["runs", "--json", "--store", pg_uri]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert cli.main(["runs", "--store", pg_uri]) == 0
+    assert "no runs yet" in capsys.readouterr().out
+    for argv in (["show", "r1"], ["metrics", "r1", "--key", "train/loss"], ["compare", "r1", "r2"],
+                 ["checkpoints", "r1"], ["diagnose", "r1"], ["logs", "r1"], ["export", "r1", "--format", "csv"]):
+        assert cli.main([*argv, "--store", pg_uri]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "Traceback" not in err, err
+        assert "no run 'r1' in postgresql://" in err and pg_uri.rsplit("/", 1)[1] in err and "has no runs yet" in err, err
+    assert tables_in(pg_uri) == before  # reading made nothing in the shared database
+    assert not home.exists()  # nor in the local store
+
+
+def test_copy_from_an_empty_database_copies_nothing_and_makes_nothing(tmp_path, pg_uri, home):
+    proc = run_cli("store", "copy", pg_uri, str(tmp_path / "dst"), home=home, check=True)
+    assert "copied 0 run(s)" in proc.stdout
+    assert tables_in(pg_uri) == 0
 
 
 def test_a_dropped_connection_fails_one_write_then_the_retried_batch_lands_once(pg_uri):

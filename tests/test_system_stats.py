@@ -14,10 +14,11 @@ def test_host_and_process_figures_with_or_without_gpu():
     assert stats["sys/process_rss_bytes"] > 10e6
     assert 0 <= stats["sys/host_mem_used_percent"] <= 100
     assert "sys/cpu_percent" in stats and "sys/net_sent_bytes" in stats
-    burn = time.process_time() + 0.05
+    burn = time.process_time() + 0.2
     while time.process_time() < burn:  # some CPU between two readings
         pass
-    assert SystemStats().read()["sys/process_cpu_s"] >= stats["sys/process_cpu_s"] + 0.05  # cumulative seconds
+    # cumulative seconds; /proc counts in 10 ms ticks, so allow a tick at each end
+    assert SystemStats().read()["sys/process_cpu_s"] >= stats["sys/process_cpu_s"] + 0.17
     gpu_keys = [k for k in stats if k.startswith("sys/gpu")]
     if nvml_gpus():
         assert "sys/gpu0/util" in gpu_keys

@@ -64,3 +64,7 @@ def no_ctx():  # takes no ctx: refused before any worker starts
 
 def saves_a_list(ctx):
     ctx.save([1, 2, 3], 0)
+
+
+def keyword_only(ctx, *, lr):  # its settings come from entrypoint.kwargs
+    return lr

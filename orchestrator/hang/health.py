@@ -1,7 +1,13 @@
-"""Heartbeats, the rank side: each rank's training thread updates a few counters (collectives
-are counted per step around backward, where DDP's all-reduces run and are waited for); a thread
-of its own sends them to the run's health monitor (actors/health.py) every `hang.heartbeat_s`,
-so a rank stuck in a collective, a data read or a frozen process still shows what it was doing.
+"""Heartbeats, the rank side: each rank's training thread updates a few counters; a thread of
+its own sends them to the run's health monitor (actors/health.py) every `hang.heartbeat_s`, so a
+rank stuck in a collective, a data read or a frozen process still shows what it was doing.
+
+Collectives are counted as entered when issued and as completed when they complete, which is not
+when the host gets past them on CUDA: there DDP's all-reduces are queued on a stream and the host
+runs ahead to a later sync (`loss.item()`), in another phase. So an asynchronous collective leaves
+a handle (a CUDA event recorded after it, or the torch Work of an `async_op=True` call) that the
+heartbeat thread settles when it completes. Counted at issue, every rank would look done with a
+collective the group is in fact stuck in, and a rank hung in forward could not be told apart.
 
 The same thread answers the driver's request for torch Flight Recorder dumps after a stall: the
 training thread may be blocked inside a collective, but this one is free (gloo and NCCL waits
@@ -10,6 +16,7 @@ release the GIL). A frozen process answers nothing, which is evidence too.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -28,13 +35,35 @@ class Health:
         self.progress = 0  # steps and eval batches done: a long eval is not a stall
         self.phase = "start"
         self.coll_entered = 0
-        self.coll_completed = 0
+        self.coll_completed = 0  # synchronous ones, counted by the training thread
+        self.pending: collections.deque = collections.deque()  # asynchronous ones, oldest first
+        self._settled = 0  # of those, completed (under the lock: two threads settle)
+        self._lock = threading.Lock()
         self.step_started = time.time()
         self.pid = os.getpid()  # the process whose stack a stall report shows (a script's child)
 
+    def completes_later(self, handle) -> None:
+        """An issued collective that completes after the host moved on: `handle` is a torch Work
+        (`is_completed()`) or a CUDA event recorded after it (`query()`)."""
+        self.pending.append(handle)
+        if len(self.pending) > 64:  # no heartbeat thread settling them (hang detection off): stay bounded
+            self._settle()
+
+    def _settle(self) -> int:
+        with self._lock:
+            # a process group completes its collectives in issue order: stop at the first still running
+            while self.pending:
+                handle = self.pending[0]
+                if not (handle.query() if hasattr(handle, "query") else handle.is_completed()):
+                    break
+                self.pending.popleft()
+                self._settled += 1
+            return self._settled
+
     def snapshot(self) -> dict:
+        completed = self.coll_completed + self._settle()
         return {"rank": self.rank, "step": self.step, "phase": self.phase, "progress": self.progress,
-                "coll_entered": self.coll_entered, "coll_completed": self.coll_completed, "time": time.time()}
+                "coll_entered": self.coll_entered, "coll_completed": completed, "time": time.time()}
 
 
 def flight_recorder_dump(keep: int = 200) -> str | None:

@@ -38,6 +38,13 @@ MEANING = {
     119: "GSP RPC timeout",
     120: "GSP error",
 }
+# What an Xid asks of the run (NVIDIA's catalogue, "Recommended actions"). FATAL: the GPU cannot
+# be trusted until it is reset or replaced; the group restarts at once (not after NCCL's timeout,
+# minutes later) without that node when the cluster has room. RESTART: the process that met it
+# must restart; the GPU keeps working (a contained ECC error). The rest are recorded only: most
+# (13, 31, 43) are the application's own faults, or warnings (63, 92).
+FATAL = frozenset({48, 64, 74, 79, 95, 119, 120})
+RESTART = frozenset({94})
 WAIT_MS = 1000  # each nvmlEventSetWait; also how soon stop() is noticed
 
 _listener: XidListener | None = None  # one per worker process (the node's first rank starts it)
@@ -51,6 +58,14 @@ def to_event(xid: int, *, gpu: int, uuid: str | None, node_id: str | None, rank:
     return {"kind": "gpu_xid", "severity": "error",
             "message": f"GPU {gpu}{used_by} on node {node_label(node_id)} reported Xid {xid}: {meaning}",
             "rank": rank, "data": {"xid": xid, "meaning": meaning, "gpu": gpu, "gpu_uuid": uuid, "node": node_id}}
+
+
+def action(event: dict) -> str | None:
+    """"fatal", "restart" or None for a stored or announced `gpu_xid` event (its data)."""
+    if event.get("kind") != "gpu_xid":
+        return None
+    xid = (event.get("data") or {}).get("xid")
+    return "fatal" if xid in FATAL else "restart" if xid in RESTART else None
 
 
 class XidListener:

@@ -23,7 +23,7 @@ from common.errors import UserError
 from orchestrator.config import flatten
 from orchestrator.run_views import COMPARE_KEYS
 from orchestrator.ui.params import BadRequest, metric_args, run_refs
-from orchestrator.ui.ranges import RangeReader, metric, quick_stats
+from orchestrator.ui.ranges import RangeReader, is_long, metric, quick_stats
 from orchestrator.ui.readstore import ReadStore
 
 TABLE_KEYS = ("train/loss", "train/tokens_per_s")
@@ -87,9 +87,11 @@ class Api:
         ):
             found.setdefault((rid, key), []).append((sid, rank, attempt, n))
         attempts = dict(store.db.execute("SELECT run_id, COUNT(*) FROM attempts GROUP BY run_id").fetchall())
+        stale = [sid for k, f in found.items() if self._cached(k, f) is None and not is_long(f) for sid, *_ in f]
+        read = store.points.read_many(stale)  # not one query per series: each is a round trip on PostgreSQL
         rows = []
         for r in store.runs():
-            stats = {key: self._quick(store, r["id"], key, found.get((r["id"], key), [])) for key in TABLE_KEYS}
+            stats = {key: self._quick(store, r["id"], key, found.get((r["id"], key), []), read) for key in TABLE_KEYS}
             summary = r["summary"] or {}
             restarts = summary.get("restarts")
             if restarts is None and attempts.get(r["id"]):
@@ -106,12 +108,16 @@ class Api:
             })
         return {"now": time.time(), "runs": rows}
 
-    def _quick(self, store, run_id: str, key: str, found: list) -> dict:
-        sig = tuple(found)  # changes whenever a series of the run grows
-        hit = self._stats.get((run_id, key))
-        if hit is None or hit[0] != sig:
-            hit = self._stats[(run_id, key)] = (sig, quick_stats(store, run_id, key, found))
-        return hit[1]
+    def _cached(self, run_key: tuple[str, str], found: list) -> dict | None:
+        hit = self._stats.get(run_key)
+        return hit[1] if hit is not None and hit[0] == tuple(found) else None  # the signature changes as a series grows
+
+    def _quick(self, store, run_id: str, key: str, found: list, read: dict) -> dict:
+        stats = self._cached((run_id, key), found)
+        if stats is None:
+            stats = quick_stats(store, run_id, key, found, read)
+            self._stats[(run_id, key)] = (tuple(found), stats)
+        return stats
 
     # --- one run --------------------------------------------------------------------------
 

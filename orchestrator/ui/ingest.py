@@ -9,7 +9,8 @@ it is committed. Each client's batch numbers are applied once and in order: the 
 per client sits in `ingest_clients`, written in the same transaction as the batch, so a batch sent
 again (a lost answer, a restarted server) is acknowledged without being stored twice. Events a
 client refers to before it knows their row (add_event, then update_event_data) are found through
-`ingest_events`.
+`ingest_events`. Both tables are part of the store's schema (store_schema.py) and travel with
+`orchestrator store copy`.
 """
 
 from __future__ import annotations
@@ -20,33 +21,22 @@ import queue
 import threading
 import time
 
+from checkpointing.records import STATUSES as CHECKPOINT_STATUSES
+from checkpointing.records import CheckpointRecords
 from common.errors import StoreError, StoreFull, UserError
+from orchestrator import read_wire
 from orchestrator.ingest_wire import BadBatch, decode
 from orchestrator.store import STATUSES
-from orchestrator.store_schema import is_pg
-from orchestrator.store_sql import pg_ddl
 
 log = logging.getLogger(__name__)
 COMMIT_WAIT_S = 120.0  # a batch not committed by then: 503, and the client sends it again (harmless)
 MAX_GROUP = 256  # batches per commit, at most
 FORGET_CLIENTS_S = 30 * 86400
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS ingest_clients (
-    client TEXT PRIMARY KEY,
-    last_seq INTEGER NOT NULL,
-    time REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS ingest_events (
-    ref TEXT PRIMARY KEY,
-    event_id INTEGER NOT NULL
-);
-"""
-
 NONE = type(None)
 TEXT, TEXT_ = (str,), (str, NONE)  # a trailing _: may be null
 INT, INT_ = (int,), (int, NONE)
-NUM, OBJ, OBJ_, LIST = (int, float), (dict,), (dict, NONE), (list,)
+NUM, NUM_, OBJ, OBJ_, LIST = (int, float), (int, float, NONE), (dict,), (dict, NONE), (list,)
 OPS: dict[str, dict[str, tuple]] = {  # op -> its arguments and their JSON types (every one required)
     "create_run": {"run_id": TEXT, "name": TEXT, "config": OBJ, "git_commit": TEXT_, "host": TEXT, "command": TEXT,
                    "world_size": INT, "parent": TEXT_, "fork_step": INT_, "meta": OBJ_, "tags": OBJ_},
@@ -65,13 +55,23 @@ OPS: dict[str, dict[str, tuple]] = {  # op -> its arguments and their JSON types
     "request_stop": {"run_id": TEXT},
     "logs": {"run_id": TEXT, "attempt": INT, "rank": INT, "lines": LIST},
     "points": {"run_id": TEXT, "rank": INT, "attempt": INT, "seq": INT_, "keys": LIST, "data": OBJ},
+    "checkpoint": {"run_id": TEXT, "step": INT, "status": TEXT, "bytes": INT_, "blocked_s": NUM_, "upload_s": NUM_,
+                   "uri": TEXT_, "error": TEXT_},
+    "checkpoint_corrupt": {"run_id": TEXT, "step": INT, "uri": TEXT, "error": TEXT},
 }
 ATTEMPT_FIELDS = {"cause", "message", "rank", "node", "failed_step", "steps_lost"}
-READS = {  # method -> its arguments (what a run reads back: its own rows)
+READS = {  # method -> its arguments: what a run reads back, and what the CLI's read commands show
     "run": {"ref": TEXT}, "has_run": {"run_id": TEXT}, "runs": {}, "latest_named": {"name": TEXT},
     "attempts": {"run_id": TEXT}, "latest_attempt": {"run_id": TEXT}, "stop_requested": {"run_id": TEXT},
     "tags": {"run_id": TEXT}, "events": {"run_id": TEXT, "kind": TEXT_},
+    "notes": {"run_id": TEXT}, "metric_keys": {"run_id": TEXT}, "ranks": {"run_id": TEXT, "key": TEXT},
+    "series": {"run_id": TEXT, "key": TEXT, "rank": INT_},
+    "buckets": {"run_id": TEXT, "key": TEXT, "buckets": INT, "rank": INT_},
+    "points.keys": {"run_id": TEXT}, "points.find": {"run_id": TEXT, "key": TEXT}, "points.read": {"sid": INT},
+    "logs.read": {"run_id": TEXT, "rank": INT_, "attempt": INT_, "after": INT, "limit": INT, "tail": INT_},
+    "checkpoints.list": {"run_id": TEXT},
 }
+MAX_READ_LINES = 1_000_000  # logs.read's limit, at most (one answer stays bounded)
 
 
 class Refused(Exception):
@@ -102,6 +102,8 @@ def check_op(op: dict) -> None:
     check_args(f"op {name}", op, OPS[name])
     if name == "finish_run" and op["status"] not in STATUSES:
         raise BadBatch(f"op finish_run: status {op['status'][:50]!r}; expected one of {', '.join(STATUSES)}")
+    if name == "checkpoint" and op["status"] not in CHECKPOINT_STATUSES:
+        raise BadBatch(f"op checkpoint: status {op['status'][:50]!r}; expected one of {', '.join(CHECKPOINT_STATUSES)}")
     if name == "end_attempt" and not set(op["fields"]) <= ATTEMPT_FIELDS:
         raise BadBatch(f"op end_attempt: unknown field(s) {', '.join(sorted(set(op['fields']) - ATTEMPT_FIELDS))}")
     if name == "logs" and not all(isinstance(x, list) and len(x) == 3 and isinstance(x[0], int | float)
@@ -128,10 +130,10 @@ class Ingest:
         open_reader(): a read-only Store per read request."""
         self.store = store
         self.open_reader = open_reader
-        db = store.db
-        db.executescript(pg_ddl(SCHEMA) if is_pg(db) else SCHEMA)
+        self.checkpoints = CheckpointRecords(store.db)  # the coordinator's records, in the batch's transaction
+        # its tables (store_schema.INGEST_SCHEMA) come with the store's schema version
         # a client silent this long is gone (a process that comes back with a new batch is taken as new)
-        db.execute("DELETE FROM ingest_clients WHERE time < ?", (time.time() - FORGET_CLIENTS_S,))
+        store.db.execute("DELETE FROM ingest_clients WHERE time < ?", (time.time() - FORGET_CLIENTS_S,))
         self._known: set[str] = set()  # run ids known to exist (committed)
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
@@ -162,9 +164,13 @@ class Ingest:
             check_args(f"read {req['method']}", args, READS[req["method"]])
         except (ValueError, UnicodeDecodeError) as e:
             return 400, {"error": f"read request: {e}"}
-        reader = self.open_reader()
+        if req["method"] == "buckets" and args["buckets"] < 1:
+            return 400, {"error": f"read buckets: buckets must be at least 1, got {args['buckets']}"}
+        if req["method"] == "logs.read" and not 0 < args["limit"] <= MAX_READ_LINES:
+            return 400, {"error": f"read logs.read: limit must be 1..{MAX_READ_LINES}, got {args['limit']}"}
+        reader = self.open_reader()  # read-only: nothing a read names can write
         try:
-            return 200, {"result": getattr(reader, req["method"])(**args)}
+            return 200, {"result": read_wire.encode(_call(reader, req["method"], args))}
         except UserError as e:  # no such run
             return 404, {"error": str(e)}
         finally:
@@ -244,6 +250,10 @@ class Ingest:
                                  "UPDATE SET event_id = excluded.event_id", (ref, event_id))
             elif name == "update_event_data":
                 store.update_event_data(self._event_id(args["event"]), args["data"])
+            elif name == "checkpoint":
+                self.checkpoints.add(**args)
+            elif name == "checkpoint_corrupt":
+                self.checkpoints.mark_corrupt(**args)
             elif name == "create_run":
                 if store.has_run(args["run_id"]):
                     raise Refused(409, f"run {args['run_id']} exists already in the server's store")
@@ -280,6 +290,14 @@ APPLY = {  # the other ops: Store methods with the same arguments
     "driver_beat": lambda s, a: s.driver_beat(a["run_id"], host=a["host"], pid=a["pid"]),
     "request_stop": lambda s, a: s.request_stop(a["run_id"]),
 }
+
+
+def _call(reader, method: str, args: dict):
+    """A whitelisted read on the request's read-only store (dotted: one of its parts)."""
+    if method == "checkpoints.list":  # the records table, through the reader's own connection
+        return CheckpointRecords(reader.db).list(args["run_id"])
+    owner, _, name = method.rpartition(".")
+    return getattr(getattr(reader, owner) if owner else reader, name)(**args)
 
 
 def _failure(e: Exception) -> tuple[int, dict]:

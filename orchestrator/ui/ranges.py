@@ -160,12 +160,14 @@ def _finite(row: dict) -> dict:
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
 
 
-def quick_stats(store, run_id: str, key: str, found: list[tuple[int, int, int, int]]) -> dict:
+def quick_stats(store, run_id: str, key: str, found: list[tuple[int, int, int, int]],
+                read: dict[int, Points] | None = None) -> dict:
     """last / best / mean of a run's own series of `key`, mean over ranks per step.
-    Very long series use the lowest rank's block summaries instead of reading every point."""
+    Very long series use the lowest rank's block summaries instead of reading every point.
+    `read`: series read already (SeriesStore.read_many), by id."""
     if not found:
         return {}
-    if sum(n for *_, n in found) > RAW_READ_LIMIT:
+    if is_long(found):
         sid = [f for f in found if f[1] == found[0][1]][-1][0]
         summ, tail = store.points.block_summaries(sid)
         means = summ[:, 6] / np.maximum(summ[:, 7], 1)
@@ -174,7 +176,7 @@ def quick_stats(store, run_id: str, key: str, found: list[tuple[int, int, int, i
         return _clean({"last": last, "best": _best(key, vals), "mean": np.nanmean(vals)})
     per_rank: dict[int, Points] = {}
     for sid, r, _attempt, _n in found:  # later attempts win where steps repeat
-        p = store.points.read(sid)
+        p = read[sid] if read is not None and sid in read else store.points.read(sid)
         prev = per_rank.get(r)
         if prev is not None and len(p.steps):
             keep = prev.steps < p.steps[0]
@@ -187,6 +189,11 @@ def quick_stats(store, run_id: str, key: str, found: list[tuple[int, int, int, i
     uniq, inv = np.unique(steps, return_inverse=True)
     mean = np.bincount(inv, weights=vals) / np.bincount(inv)
     return {**_clean({"last": mean[-1], "best": _best(key, mean), "mean": np.nanmean(mean)}), "last_step": int(uniq[-1])}
+
+
+def is_long(found: list[tuple[int, int, int, int]]) -> bool:
+    """quick_stats reads these series' block summaries, not their points."""
+    return sum(n for *_, n in found) > RAW_READ_LIMIT
 
 
 def _best(key: str, vals: np.ndarray) -> float:

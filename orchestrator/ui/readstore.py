@@ -12,7 +12,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from orchestrator.series import SeriesStore
 from orchestrator.store import Store, home
 from orchestrator.store_sql import PgConnection
 
@@ -32,7 +31,7 @@ class ReadStore(Store):
             self.uri, self.root = str(self.path), self.path.parent
             self.db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, timeout=5, isolation_level=None)
         try:
-            self.points = SeriesStore(self.db)
+            self._attach()  # points and logs, over this read-only connection
         except BaseException:
             self.db.close()
             raise
