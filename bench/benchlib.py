@@ -64,3 +64,48 @@ def tree_cpu(proc, kinds: dict[str, str], deadline: float = float("inf")) -> dic
     for kind, cpu in seen.values():
         totals[kind] += cpu
     return totals
+
+
+def medians(runs: list[dict], keys, digits: int = 4) -> dict:
+    """{key: {"median", "all"}} over the runs that have a value for it (keys no run has are left out)."""
+    import statistics
+
+    out = {}
+    for key in keys:
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        if vals:
+            out[key] = {"median": round(statistics.median(vals), digits), "all": [round(v, digits) for v in vals]}
+    return out
+
+
+def paired_ratio(mine: list[dict], peer: list[dict], key: str, mine_median, peer_median) -> dict | None:
+    """mine/peer for `key`: of the medians, and the median of each round's pair (runs alternate)."""
+    import statistics
+
+    pairs = [a[key] / b[key] for a, b in zip(mine, peer, strict=False) if a.get(key) and b.get(key)]
+    if not peer_median or mine_median is None or not pairs:
+        return None
+    return {"of_medians": round(mine_median / peer_median, 3), "paired_median": round(statistics.median(pairs), 3),
+            "paired_all": [round(x, 3) for x in pairs]}
+
+
+def step_times(steps: list[tuple[int, float]], warmup: int) -> dict:
+    """One rank's (step, finished at) marks: the median gap between consecutive steps after
+    `warmup`, the mean over the span, and how many gaps were timed ({} when none)."""
+    import statistics
+
+    steps = [(s, t) for s, t in steps if s >= warmup]
+    gaps = [b[1] - a[1] for a, b in zip(steps, steps[1:], strict=False) if b[0] == a[0] + 1]
+    if not gaps:
+        return {}
+    return {"step_s": statistics.median(gaps), "step_mean_s": (steps[-1][1] - steps[0][1]) / (steps[-1][0] - steps[0][0]),
+            "steps_timed": len(gaps)}
+
+
+def finished_every_step(records: list[dict], workers: int, max_steps: int) -> bool:
+    """Whether every rank's processes, together, got to the last step (records: {"rank", "steps"})."""
+    done: dict[int, int] = {}  # rank -> the last step any of its processes finished
+    for r in records:
+        if r["steps"]:
+            done[r["rank"]] = max(done.get(r["rank"], -1), r["steps"][-1][0])
+    return len(done) == workers and all(s == max_steps - 1 for s in done.values())

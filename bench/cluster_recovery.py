@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from benchlib import git_state, machine  # noqa: E402
 from recovery import (  # noqa: E402
     STDLIB,
+    SideThread,
     drive,
     fit,
     log,
@@ -92,28 +92,20 @@ def med(vals: list[float]) -> dict:
     return {"median": round(statistics.median(vals), 3), "all": [round(v, 3) for v in vals]} if vals else {}
 
 
-class NodeCrasher(threading.Thread):
+class NodeCrasher(SideThread):
     """Waits for rank 0 to finish `kill_step`, crashes the node holding rank `victim_rank`'s
     process, then waits until the new group (processes started after the crash) has finished a
     step on every rank it has: `world` ranks, or fewer once `grace_s` passed with only those."""
 
     def __init__(self, cluster, log_dir: Path, *, kill_step: int, victim_rank: int, world: int, deadline: float,
                  grace_s: float = 30.0):
-        super().__init__(daemon=True)
+        super().__init__()
         self.cluster, self.log_dir, self.kill_step, self.victim_rank = cluster, log_dir, kill_step, victim_rank
         self.world, self.deadline, self.grace_s = world, deadline, grace_s
         self.kill_time = self.recovered_at = None
         self.victim_node = None
         self.old_pids: set[int] = set()
         self.killed: list[int] = []
-        self.error = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
 
     def _run(self) -> None:
         while not self.stop.is_set():

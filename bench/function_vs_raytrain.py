@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_state, machine  # noqa: E402
+from benchlib import finished_every_step, git_state, machine, medians, paired_ratio, step_times  # noqa: E402
 from recovery import OURS_LINES, Killer, analyse, drive, fit, log, ray_train_phases, read_logs  # noqa: E402
 
 SYSTEMS = ("ray_train", "ours")
@@ -51,18 +50,9 @@ def measure(t0: float, log_dir: Path, killer: Killer, args) -> dict:
         out["start_to_first_step_s"] = max(p["steps"][0][1] for p in first if p["steps"]) - t0
     zero = next((p for p in first if p["rank"] == 0), None)
     if zero is not None:
-        steps = [(s, t) for s, t in zero["steps"] if s >= args.warmup]
-        gaps = [b[1] - a[1] for a, b in zip(steps, steps[1:], strict=False) if b[0] == a[0] + 1]
-        if gaps:
-            out["step_s"] = statistics.median(gaps)
-            out["step_mean_s"] = (steps[-1][1] - steps[0][1]) / (steps[-1][0] - steps[0][0])
-            out["steps_timed"] = len(gaps)
+        out.update(step_times(zero["steps"], args.warmup))
     out.update(analyse(log_dir, killer, args.workers))
-    done: dict[int, int] = {}  # rank -> the last step any of its processes finished
-    for p in procs:
-        if p["steps"]:
-            done[p["rank"]] = max(done.get(p["rank"], -1), p["steps"][-1][0])
-    out["completed_all_steps"] = len(done) == args.workers and all(s == args.max_steps - 1 for s in done.values())
+    out["completed_all_steps"] = finished_every_step(procs, args.workers, args.max_steps)
     return out
 
 
@@ -130,27 +120,18 @@ def run_ours(i: int, args, tmp: Path, gcs: str) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    s: dict = {"n": len(runs), "errors": [r.get("run_error") or r.get("error") for r in runs
-                                          if r.get("run_error") or r.get("error")]}
-    for key in ("start_to_first_step_s", "step_s", "step_mean_s", "recovery_s", "steps_lost",
-                "kill_to_new_model_built_s", "model_built_to_first_step_s", "restart_line_s", "rendezvous_line_s",
-                "rt_failure_seen_s", "rt_actors_created_s", "rt_train_context_ready_s", "rt_group_started_s", "wall_s"):
-        vals = [r[key] for r in runs if r.get(key) is not None]
-        if vals:
-            s[key] = {"median": round(statistics.median(vals), 4), "all": [round(v, 4) for v in vals]}
-    return s
+    errors = [r.get("run_error") or r.get("error") for r in runs if r.get("run_error") or r.get("error")]
+    return {"n": len(runs), "errors": errors, **medians(runs, (
+        "start_to_first_step_s", "step_s", "step_mean_s", "recovery_s", "steps_lost", "kill_to_new_model_built_s",
+        "model_built_to_first_step_s", "restart_line_s", "rendezvous_line_s", "rt_failure_seen_s",
+        "rt_actors_created_s", "rt_train_context_ready_s", "rt_group_started_s", "wall_s"))}
 
 
 def ratio(results: dict[str, list[dict]], summary: dict, key: str) -> dict | None:
     """ours/ray_train for `key`: of the medians, and the median of each round's pair."""
-    peer = summary.get("ray_train", {}).get(key, {}).get("median")
-    mine = summary.get("ours", {}).get(key, {}).get("median")
-    pairs = [a[key] / b[key] for a, b in zip(results.get("ours", []), results.get("ray_train", []), strict=False)
-             if a.get(key) and b.get(key)]
-    if not peer or mine is None or not pairs:
-        return None
-    return {"of_medians": round(mine / peer, 3), "paired_median": round(statistics.median(pairs), 3),
-            "paired_all": [round(x, 3) for x in pairs]}
+    return paired_ratio(results.get("ours", []), results.get("ray_train", []), key,
+                        summary.get("ours", {}).get(key, {}).get("median"),
+                        summary.get("ray_train", {}).get(key, {}).get("median"))
 
 
 def main() -> None:

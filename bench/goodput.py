@@ -47,7 +47,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -58,6 +57,7 @@ from benchlib import git_state, machine  # noqa: E402
 
 from bench.recovery import (  # noqa: E402
     STDLIB,
+    SideThread,
     drive,
     fit,
     log,
@@ -136,25 +136,17 @@ def node_of(pid: int, cluster) -> object | None:
     return None
 
 
-class Injector(threading.Thread):
+class Injector(SideThread):
     """Every `every_s` of training, one fault into the group that is training (found in the step
     logs), once it has recovered from the previous fault and trained `min_gap_s` since."""
 
     def __init__(self, log_dir: Path, *, kinds: list[str], every_s: float, max_steps: int, cluster,
                  deadline: float, hang_bound_s: float, min_gap_s: float, poll_s: float = 0.05):
-        super().__init__(daemon=True)
+        super().__init__()
         self.log_dir, self.kinds, self.every_s, self.max_steps = log_dir, kinds, every_s, max_steps
         self.cluster, self.deadline, self.hang_bound_s, self.min_gap_s = cluster, deadline, hang_bound_s, min_gap_s
         self.poll_s = poll_s
         self.faults: list[Fault] = []
-        self.error: str | None = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except Exception as e:  # reported, not raised: the main thread decides
-            self.error = f"{type(e).__name__}: {e}"
 
     def _wait(self, until) -> object | None:
         """Poll `until()` until it returns something, the run ends or the deadline passes."""

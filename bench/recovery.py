@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # run as a script, or imported as bench.NAME by Ray workers (a model factory): benchlib is beside us
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_state, machine  # noqa: E402
+from benchlib import git_state, machine, medians  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -200,19 +200,12 @@ def read_logs(log_dir: Path) -> list[dict]:
     return procs
 
 
-class Killer(threading.Thread):
-    """Waits for rank 0 to finish `kill_step`, SIGKILLs the victim rank's process, then waits for
-    the new group's first completed step (or the deadline)."""
+class SideThread(threading.Thread):
+    """A benchmark's fault thread: `_run()` in the background until `stop` is set; an exception is
+    kept in `error` for the main thread to report, not raised."""
 
-    def __init__(self, log_dir: Path, *, kill_step: int, victim_rank: int, world: int, deadline: float,
-                 poll_s: float = 0.01):
+    def __init__(self):
         super().__init__(daemon=True)
-        self.log_dir, self.kill_step, self.victim_rank, self.world = log_dir, kill_step, victim_rank, world
-        self.deadline, self.poll_s = deadline, poll_s
-        self.kill_time: float | None = None
-        self.victim_pid: int | None = None
-        self.old_pids: set[int] = set()
-        self.recovered_at: float | None = None
         self.error: str | None = None
         self.stop = threading.Event()
 
@@ -221,6 +214,24 @@ class Killer(threading.Thread):
             self._run()
         except Exception as e:  # reported, not raised: the main thread decides
             self.error = f"{type(e).__name__}: {e}"
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Killer(SideThread):
+    """Waits for rank 0 to finish `kill_step`, SIGKILLs the victim rank's process, then waits for
+    the new group's first completed step (or the deadline)."""
+
+    def __init__(self, log_dir: Path, *, kill_step: int, victim_rank: int, world: int, deadline: float,
+                 poll_s: float = 0.01):
+        super().__init__()
+        self.log_dir, self.kill_step, self.victim_rank, self.world = log_dir, kill_step, victim_rank, world
+        self.deadline, self.poll_s = deadline, poll_s
+        self.kill_time: float | None = None
+        self.victim_pid: int | None = None
+        self.old_pids: set[int] = set()
+        self.recovered_at: float | None = None
 
     def _run(self) -> None:
         while not self.stop.is_set():
@@ -542,15 +553,11 @@ def machine_facts() -> dict:
 
 def summarise(runs: list[dict]) -> dict:
     ok = [r for r in runs if "recovery_s" in r]
-    s = {"n": len(runs), "n_ok": len(ok), "errors": [r.get("run_error") or r.get("error") for r in runs
-                                                     if "recovery_s" not in r or r.get("run_error")]}
-    for key in ("recovery_s", "steps_lost", "kill_to_new_model_built_s", "model_built_to_first_step_s",
-                "restart_line_s", "backoff_chosen_s", "rendezvous_line_s", "rendezvous_reported_s",
-                "store_recovery_s", "store_steps_lost", "recovered_line_s", *RAY_TRAIN_PHASES):
-        vals = [r[key] for r in ok if r.get(key) is not None]
-        if vals:
-            s[key] = {"median": round(statistics.median(vals), 3), "all": [round(v, 3) for v in vals]}
-    return s
+    errors = [r.get("run_error") or r.get("error") for r in runs if "recovery_s" not in r or r.get("run_error")]
+    return {"n": len(runs), "n_ok": len(ok), "errors": errors, **medians(ok, (
+        "recovery_s", "steps_lost", "kill_to_new_model_built_s", "model_built_to_first_step_s", "restart_line_s",
+        "backoff_chosen_s", "rendezvous_line_s", "rendezvous_reported_s", "store_recovery_s", "store_steps_lost",
+        "recovered_line_s", *RAY_TRAIN_PHASES), digits=3)}
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from benchlib import git_state, machine  # noqa: E402
+from benchlib import finished_every_step, git_state, machine, medians, paired_ratio, step_times  # noqa: E402
 from recovery import OURS_LINES, Killer, analyse, log  # noqa: E402
 
 BODY = BENCH / "script_body.py"
@@ -152,16 +152,13 @@ def measure(t0: float, log_dir: Path, killer: Killer, args) -> dict:
         out["exec_to_ready_s"] = max(m["ready"] for m in first if m["ready"]) - t0 - out["start_to_exec_s"]
     zero = next((m for m in first if m["rank"] == 0), None)
     if zero is not None:
-        steps = [(s, t) for s, t in zero["steps"] if s >= args.warmup]
-        gaps = [b[1] - a[1] for a, b in zip(steps, steps[1:], strict=False) if b[0] == a[0] + 1]
-        if gaps:
-            out["step_s"] = statistics.median(gaps)
-            out["step_mean_s"] = (steps[-1][1] - steps[0][1]) / (steps[-1][0] - steps[0][0])
-            out["steps_timed"] = len(gaps)
+        out.update(step_times(zero["steps"], args.warmup))
+        timed = [s for s, _ in zero["steps"] if s >= args.warmup]
+        if out.get("steps_timed"):
             # CPU seconds per step of the rank processes themselves, mean over ranks: what the
             # scheduler on a loaded machine does not change much (the launcher's own is not in it)
-            lo = steps[0][0]
-            hi = min([steps[-1][0], *(max(m["cpu"]) for m in first if m["cpu"])])
+            lo = timed[0]
+            hi = min([timed[-1], *(max(m["cpu"]) for m in first if m["cpu"])])
             cpu = [(m["cpu"][hi] - m["cpu"][lo]) / (hi - lo) for m in first if lo in m["cpu"] and hi in m["cpu"]]
             if len(cpu) == args.workers and hi > lo:
                 out["rank_cpu_per_step_s"] = statistics.mean(cpu)
@@ -172,11 +169,7 @@ def measure(t0: float, log_dir: Path, killer: Killer, args) -> dict:
             ts = [m[key] for m in new if m[key] is not None]
             if len(ts) >= args.workers:
                 out[f"kill_to_new_{key}_s"] = max(ts) - killer.kill_time  # every rank got there
-        done: dict[int, int] = {}  # rank -> the last step any of its processes finished
-        for m in marks.values():
-            if m["steps"]:
-                done[m["rank"]] = max(done.get(m["rank"], -1), m["steps"][-1][0])
-        out["completed_all_steps"] = len(done) == args.workers and all(s == args.max_steps - 1 for s in done.values())
+        out["completed_all_steps"] = finished_every_step(list(marks.values()), args.workers, args.max_steps)
     return out
 
 
@@ -216,15 +209,11 @@ def run_one(system: str, i: int, args, tmp: Path, gcs: str | None) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    s: dict = {"n": len(runs), "errors": [r.get("run_error") or r.get("error") for r in runs
-                                          if r.get("run_error") or r.get("error")]}
-    for key in ("start_to_first_step_s", "start_to_exec_s", "exec_to_ready_s", "step_s", "step_mean_s", "rank_cpu_per_step_s",
-                "recovery_s", "steps_lost", "kill_to_new_exec_s", "kill_to_new_ready_s", "kill_to_new_start_s",
-                "restart_line_s", "wall_s"):
-        vals = [r[key] for r in runs if r.get(key) is not None]
-        if vals:
-            s[key] = {"median": round(statistics.median(vals), 4), "all": [round(v, 4) for v in vals]}
-    return s
+    errors = [r.get("run_error") or r.get("error") for r in runs if r.get("run_error") or r.get("error")]
+    return {"n": len(runs), "errors": errors, **medians(runs, (
+        "start_to_first_step_s", "start_to_exec_s", "exec_to_ready_s", "step_s", "step_mean_s", "rank_cpu_per_step_s",
+        "recovery_s", "steps_lost", "kill_to_new_exec_s", "kill_to_new_ready_s", "kill_to_new_start_s",
+        "restart_line_s", "wall_s"))}
 
 
 def ratios(results: dict[str, list[dict]], summary: dict, key: str) -> dict:
@@ -234,13 +223,10 @@ def ratios(results: dict[str, list[dict]], summary: dict, key: str) -> dict:
         for peer_name, peer_runs in results.items():
             if not (s.startswith("ours") and peer_name.startswith("torchrun")):
                 continue
-            peer = summary[peer_name].get(key, {}).get("median")
-            mine = summary[s].get(key, {}).get("median")
-            pairs = [a[key] / b[key] for a, b in zip(runs, peer_runs, strict=False) if a.get(key) and b.get(key)]
-            if not peer or mine is None or not pairs:
-                continue
-            out[f"{s}/{peer_name}"] = {"of_medians": round(mine / peer, 3), "paired_median": round(statistics.median(pairs), 3),
-                                           "paired_all": [round(x, 3) for x in pairs]}
+            r = paired_ratio(runs, peer_runs, key, summary[s].get(key, {}).get("median"),
+                             summary[peer_name].get(key, {}).get("median"))
+            if r is not None:
+                out[f"{s}/{peer_name}"] = r
     return out
 
 

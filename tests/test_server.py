@@ -197,9 +197,8 @@ def test_both_backends_take_the_same_batches(tmp_path, store_uri):
     by its reference, a re-sent batch stored once, reads back."""
     from orchestrator.store import open_store
 
-    store = open_store(store_uri)
-    srv, _ = start_in_thread(store=store, port=0)
-    uri = f"http://127.0.0.1:{srv.server_address[1]}"
+    server = InProcess(tmp_path, store=open_store(store_uri))
+    uri = server.uri
     try:
         r = RemoteStore(uri, private=True)
         new_run(r)
@@ -219,9 +218,7 @@ def test_both_backends_take_the_same_batches(tmp_path, store_uri):
         assert event["data"] == {"culprit": 1} and event["step"] == 50
         check.close()
     finally:
-        srv.shutdown()
-        srv.server_close()
-        store.close()
+        server.stop()
 
 
 def test_checkpoint_records_go_through_the_server_once(tmp_path, store_uri):
@@ -229,9 +226,8 @@ def test_checkpoint_records_go_through_the_server_once(tmp_path, store_uri):
     server's checkpoints table, on either backend; a batch sent again changes nothing."""
     from orchestrator.store import open_checkpoint_records, open_store
 
-    store = open_store(store_uri)
-    srv, _ = start_in_thread(store=store, port=0)
-    uri = f"http://127.0.0.1:{srv.server_address[1]}"
+    server = InProcess(tmp_path, store=open_store(store_uri))
+    uri = server.uri
     try:
         r = RemoteStore(uri, private=True)
         new_run(r)
@@ -252,9 +248,7 @@ def test_checkpoint_records_go_through_the_server_once(tmp_path, store_uri):
         status, answer = post(uri + BATCH_PATH, encode("client-ckpt", 2, [[{**op, "status": "maybe"}]], []))
         assert status == 400 and "op checkpoint: status 'maybe'" in answer["error"]
     finally:
-        srv.shutdown()
-        srv.server_close()
-        store.close()
+        server.stop()
     check = open_store(store_uri)
     rows = check.checkpoint_records()
     try:
@@ -515,17 +509,14 @@ def test_a_store_copied_to_postgresql_still_takes_each_batch_once(tmp_path, pg_u
     copied = run_cli("store", "copy", str(tmp_path / "old"), pg_uri, "--run", "r1", home=home, check=True)
     assert "run r1: copied 4 points in 1 series, 1 events, 1 log lines" in copied.stdout
 
-    store = open_store(pg_uri)
-    srv, _ = start_in_thread(store=store, port=0)
-    uri = f"http://127.0.0.1:{srv.server_address[1]}"
+    server = InProcess(tmp_path, store=open_store(pg_uri))
+    uri = server.uri
     try:
         assert post(uri + BATCH_PATH, second) == (200, {"applied": False, "points": 0})  # sent again: once
         update = {"op": "update_event_data", "event": "client-move:1", "data": {"node": "n1"}}
         assert post(uri + BATCH_PATH, encode("client-move", 3, [[update]], []))[0] == 200
     finally:
-        srv.shutdown()
-        srv.server_close()
-        store.close()
+        server.stop()
     check = open_store(pg_uri)
     try:
         (stall,) = check.events("r1")
