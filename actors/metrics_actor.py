@@ -114,24 +114,34 @@ class MetricsActor:
         """Store batches (rank, seq, columns, dropped) and the events they raise in one transaction;
         returns the points stored of each (0: a batch already applied)."""
         cooldowns = dict(self.detector.last_alert)  # a batch that is not stored must alert again when re-sent
-        applied = []
+        points = self.store.points
+        # a local store writes every rank's batch in one go; a RemoteStore sends each batch with
+        # its events right after it (the server skips the events of a batch it had applied)
+        together = hasattr(points, "append_many")
+        applied, scores = [], []
         try:
             with self.store.transaction():
-                for rank, seq, columns, dropped in batches:
-                    if dropped:
-                        step = max((int(s[-1]) for s, _ in columns.values() if len(s)), default=0)
-                        columns = {**columns,
-                                   "telemetry/dropped_points": (np.array([step]), np.array([float(dropped)]))}
-                    stored = self.store.points.append(self.run_id, rank, self.attempt, columns, seq=seq)
+                batches = [(rank, seq, self._with_dropped(columns, dropped), dropped)
+                           for rank, seq, columns, dropped in batches]
+                if together:
+                    counts = points.append_many([(self.run_id, rank, self.attempt, columns, seq)
+                                                 for rank, seq, columns, _ in batches])
+                for i, (rank, seq, columns, _) in enumerate(batches):
+                    stored = counts[i] if together else points.append(self.run_id, rank, self.attempt, columns, seq=seq)
                     events = []
                     if stored:
                         events = [self._record(a.kind, a.severity, a.message, step=a.step, rank=a.rank, data=a.data)
                                   for a in self.detector.observe(rank, columns)]
                         if rank in self.detector.scores:  # the straggler score, per rank, next to its inputs
                             step, score = self.detector.scores.pop(rank)
-                            self.store.points.append(self.run_id, rank, self.attempt,
-                                                     {"health/straggler_score": (np.array([step]), np.array([score]))})
+                            score_cols = {"health/straggler_score": (np.array([step]), np.array([score]))}
+                            if together:
+                                scores.append((self.run_id, rank, self.attempt, score_cols, None))
+                            else:
+                                points.append(self.run_id, rank, self.attempt, score_cols)
                     applied.append((rank, columns, stored, events))
+                if scores:
+                    points.append_many(scores)
         except BaseException as e:
             self.detector.last_alert = cooldowns
             if isinstance(e, StoreFull) and len(batches) == 1:
@@ -146,6 +156,14 @@ class MetricsActor:
             for event in events:
                 self._announce(event)
         return [stored for _, _, stored, _ in applied]
+
+    @staticmethod
+    def _with_dropped(columns: dict, dropped: int) -> dict:
+        """The points a sender had to drop, counted in a series of their own."""
+        if not dropped:
+            return columns
+        step = max((int(s[-1]) for s, _ in columns.values() if len(s)), default=0)
+        return {**columns, "telemetry/dropped_points": (np.array([step]), np.array([float(dropped)]))}
 
     def alert(self, kind: str, severity: str, message: str, *, step: int | None = None, rank: int | None = None,
               data: dict | None = None) -> None:

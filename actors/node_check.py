@@ -299,10 +299,14 @@ def _failed(value) -> str | None:
 
 
 def check_nodes(suspects: list[str], healthy: list[str], *, timeout_s: float = 60.0,
-                compute_s: float = 0.5, probe_bytes: int = 8 << 20) -> dict:
+                compute_s: float = 0.5, probe_bytes: int = 8 << 20, check_s: float | None = None) -> dict:
     """Check each suspect node and the first healthy one, and probe an all-reduce between each suspect
     and that healthy node (or, with none, between two processes on the suspect). Needs a connected
-    Ray driver; returns {"nodes", "probes", "problems", "duration_s"}, JSON-serialisable."""
+    Ray driver; returns {"nodes", "probes", "problems", "duration_s"}, JSON-serialisable.
+
+    The reports get 60% of timeout_s, actor starts included; check_s, when given, also bounds them
+    from the moment every check actor is up (a stuck check is given up on sooner when actors
+    start fast)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -336,7 +340,11 @@ def check_nodes(suspects: list[str], healthy: list[str], *, timeout_s: float = 6
                              (n, "gpu"): a.gpu.remote(), (n, "compute"): a.compute.remote(compute_s)})
         refs.update({(s, "partner"): a.info.remote() for s, a in partners.items() if a})
         # Reports first and probes after, so the matmul does not disturb the probe; probes keep 40%.
-        got.update(_collect(refs, t0 + 0.6 * timeout_s))
+        reports_end = t0 + 0.6 * timeout_s
+        if check_s is not None:  # the actors answer info once up; each check then has check_s
+            got.update(_collect({k: r for k, r in refs.items() if k[1] in ("info", "partner")}, reports_end))
+            reports_end = min(reports_end, time.monotonic() + check_s)
+        got.update(_collect({k: r for k, r in refs.items() if k not in got}, reports_end))
         nodes = {n: _node_entry(roles[n], n, got) for n in roles}
         if others:
             _compare_compute(nodes, suspects, others[0])

@@ -10,6 +10,9 @@ The ranks of a node live in one host actor on that node: asyncio tasks on fixed 
 and FileWriter threads, 2+ per rank (bench/control_plane_threads.py; it starves 2 cores at 1,024
 ranks and is kept for the before/after comparison). `--aggregate`: each host also plays its
 node's aggregator, one heartbeat call and one metrics call per node a tick (async sim only).
+`--relay`: each node gets the product's relay (actors/node_relay.py, as the worker group starts
+it under telemetry.relay); the simulated ranks call it per rank and it calls the run's actors once
+a tick (async sim only).
 
 Against them, the real HealthMonitor, MetricsActor (+ the SQLite tracking store and the anomaly
 detector) and CheckpointCoordinator, on the head node as the worker group places them, and the
@@ -32,7 +35,7 @@ Figures (JSON on the last line):
   frozen_rank_named_s  freeze -> the stall event naming that rank (null if it was never named)
   cpu_s                CPU seconds of each actor over the run (psutil, by pid)
 
-  python bench/control_plane.py --ranks 1024 [--nodes 8] [--duration-s 60] [--sim async|threads] [--aggregate]
+  python bench/control_plane.py --ranks 1024 [--nodes 8] [--duration-s 60] [--sim async|threads] [--aggregate|--relay]
 
 Only processes this script starts are stopped (the Cluster's raylets); progress goes to stderr.
 """
@@ -124,7 +127,7 @@ class LagProbe(threading.Thread):
 def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, step_s: float = 1.0,
         heartbeat_s: float | None = None, flush_every_s: float | None = None, ckpt_every: int = 15,
         write_s: float = 0.02, seed: int = 0, sim: str = "async", aggregate: bool = False,
-        verbose: bool = False) -> dict:
+        relay: bool = False, verbose: bool = False) -> dict:
     """One measurement on a connected Ray cluster; `nodes`: the Ray node ids to spread ranks over
     (the run's actors go on the first, as the worker group places them next to the store).
     sim: "async" (control_plane_sim.py) or "threads" (control_plane_threads.py)."""
@@ -141,8 +144,9 @@ def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, st
     from orchestrator.hang.watchdog import Watchdog
     from orchestrator.store import Store
 
-    if sim not in ("async", "threads") or (aggregate and sim != "async"):
-        raise ValueError(f"sim must be 'async' or 'threads' (aggregate: async only), got {sim!r}, aggregate={aggregate}")
+    if sim not in ("async", "threads") or ((aggregate or relay) and sim != "async") or (aggregate and relay):
+        raise ValueError(f"sim must be 'async' or 'threads' (aggregate or relay, not both: async only), got {sim!r}, "
+                         f"aggregate={aggregate}, relay={relay}")
     # Ray's workers cannot import bench/: ship the simulators' code (and this module's, when imported)
     for module in (control_plane_sim, control_plane_threads, *([sys.modules[__name__]] if __name__ != "__main__" else [])):
         ray.cloudpickle.register_pickle_by_value(module)
@@ -177,16 +181,27 @@ def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, st
             "commit_timeout_s": ck.commit_timeout_s}
     host_class, concurrency = ((control_plane_sim.AsyncRankHost, 1000) if sim == "async"
                                else (control_plane_threads.RankHost, 4))
+    relays = None
+    if relay:  # as the worker group starts them: the product's code
+        from actors.node_relay import Relays
+
+        relays = Relays(f"control-plane:{run_id}")
+        relays.start(list(dict.fromkeys(n for n, rs in zip(nodes, per, strict=True) if rs)), attempt=0, monitor=monitor, metrics=metrics,
+                     heartbeat_s=hang.heartbeat_s, flush_every_s=flush_every_s)
     hosts = [ray.remote(host_class).options(**on(n, num_cpus=0, max_concurrency=concurrency)).remote(
-        rs, n, plan, monitor=monitor, metrics=metrics, coordinator=coordinator) for n, rs in zip(nodes, per, strict=True) if rs]
+        rs, n, plan, monitor=monitor, metrics=metrics, coordinator=coordinator,
+        **({"relay": relays.of(n)} if relays else {})) for n, rs in zip(nodes, per, strict=True) if rs]
     pids = {k: [ray.get(a.__ray_call__.remote(lambda self: os.getpid()))] for k, a in actors.items()}
+    if relays:
+        pids["relays"] = ray.get([r.__ray_call__.remote(lambda self: os.getpid()) for r in relays.by_node.values()],
+                                 timeout=300)
     pids["rank_hosts"] = ray.get([h.pid.remote() for h in hosts], timeout=300)
     # the schedule starts once every host is up (Ray starts their processes slowly on a busy machine)
     t0 = time.time() + 3 + ranks / 500
     freeze_at = t0 + duration_s * freeze_frac
     cpu0, cpu_t0 = cpu_of(pids), time.time()
     done = [h.run.remote({"t0": t0, "freeze_at": freeze_at}) for h in hosts]
-    log(f"{ranks} ranks ({sim}{', aggregated' if aggregate else ''}) on {len(nodes)} nodes; rank {frozen} freezes {freeze_at - t0:.1f}s after the first step")
+    log(f"{ranks} ranks ({sim}{', aggregated' if aggregate else ''}{', relayed' if relay else ''}) on {len(nodes)} nodes; rank {frozen} freezes {freeze_at - t0:.1f}s after the first step")
 
     sample = sorted({per[i % len(per)][j] for i in range(len(per)) for j in (0, len(per[i]) // 2, len(per[i]) - 1)
                      if per[i]})[:32]
@@ -240,11 +255,15 @@ def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, st
     probe.done.set()
     probe.join(timeout=30)
     stats = ray.get(coordinator.stats.remote())
+    monitor_calls = ray.get(monitor.__ray_call__.remote(lambda self: dict(getattr(self, "calls", {}))), timeout=60)
+    relay_counts = ray.get([r.counts.remote() for r in relays.by_node.values()], timeout=60) if relays else []
     stored = sum(n for key in KEYS for _, _, _, n in store.points.find(run_id, key))
     writes = [w for r in results for w in r["writes"]]
     out = {
         "ranks": ranks, "nodes": len(nodes), "duration_s": duration_s,
-        "sim": sim, "aggregate": aggregate,
+        "sim": sim, "aggregate": aggregate, "relay": relay,
+        "monitor_calls": monitor_calls,
+        "relay_calls": {k: sum(c[k] for c in relay_counts) for k in relay_counts[0] if k != "node"} if relay_counts else None,
         "heartbeat_age_p99_s": p99(ages), "heartbeat_age_max_s": round(max(ages), 3) if ages else None,
         "heartbeat_age_watchdog_p99_s": p99(ages_dog),
         "ingest_lag_p99_s": p99(probe.lags), "ingest_lag_samples": len(probe.lags),
@@ -268,6 +287,8 @@ def run(ranks: int, nodes: list[str], *, root: str, duration_s: float = 60.0, st
     }
     for a in [*hosts, *actors.values()]:
         ray.kill(a)
+    if relays:
+        relays.kill()
     store.close()
     return out
 
@@ -356,6 +377,8 @@ def main() -> None:
                     help="simulated ranks as asyncio tasks (light) or as the real side threads (2+ threads a rank)")
     ap.add_argument("--aggregate", action="store_true",
                     help="one heartbeat call and one metrics call per node a tick (needs the actors' batch methods)")
+    ap.add_argument("--relay", action="store_true",
+                    help="the product's per-node relays between the simulated ranks and the run's actors")
     ap.add_argument("--verbose", action="store_true", help="the coordinator's slot counts at every tick, on stderr")
     ap.add_argument("--plot", nargs="+", metavar=("OUT.png", "LABEL=RESULT.json"),
                     help="draw docs/scale_control_plane.png from saved results instead of measuring")
@@ -364,8 +387,10 @@ def main() -> None:
         return plot(args.plot[0], args.plot[1:])
     if args.ranks < 2 or not 1 <= args.nodes <= 16:
         sys.exit(f"control_plane: --ranks must be >= 2 and --nodes 1-16, got {args.ranks} and {args.nodes}")
-    if args.aggregate and args.sim != "async":
-        sys.exit("control_plane: --aggregate works with --sim async only")
+    if (args.aggregate or args.relay) and args.sim != "async":
+        sys.exit("control_plane: --aggregate and --relay work with --sim async only")
+    if args.aggregate and args.relay:
+        sys.exit("control_plane: --aggregate and --relay are two ways to do the same: give one")
 
     import logging
 
@@ -387,7 +412,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="control-plane-") as root:
             out = run(args.ranks, nodes, root=root, duration_s=args.duration_s, ckpt_every=args.ckpt_every,
                       write_s=args.write_s, seed=args.seed, sim=args.sim, aggregate=args.aggregate,
-                      verbose=args.verbose)
+                      relay=args.relay, verbose=args.verbose)
         out["load_before"], out["load_after"] = [round(x, 2) for x in load0], [round(x, 2) for x in os.getloadavg()]
         out["machine"] = machine(**git_state())
     finally:

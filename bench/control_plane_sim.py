@@ -18,6 +18,11 @@ With `aggregate`, the process also plays each node's aggregator: its ranks' hear
 one HealthMonitor.beat_many call a heartbeat tick, and their metric batches as one
 MetricsActor.log_columns_many call a flush tick (the rank -> aggregator hop is node-local, and its
 cost grows with the ranks of one node, not with the run, so it is not simulated).
+
+With `relay`, each node has the product's relay (actors/node_relay.py, one actor per node, as the
+worker group starts it): the tasks make the per-rank calls a real rank makes to it (NodeRelay.beat,
+NodeRelay.log_columns), and the relay makes the per-node calls. So the rank -> relay hop is measured
+too, and the relay -> run actors hop is the product's own code, not this simulator's.
 """
 
 from __future__ import annotations
@@ -47,12 +52,12 @@ async def wait_ref(ref, timeout_s: float):
 class AsyncRankHost:
     """The ranks of one node; a Ray async actor (one event loop, one thread)."""
 
-    def __init__(self, ranks: list[int], node: str, plan: dict, *, monitor, metrics, coordinator):
+    def __init__(self, ranks: list[int], node: str, plan: dict, *, monitor, metrics, coordinator, relay=None):
         from actors.metric_sender import MetricSender
         from orchestrator.hang.health import Health
 
         self.ranks, self.node, self.plan = ranks, node, plan
-        self.monitor, self.metrics, self.coordinator = monitor, metrics, coordinator
+        self.monitor, self.metrics, self.coordinator, self.relay = monitor, metrics, coordinator, relay
         self.rng = random.Random(plan["seed"] * 100_003 + ranks[0])
         self.health = {r: Health(r) for r in ranks}
         # the real sender's buffer and batch numbering; its sending is done here, on the event loop
@@ -111,6 +116,8 @@ class AsyncRankHost:
                 return
             if self.plan["aggregate"]:
                 last = self.monitor.beat_many.remote([self.health[r].snapshot() for r in live])
+            elif self.relay is not None:
+                last = self.relay.beat.remote(self.health[live[0]].snapshot())
             else:
                 last = self.monitor.beat.remote(self.health[live[0]].snapshot())
             self.beats_sent += len(live)
@@ -139,11 +146,12 @@ class AsyncRankHost:
                     await wait_ref(self.metrics.log_columns_many.remote(batch), 30.0)
                     for r, *_ in batch:
                         self._sent(r)
+            send = self.relay.log_columns if self.relay is not None else self.metrics.log_columns_grouped
             for r in ranks:
                 s = self.senders[r]
                 while s.pending:
                     seq, cols, _ = s.pending[0]
-                    await wait_ref(self.metrics.log_columns_grouped.remote(r, seq, cols, s.dropped_points), 30.0)
+                    await wait_ref(send.remote(r, seq, cols, s.dropped_points), 30.0)
                     self._sent(r)
         except Exception as e:  # kept, sent again next time, as the real sender does
             self.send_errors.append(f"{type(e).__name__}: {str(e).strip()[:200]}")

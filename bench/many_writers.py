@@ -22,7 +22,7 @@ with synchronous=NORMAL). Reported per case:
                    (and a duplicate would make it negative); undelivered = logged but not
                    acknowledged within --drain-s after the end (a server that cannot keep up)
 
-    .venv/bin/python bench/many_writers.py [--senders 64,256] [--duration-s 20] [--pg] [--quick]
+    .venv/bin/python bench/many_writers.py [--senders 64,256] [--duration-s 20] [--pg [--no-sqlite]] [--quick]
 
 MLflow runs from its own venv (--mlflow-venv, default /tmp/server-venv with `pip install mlflow
 psycopg2-binary`); the senders use the MLflow client installed here (mlflow-skinny). Progress goes
@@ -180,9 +180,13 @@ def start_mlflow(backend: str, workdir: Path, venv: Path) -> tuple[subprocess.Po
                             cwd=workdir, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(workdir / "mlflow-server.log", "w"), start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    wait_http(uri + "/health")
-    for _ in range(8):  # every worker up and connected to the database before the clock starts
-        wait_http(uri + "/api/2.0/mlflow/experiments/search?max_results=1")
+    try:
+        wait_http(uri + "/health")
+        for _ in range(8):  # every worker up and connected to the database before the clock starts
+            wait_http(uri + "/api/2.0/mlflow/experiments/search?max_results=1")
+    except BaseException:  # it never came up: stop what was started
+        stop(proc, group=True)
+        raise
     return proc, uri
 
 
@@ -385,6 +389,7 @@ def main() -> None:
     p.add_argument("--drain-s", type=float, default=30.0, help="after the end, how long acknowledgements may take")
     p.add_argument("--pg", action="store_true", help="also on PostgreSQL (started here)")
     p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only (with --pg): a shorter run")
     p.add_argument("--mlflow-venv", default="/tmp/server-venv")
     p.add_argument("--quick", action="store_true", help="64 senders, 8 s")
     # sender role
@@ -403,7 +408,8 @@ def main() -> None:
     result: dict = {"bench": "many_writers", "keys": KEYS, "flush_s": FLUSH_S, "duration_s": args.duration_s,
                     "load_before": [round(x, 1) for x in load_before]}
     try:
-        result["sqlite"] = bench_backend(None, "sqlite", args, workdir)
+        if not args.no_sqlite:
+            result["sqlite"] = bench_backend(None, "sqlite", args, workdir)
         if args.pg:
             from tests.pg_server import start_pg_server
 

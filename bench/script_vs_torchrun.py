@@ -10,7 +10,10 @@
 - Ours: `orchestrator launch CONFIG` with `entrypoint: {script: script_body.py, args: ARGS}`,
   W workers, fault_tolerance.max_restarts 3 (backoff at its default), an embedded Ray cluster that
   the launch starts itself, as a user's would ("ours"); optionally ("ours_attached") `--address`
-  to a Ray cluster that is already up, which leaves Ray's own start-up out.
+  to a Ray cluster that is already up, which leaves Ray's own start-up out; and ("ours_exec") with
+  `entrypoint.start: exec`, every script process a fresh `python script_body.py` instead of a fork
+  of the warm process that imported torch already (orchestrator/zygote.py), to tell the warm
+  start's share of the figures from the restart in place's.
   (`launch --script` with config overrides is not usable yet: see the bench's notes in
   docs/BENCHMARKS.md; the config file holds exactly what --script would set, plus no dashboard.)
 
@@ -48,7 +51,7 @@ from benchlib import finished_every_step, git_state, machine, medians, paired_ra
 from recovery import OURS_LINES, Killer, analyse, log  # noqa: E402
 
 BODY = BENCH / "script_body.py"
-SYSTEMS = ("torchrun", "torchrun_fresh_store", "ours", "ours_attached")
+SYSTEMS = ("torchrun", "torchrun_fresh_store", "ours", "ours_attached", "ours_exec")
 
 
 def read_marks(log_dir: Path) -> dict[int, dict]:
@@ -74,7 +77,7 @@ def body_args(args, run_dir: Path, log_dir: Path) -> list[str]:
             str(args.save_every), "--step-log", str(log_dir), "--hidden", str(args.hidden), "--batch", str(args.batch)]
 
 
-def ours_config(path: Path, args, script_args: list[str], name: str) -> None:
+def ours_config(path: Path, args, script_args: list[str], name: str, start: str = "warm") -> None:
     import yaml
 
     path.write_text(yaml.safe_dump({
@@ -82,7 +85,7 @@ def ours_config(path: Path, args, script_args: list[str], name: str) -> None:
         "scaling": {"num_workers": args.workers, "cpus_per_worker": 1},
         "cluster": {"dashboard": False},  # torchrun has none either
         "fault_tolerance": {"max_restarts": 3},
-        "entrypoint": {"script": str(BODY), "args": script_args},
+        "entrypoint": {"script": str(BODY), "args": script_args, "start": start},
     }))
 
 
@@ -187,7 +190,8 @@ def run_one(system: str, i: int, args, tmp: Path, gcs: str | None) -> dict:
                "--max-restarts", "3", str(BODY), *script_args]
     else:
         cfg = run_dir / "script.yaml"
-        ours_config(cfg, args, script_args, name=f"script-bench-{system}-{i}")
+        ours_config(cfg, args, script_args, name=f"script-bench-{system}-{i}",
+                    start="exec" if system == "ours_exec" else "warm")
         env["ORCHESTRATOR_HOME"] = str(run_dir / "home")
         cmd = [sys.executable, "-m", "orchestrator.cli", "launch", str(cfg)]
         if system == "ours_attached":

@@ -137,6 +137,19 @@ def _cluster_summary() -> str:
     return ", ".join(parts) + f" on {len(alive)} node(s)"
 
 
+def room_elsewhere(bundle: dict[str, float], avoid_nodes: list[str]) -> bool:
+    """Whether some live node not in `avoid_nodes` could hold one worker's bundle at all (its total
+    resources, free or not). When none can, waiting for room away from the avoided nodes is futile."""
+    import ray
+
+    for n in ray.nodes():
+        if n.get("Alive") and n["NodeID"] not in avoid_nodes:
+            have = n.get("Resources", {})
+            if all(have.get(k, 0) >= v for k, v in bundle.items()):
+                return True
+    return False
+
+
 def node_ips() -> dict[str, str]:
     import ray
 

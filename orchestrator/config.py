@@ -30,6 +30,11 @@ class Backend(str, Enum):
     NCCL = "nccl"
 
 
+class ScriptStart(str, Enum):
+    WARM = "warm"  # forked from a process beside the worker that already imported torch (orchestrator/zygote.py)
+    EXEC = "exec"  # a fresh `python SCRIPT ARGS`
+
+
 class ResumeMode(str, Enum):
     NEVER = "never"  # every launch is a new run
     AUTO = "auto"  # a launch with the name of an unfinished run continues it (a re-submitted job)
@@ -169,6 +174,12 @@ class FaultToleranceConfig:
                                    "before they are killed")
 
 
+class RelayMode(str, Enum):
+    AUTO = "auto"  # relays on nodes with several ranks, in groups of 256+ ranks (actors/node_relay.py)
+    ON = "on"  # a relay on every node of the group
+    OFF = "off"  # every rank calls the run's actors itself
+
+
 @dataclass
 class TelemetryConfig:
     flush_every_s: float = option(1.0, min=0.05, max=3600, help="how often workers send metrics to the store")
@@ -180,6 +191,10 @@ class TelemetryConfig:
     prometheus_host: str = option("127.0.0.1", help="interface for the Prometheus endpoint")
     alert_webhook: str | None = option(None, help="http(s) URL that receives every alert as a JSON POST (retried with backoff; "
                                                  "a secret: stored redacted, give it again on resume)")
+    relay: RelayMode = option(RelayMode.AUTO, help="per-node relays that forward a node's heartbeats and metrics "
+                              "together, at most twice a tick, not one call per rank (ranks fall back to direct calls "
+                              "if one fails): auto = on nodes with several ranks in groups of 256+ ranks, on = every "
+                              "node, off = none")
 
 
 @dataclass
@@ -199,6 +214,8 @@ class EntrypointConfig:
     function: str | None = option(None, help='"module:function" called per rank as fn(ctx, **kwargs) (see docs/ENTRYPOINTS.md)')
     kwargs: dict[str, Any] = option({}, help="keyword arguments for the function")
     workdir: str | None = option(None, help="working directory of the ranks (default: where `launch` ran)")
+    start: ScriptStart = option(ScriptStart.WARM, help="how a script's process starts: warm (forked from a process that "
+                                "imported torch already; exec when that is unavailable) or exec (a fresh `python SCRIPT`)")
 
     @property
     def kind(self) -> str:

@@ -98,6 +98,8 @@ class Controller:
         self.stopping_since: float | None = None  # when the ranks were asked to stop (`orchestrator stop`)
         self.checks: tuple[int, dict, Future] | None = None  # node checks of a stall, running beside the restart
         self._check_pool: ThreadPoolExecutor | None = None
+        self.next_state: State | None = None  # the state the actions being carried out lead to
+        self.failure: Failure | None = None  # the failure those actions answer, if any
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -106,6 +108,7 @@ class Controller:
         state, actions = self.machine.start(self.first)
         while True:
             try:
+                self.next_state = state
                 event = self._carry_out(actions)
                 if isinstance(state, TERMINAL):
                     self._collect_checks(wait=True)
@@ -115,6 +118,7 @@ class Controller:
                 if isinstance(state, TERMINAL):
                     raise
                 event = Interrupt()
+            self.failure = event.failure if isinstance(event, GroupFailed) else None
             state, actions = self.machine.step(state, event, self.clock())
 
     def _finish(self, state: State, t0: float) -> dict:
@@ -152,7 +156,7 @@ class Controller:
         elif isinstance(a, StartGroup):
             return self._start(a)
         elif isinstance(a, StopGroup):
-            self.group.stop()
+            self._stop()
         elif isinstance(a, EndAttempt):
             self._end_attempt(a)
         elif isinstance(a, FollowUpStall):
@@ -206,6 +210,20 @@ class Controller:
         self.watchdog.reset()
         self.progress = Progress(self.cfg.train.max_steps, self.cfg.telemetry.progress_every_s, self.out)
         return Started(step0)
+
+    def _stop(self) -> None:
+        """A script run restarting after its scripts failed (a crash, an exit, a SIGKILL of the
+        script) keeps its workers and placement group and starts new script processes in them;
+        anything else (a dead worker, a lost node, a hang, a GPU fault, a resize) replaces the
+        group. The attempt, its logs, the restart count and backoff are the same either way."""
+        f = self.failure
+        if not (f is not None and f.data.get("script_exit") and isinstance(self.next_state, Restarting)
+                and f.kind in (FailureKind.EXCEPTION, FailureKind.NCCL)):
+            self.group.stop()
+        elif self.group.stop(in_place=True):
+            self.out("restarting in place: the ranks' workers stay, their scripts start anew")
+        else:
+            self.out("restart in place not possible (a worker did not answer): replacing the group")
 
     def _end_attempt(self, a: EndAttempt) -> None:
         f = a.failure

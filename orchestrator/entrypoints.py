@@ -1,6 +1,7 @@
 """Users' own training code, run per rank with every service around it.
 
   run_function  `entrypoint.function: "module:fn"`: fn(ctx, **kwargs) in the rank's process
+  run_gpt       no entrypoint: the built-in GPT loop, itself a function on ctx (gpt_function.py)
   run_script    `entrypoint.script: PATH`: the script, unchanged, in a child process with
                 torchrun's environment; its output captured line by line (script.py)
 
@@ -17,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from common.errors import ConfigError, UserCodeError, UserError
+from common.errors import ConfigError, NonFiniteLoss, SilentCorruption, UserCodeError, UserError
 from orchestrator import rank, rendezvous, stopping
 from orchestrator.config import Config
 
@@ -51,27 +52,45 @@ def load_function(spec: str, workdir: str | None, kwargs: dict | None = None):
 
 def run_function(cfg: Config, *, skipped: list[int] = (), **kw) -> dict:
     """Call the user's function with a ctx; return the summary the controller shows."""
-    from orchestrator.context import TrainContext  # torch: only in the rank's process
-
     e = cfg.entrypoint
     fn = load_function(e.function, e.workdir, e.kwargs)
+    return call_with_ctx(cfg, lambda ctx: fn(ctx, **e.kwargs), user=e.function, skipped=skipped, **kw)
+
+
+def run_gpt(cfg: Config, *, skipped: list[int] = (), **kw) -> dict:
+    """The built-in GPT loop, as the function it is written as (gpt_function.train_gpt): our
+    code, so its exceptions are ours, not a user's."""
+    from orchestrator.gpt_function import train_gpt  # torch: only in the rank's process
+
+    return call_with_ctx(cfg, train_gpt, user=None, skipped=skipped, **kw)
+
+
+def call_with_ctx(cfg: Config, fn, *, user: str | None, skipped=(), **kw) -> dict:
+    """fn(ctx) on this rank with every service around it. `user`: the user's "module:function",
+    whose exceptions are reported as theirs (user_code_error)."""
+    from orchestrator.context import TrainContext  # torch: only in the rank's process
+
     with rank.services(cfg, **kw) as s:
-        ctx = TrainContext(cfg, s)
+        ctx = TrainContext(cfg, s, skipped=skipped)
         try:
-            fn(ctx, **e.kwargs)
+            fn(ctx)
         except stopping.Stop:  # `orchestrator stop`: ctx.save saved the agreed step and ended the function
             pass
+        except (NonFiniteLoss, SilentCorruption):  # ctx.check_loss / check_replicas: the restart policy's
+            raise
         except Exception as err:
-            raise user_code_error(err, where=e.function) from None
+            if user is None:
+                raise
+            raise user_code_error(err, where=user) from None
         ctx.close()  # the ranks' last stop agreement, still in flight when the function returned
         if s.checkpointer is not None:
             s.checkpointer.close(s.sender)  # waits for the last upload and its commit
         s.health.phase = "done"
     rendezvous.leave()
-    return {"steps": max(0, ctx.last_step + 1 - ctx.start_step), "start_step": ctx.start_step,
-            "first_loss": ctx.first_loss, "last_loss": ctx.last_loss, "eval_loss": None,
-            "train_time_s": time.perf_counter() - ctx.started, "stopped": ctx.stopped_at is not None,
-            "stopped_at": ctx.stopped_at}
+    return {"steps": max(0, ctx.last_step + 1 - ctx.start_step),
+            "start_step": ctx.start_step, "first_loss": ctx.first_loss, "last_loss": ctx.last_loss,
+            "eval_loss": ctx.eval_loss, "train_time_s": time.perf_counter() - ctx.started,
+            "stopped": ctx.stopped_at is not None, "stopped_at": ctx.stopped_at}
 
 
 def user_code_error(err: BaseException, *, where: str) -> Exception:

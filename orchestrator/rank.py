@@ -1,8 +1,8 @@
 """What a rank's process runs once it has joined the group: its services (metric sender,
 heartbeats, system sampler, checkpointer, and the checkpoint to restore) around what the run's
-entrypoint asks for: the built-in training loop, a user's function (entrypoints.run_function),
-or a user's script (entrypoints.run_script). The TrainWorker actor (actors/train_worker.py) only
-hosts it."""
+entrypoint asks for: the built-in training loop (itself a function on ctx: entrypoints.run_gpt),
+a user's function (entrypoints.run_function), or a user's script (entrypoints.run_script). The
+TrainWorker actor (actors/train_worker.py) only hosts it."""
 
 from __future__ import annotations
 
@@ -33,22 +33,24 @@ class Services:
 
 @contextlib.contextmanager
 def services(cfg: Config, *, metrics, checkpoints=None, health_monitor=None, restore_step: int | None = None,
-             restore_uri: str | None = None, snapshot_to: dict | None = None, snapshot_from: dict | None = None):
+             restore_uri: str | None = None, snapshot_to: dict | None = None, snapshot_from: dict | None = None,
+             relay=None):
     """Start the rank's services; with `restore_step`, load the newest committed checkpoint at or
     below it that verifies (every rank reads every file, so all reach the same verdict), in the
     run's own checkpoint location or `restore_uri` (a fork's parent's). `snapshot_from`: an
     in-memory snapshot to restore instead (snapshots.restore); `snapshot_to`: where this rank's
-    snapshots go (snapshots.snapshotter)."""
+    snapshots go (snapshots.snapshotter); `relay`: the node's relay, which heartbeats and metrics
+    go through when set (actors/node_relay.py)."""
     from checkpointing.worker import make_checkpointer  # imports torch: only in the rank's process
 
     me = rendezvous.member()
-    sender = MetricSender(metrics, me.rank, flush_every_s=cfg.telemetry.flush_every_s)
+    sender = MetricSender(metrics, me.rank, flush_every_s=cfg.telemetry.flush_every_s, relay=relay)
     checkpointer = None
     if checkpoints is not None:
         checkpointer = make_checkpointer(cfg.checkpoint, config=redact(cfg.to_dict()), rank=me.rank,
                                          world_size=me.world_size, coordinator=checkpoints)
     health = Health(me.rank)
-    beats = Heartbeat(health_monitor, health, cfg.hang.heartbeat_s).start() if health_monitor else None
+    beats = Heartbeat(health_monitor, health, cfg.hang.heartbeat_s, relay=relay).start() if health_monitor else None
     health.phase = "checkpoint" if restore_step is not None else "start"
     telemetry.attach(sender)
     sampler = SystemSampler(sender.log, cfg.telemetry.system_every_s).start()
@@ -77,15 +79,10 @@ def with_config(fn, config: dict, /, *args, **kwargs):
 
 
 def run(cfg: Config, *, skipped: list[int] = (), **kw) -> dict:
-    """The built-in GPT loop, trained to the end."""
-    from orchestrator.training import WorkerContext, train  # torch: only in the rank's process
+    """The built-in GPT loop, trained to the end: itself a function on ctx (entrypoints.run_gpt)."""
+    from orchestrator.entrypoints import run_gpt  # it imports this module
 
-    with services(cfg, **kw) as s:
-        ctx = WorkerContext(rank=s.member.rank, world_size=s.member.world_size, device=s.member.device)
-        summary = train(cfg, ctx, s.sender, checkpointer=s.checkpointer, restore=s.loaded, skipped=list(skipped),
-                        health=s.health, snapshots=s.snapshots)
-    rendezvous.leave()
-    return summary
+    return run_gpt(cfg, skipped=skipped, **kw)
 
 
 def _load(cfg: Config, checkpointer, rank: int, restore_step: int, restore_uri: str | None, *, metrics,

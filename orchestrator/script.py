@@ -6,6 +6,12 @@ fed to tracking and the watchdog through a pipe.
 Without worker.log, every output line counts as a sign of life: a script silent for longer than
 hang.first_step_timeout_s is declared stalled.
 
+The script's process is forked from a warm process beside the worker that imported torch
+already (orchestrator/zygote.py; entrypoint.start: warm), or started with exec (entrypoint.start:
+exec, and whenever the warm process is unavailable). After a failure that only took scripts
+down, the driver keeps the workers and asks each for a new script process (`end_script`, then a
+new attempt: worker_group.py).
+
 `orchestrator stop` sends the script SIGTERM, as torchrun's agent does to its workers when it is
 stopped, and waits up to fault_tolerance.stop_timeout_s for it to exit (a script that saves its
 own snapshot on SIGTERM keeps that step); its exit then ends the run as stopped, not failed.
@@ -24,10 +30,11 @@ import threading
 import time
 
 from common.errors import UserCodeError
-from orchestrator import rank, rendezvous, stopping
-from orchestrator.config import Config
+from orchestrator import rank, rendezvous, stopping, zygote
+from orchestrator.config import Config, ScriptStart
 
 TAIL = 30  # stderr lines kept for the failure report
+_current = None  # this worker's running script process (subprocess.Popen or zygote.WarmProcess)
 PR_SET_PDEATHSIG = 1
 
 
@@ -60,6 +67,11 @@ class Lines:
             if stream == "stderr":
                 self.tail.append(text)
             self.health.progress += 1  # output is a sign of life
+
+    def note(self, text: str) -> None:
+        """A line of ours in the rank's log (stderr), beside the script's own."""
+        with self.lock:
+            self.buf.append((time.time(), "stderr", text))
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
@@ -97,23 +109,23 @@ def _read_worker_log(fd: int, services) -> None:
 
 
 def run_script(cfg: Config, *, metrics, checkpoints=None, health_monitor=None, restore_step=None, restore_uri=None,
-               skipped=()) -> dict:
+               skipped=(), relay=None) -> dict:
     """Run the script to its end; a non-zero exit raises (the group restarts under the restart
     policy, and the script resumes from its own snapshots, as under torchrun --max-restarts)."""
     e = cfg.entrypoint
     me = rendezvous.member()
     started = time.perf_counter()
-    with rank.services(cfg, metrics=metrics, health_monitor=health_monitor) as s:
+    with rank.services(cfg, metrics=metrics, health_monitor=health_monitor, relay=relay) as s:
         s.health.phase = "script"
         read_fd, write_fd = os.pipe()
         env = {**os.environ, "ORCHESTRATOR_WORKER_FD": str(write_fd), "PYTHONUNBUFFERED": "1"}
         lines = Lines(metrics, me.rank, s.health, cfg.telemetry.flush_every_s)
         try:
-            proc = subprocess.Popen([sys.executable, e.script, *e.args], cwd=e.workdir or None, env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(write_fd,),
-                                    preexec_fn=_die_with_parent)
+            proc = _start(cfg, env, write_fd, lines)
         finally:
             os.close(write_fd)
+        global _current
+        _current = proc
         s.health.pid = proc.pid  # what a stall report's stack dump looks at
         stopping.on_request(lambda: _terminate(proc))
         readers = [threading.Thread(target=lines.read, args=(proc.stdout, "stdout"), daemon=True),
@@ -139,6 +151,62 @@ def run_script(cfg: Config, *, metrics, checkpoints=None, health_monitor=None, r
     return {"steps": max(0, s.health.step + 1), "start_step": 0, "first_loss": None, "last_loss": None,
             "eval_loss": None, "train_time_s": time.perf_counter() - started, "stopped": stopped,
             "stopped_at": None, "exit_code": code}
+
+
+def _start(cfg: Config, env: dict[str, str], log_fd: int, lines: Lines):
+    """The script's process: warm from the zygote when configured and possible, else exec'd."""
+    e = cfg.entrypoint
+    argv = [sys.executable, e.script, *e.args]
+    if e.start is ScriptStart.WARM:
+        z = zygote.get()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            proc = z.spawn(argv, cwd=e.workdir or os.getcwd(), env=env, fds={1: out_w, 2: err_w, log_fd: log_fd})
+        except zygote.Unavailable as why:
+            for f in (out_r, err_r):
+                os.close(f)
+            lines.note(f"orchestrator: warm start unavailable ({why}); starting the script with exec")
+        else:
+            proc.stdout, proc.stderr = os.fdopen(out_r, "rb"), os.fdopen(err_r, "rb")
+            return proc
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+    return subprocess.Popen(argv, cwd=e.workdir or None, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, pass_fds=(log_fd,), preexec_fn=_die_with_parent)
+
+
+def prepare(cfg: Config) -> bool:
+    """Before each attempt, in the rank's process: forget the previous attempt's stop listeners,
+    and start the warm process now, so that its imports overlap the rest of the start (the
+    variables the rendezvous sets later are not read at import). Returns whether a warm start is
+    planned."""
+    stopping.reset()
+    if cfg.entrypoint.start is not ScriptStart.WARM:
+        return False
+    return zygote.get() is not None
+
+
+def end_script(grace_s: float) -> int | None:
+    """A restart in place, from the worker's control lane: SIGTERM to this rank's script (as
+    torchrun's agent stops its workers), SIGKILL after grace_s. Returns its exit code, None if
+    none was running."""
+    proc = _current
+    if proc is None or proc.poll() is not None:
+        return None if proc is None else proc.poll()
+    _terminate(proc)
+    deadline = time.monotonic() + grace_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if proc.poll() is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+        while proc.poll() is None and time.monotonic() < deadline + 10:
+            time.sleep(0.02)
+    return proc.poll()
 
 
 def _terminate(proc: subprocess.Popen) -> None:

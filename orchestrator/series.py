@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from orchestrator import series_write
+
 CHUNK = 8192
 BLOCK = 64
 RAW_READ_LIMIT = 262_144  # below this many points, bucket the raw points exactly
@@ -149,68 +151,25 @@ class SeriesStore:
                 self._ids.clear()
             self._new_ids.clear()
 
-    def series_id(self, run_id: str, key: str, rank: int, attempt: int) -> int:
-        k = (run_id, key, rank, attempt)
-        sid = self._ids.get(k)
-        if sid is None:
-            sid = self._new_ids.get(k)
-        if sid is None:
-            self.db.execute("INSERT INTO series (run_id, key, rank, attempt) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", k)
-            sid = self.db.execute(
-                "SELECT id FROM series WHERE run_id = ? AND key = ? AND rank = ? AND attempt = ?", k
-            ).fetchone()[0]
-            (self._new_ids if self._open else self._ids)[k] = sid
-        return sid
-
     def append(self, run_id: str, rank: int, attempt: int, data: dict[str, tuple[np.ndarray, np.ndarray]],
                *, seq: int | None = None) -> int:
         """Add points for many keys of one rank in one transaction (or in the caller's open one).
         Returns the number stored. With `seq` (the sender's batch number), a batch already applied
         is skipped: 0 is returned."""
-        total = 0
-        full = []
-        with self.transaction():
-            if seq is not None:
-                row = self.db.execute(
-                    "SELECT last_seq FROM ingest WHERE run_id = ? AND rank = ? AND attempt = ?", (run_id, rank, attempt)
-                ).fetchone()
-                if row is not None and seq <= row[0]:
-                    return 0
-                self.db.execute(
-                    "INSERT INTO ingest (run_id, rank, attempt, last_seq) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (run_id, rank, attempt) DO UPDATE SET last_seq = excluded.last_seq",
-                    (run_id, rank, attempt, seq),
-                )
-            # PostgreSQL: every key's statements go out without waiting for each answer (one
-            # round trip per batch, not two per key); SQLite runs in-process, nothing to batch
-            piped = hasattr(self.db, "pipeline")
-            tails = []
-            with self.db.pipeline() if piped else contextlib.nullcontext():
-                for key, (steps, vals) in data.items():
-                    steps = np.ascontiguousarray(steps, dtype="<i8")
-                    vals = np.ascontiguousarray(vals, dtype="<f8")
-                    if len(steps) == 0:
-                        continue
-                    sid = self.series_id(run_id, key, rank, attempt)
-                    self.db.execute(
-                        "INSERT INTO chunks (series_id, sealed, step_lo, step_hi, n, steps, vals) VALUES (?, 0, ?, ?, ?, ?, ?)",
-                        (sid, int(steps.min()), int(steps.max()), len(steps), steps.tobytes(), vals.tobytes()),
-                    )
-                    cur = self.db.execute(
-                        "UPDATE series SET tail_n = tail_n + ?, n = n + ? WHERE id = ? RETURNING tail_n",
-                        (len(steps), len(steps), sid),
-                    )
-                    tails.append((sid, cur if piped else cur.fetchone()[0]))
-                    total += len(steps)
-            for sid, tail in tails:
-                if (tail if not piped else tail.fetchone()[0]) >= CHUNK:
-                    full.append(sid)
-            for sid in full:
-                self._seal(sid)
-        return total
+        return self.append_many([(run_id, rank, attempt, data, seq)])[0]
 
-    def _seal(self, sid: int) -> None:
-        """Merge a series' tail rows into sealed CHUNK-point chunks; a remainder stays as one tail row."""
+    def append_many(self, batches: list[tuple]) -> list[int]:
+        """append() of many batches (run_id, rank, attempt, data, seq), e.g. a tick of every rank,
+        in one transaction and a handful of statements (series_write.py); the points stored of each."""
+        return series_write.append_many(self, batches, chunk=CHUNK)
+
+    def last_seqs(self, senders) -> dict[tuple[str, int, int], int]:
+        """The last batch number applied of each (run_id, rank, attempt) that has one."""
+        return series_write.last_seqs(self.db, senders)
+
+    def _seal(self, sid: int) -> int:
+        """Merge a series' tail rows into sealed CHUNK-point chunks; a remainder stays as one tail
+        row, whose length is returned (the caller writes it to the series' tail_n)."""
         rows = self.db.execute(
             "SELECT rowid, steps, vals FROM chunks WHERE series_id = ? AND sealed = 0 ORDER BY rowid", (sid,)
         ).fetchall()
@@ -238,7 +197,7 @@ class SeriesStore:
                 "INSERT INTO chunks (series_id, sealed, step_lo, step_hi, n, steps, vals) VALUES (?, 0, ?, ?, ?, ?, ?)",
                 (sid, int(rest_s[0]), int(rest_s[-1]), len(rest_s), rest_s.tobytes(), rest_v.tobytes()),
             )
-        self.db.execute("UPDATE series SET tail_n = ? WHERE id = ?", (len(rest_s), sid))
+        return len(rest_s)
 
     # --- reading ------------------------------------------------------------------------
 

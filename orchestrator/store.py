@@ -428,9 +428,7 @@ class Store:
         by_rank: dict[int, list[tuple[str, int, float]]] = {}
         for key, step, rank, value, _ in points:
             by_rank.setdefault(rank, []).append((key, step, value))
-        with self.transaction():
-            for rank, rows in by_rank.items():
-                self.points.append(run_id, rank, attempt, columns(rows))
+        self.points.append_many([(run_id, rank, attempt, columns(rows), None) for rank, rows in by_rank.items()])
 
     def lineage(self, run_id: str) -> list[tuple[str, int | None]]:
         """(run id, steps below which its points count) from the oldest ancestor to this run: a fork

@@ -178,6 +178,17 @@ class PgConnection:
         except Exception as e:  # noqa: BLE001
             raise pg_error(e, self.shown) from e
 
+    def copy_rows(self, table: str, columns: tuple[str, ...], types: tuple[str, ...], rows) -> None:
+        """Rows into a table by one binary COPY: no statement per row, bytes sent as they are."""
+        try:
+            with self._live().cursor() as cur, cur.copy(
+                    f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(list(types))
+                for row in rows:
+                    copy.write_row(row)
+        except Exception as e:  # noqa: BLE001
+            raise pg_error(e, self.shown) from e
+
     def executescript(self, script: str):
         try:
             return self._live().execute(pg_ddl(script))

@@ -15,11 +15,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from actors import checkpoint_coordinator
 from actors.health import HealthMonitor
 from actors.metrics_actor import MetricsActor
+from actors.node_relay import Relays, relay_nodes
 from actors.snapshot_keeper import Keepers
 from actors.train_worker import TrainWorker
 from checkpointing.layout import scan
 from checkpointing.storage import open_fs
-from common.errors import ResourceError, UserError
+from common.errors import ResourceError, UserCodeError, UserError
 from orchestrator import cluster, entrypoints, peer_loss, rank, rendezvous, script, stopping, visibility
 from orchestrator.anomaly import AnomalyDetector
 from orchestrator.config import Config
@@ -31,6 +32,7 @@ from orchestrator.store import open_checkpoint_records, open_store
 
 AVOID_WAIT_S = 10.0  # how long to look for room away from a culprit node before using it again
 STOP_WAIT_S = 15.0  # how long a stopped group's ranks get to be gone
+SCRIPT_TERM_S = 30.0  # restart in place: a script's time to end after SIGTERM before SIGKILL (torchrun's too)
 # how long a rank's "lost a peer" error waits for Ray to say which rank or node is gone: Ray 2.60
 # declares a crashed node dead after ~15 s of failed health checks (docs/MULTINODE.md), later on a busy machine
 PEER_LOSS_WAIT_S = 45.0
@@ -45,6 +47,7 @@ class Handles:
     health: object = None
     workers: list = field(default_factory=list)
     keepers: Keepers | None = None  # in-memory snapshots' keepers, one per node (checkpoint.memory_every_steps)
+    relays: Relays | None = None  # the group's per-node relays of heartbeats and metrics (telemetry.relay)
 
 
 class WorkerGroup:
@@ -58,6 +61,8 @@ class WorkerGroup:
         self.ips: list[str] = []  # and its node's address
         self.refs: list = []  # the ranks' train() results
         self.pending: list = []
+        self.kept = False  # the last stop kept the workers (a restart in place): the next start reuses them
+        self.infos: list[dict] = []  # node_info of each rank's worker
 
     # --- the run's actors (once per run) ----------------------------------------------------
 
@@ -134,12 +139,16 @@ class WorkerGroup:
             self.h.placement = cluster.reserve(**kw, timeout_s=timeout_s)
             return None
         names = cluster.node_labels(avoid_nodes)
-        try:
-            self.h.placement = cluster.reserve(**kw, timeout_s=min(timeout_s, AVOID_WAIT_S), avoid_nodes=list(avoid_nodes))
-            return f"restarted without node {names}"
-        except ResourceError:
-            self.h.placement = cluster.reserve(**kw, timeout_s=timeout_s)
-            return f"no spare capacity outside node {names}: restarted on it"
+        if cluster.room_elsewhere(cluster.bundle_for(s.cpus_per_worker, s.gpus_per_worker), list(avoid_nodes)):
+            try:
+                self.h.placement = cluster.reserve(**kw, timeout_s=min(timeout_s, AVOID_WAIT_S),
+                                                   avoid_nodes=list(avoid_nodes))
+                return f"restarted without node {names}"
+            except ResourceError:
+                pass
+        # else one node, or none other that could ever hold a worker: waiting AVOID_WAIT_S is futile
+        self.h.placement = cluster.reserve(**kw, timeout_s=timeout_s)
+        return f"no spare capacity outside node {names}: restarted on it"
 
     def retire_checkpoints(self, after: int, reason: str) -> list[int]:
         return ray.get(self.h.checkpoints.retire_after.remote(after, reason), timeout=120)
@@ -161,37 +170,52 @@ class WorkerGroup:
         ranks = rendezvous.assign_ranks(h.placement.bundle_nodes)
         by_rank = sorted(range(world), key=lambda b: ranks[b]["rank"])
         s = cfg.scaling
-        h.workers = [
-            ray.remote(concurrency_groups={CONTROL: 1})(TrainWorker).options(  # CONTROL: beside the training call
-                name=f"{cfg.run.name}:{self.run_id}:rank{ranks[b]['rank']}" + (f":a{attempt}" if attempt else ""),
-                num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(h.placement.pg, placement_group_bundle_index=b),
-            ).remote()
-            for b in by_rank
-        ]
+        in_place, self.kept = self.kept, False
+        if not in_place:
+            h.workers = [
+                ray.remote(concurrency_groups={CONTROL: 1})(TrainWorker).options(  # CONTROL: beside the training call
+                    name=f"{cfg.run.name}:{self.run_id}:rank{ranks[b]['rank']}" + (f":a{attempt}" if attempt else ""),
+                    num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(h.placement.pg, placement_group_bundle_index=b),
+                ).remote()
+                for b in by_rank
+            ]
         self.nodes = [ranks[b]["node_id"] for b in by_rank]
-        infos = self._gather([w.node_info.remote() for w in h.workers], "start")
+        config, is_script = cfg.to_dict(), cfg.entrypoint.kind == "script"  # a script joins the group itself
+        # first: the warm script processes' imports overlap the rest of the start
+        prepared = [w.execute.remote(rank.with_config, script.prepare, config) for w in h.workers] if is_script else []
+        self._start_relays(attempt)
+        infos = self.infos = self._gather([w.node_info.remote() for w in h.workers], "start")
         self.ips = [i["ip"] for i in infos]
         master_addr = infos[0]["ip"]
         master_port = self._gather([h.workers[0].execute.remote(rendezvous.free_port)], "start")[0]
-        self._check_storage(infos)
-        config, script = cfg.to_dict(), cfg.entrypoint.kind == "script"  # a script joins the group itself
+        if not in_place:  # the same workers saw the storage a moment ago
+            self._check_storage(infos)
         joins = [
             w.execute.remote(rank.with_config, rendezvous.join, config, rank=ranks[b]["rank"],
                              local_rank=ranks[b]["local_rank"], world_size=world,
                              local_world_size=ranks[b]["local_world_size"], node_rank=ranks[b]["node_rank"],
                              master_addr=master_addr, master_port=master_port, run_id=self.run_id, attempt=attempt,
-                             init_group=not script, node_ip=info["ip"])
+                             init_group=not is_script, node_ip=info["ip"])
             for w, b, info in zip(h.workers, by_rank, infos, strict=True)
         ]
         backends = self._gather(joins, "rendezvous")
-        if s.gpus_per_worker > 0:
+        self._gather(prepared, "start")
+        if s.gpus_per_worker > 0 and not in_place:  # kept workers' listeners still run
             self._listen_for_xids(infos)
         if h.health is not None:
             ray.get(h.health.reset.remote())
         return {"workers": [{"rank": r, **info} for r, info in enumerate(infos)], "world": world,
                 "nodes": len({i["node_id"] for i in infos}), "backend": backends[0],
-                "master": f"{master_addr}:{master_port}", "seconds": time.time() - t0}
+                "master": f"{master_addr}:{master_port}", "seconds": time.time() - t0, "in_place": in_place}
+
+    def _start_relays(self, attempt: int) -> None:
+        """A relay per node that gets one (telemetry.relay), starting while the workers do; a rank
+        whose relay fails calls the run's actors itself."""
+        t = self.cfg.telemetry
+        self.h.relays = Relays(f"{self.cfg.run.name}:{self.run_id}")
+        self.h.relays.start(relay_nodes(t.relay.value, self.nodes), attempt=attempt, monitor=self.h.health,
+                            metrics=self.h.metrics, heartbeat_s=self.cfg.hang.heartbeat_s, flush_every_s=t.flush_every_s)
 
     def _listen_for_xids(self, infos: list[dict]) -> None:
         """An NVML Xid listener on each node of the group, in its first rank's process (so for as
@@ -234,7 +258,8 @@ class WorkerGroup:
         snaps = self._snapshot_args(snapshot.step if snapshot else step0, snapshot)
         self.refs = [w.execute.remote(rank.with_config, run, config, metrics=h.metrics, checkpoints=h.checkpoints,
                                       health_monitor=h.health, restore_step=step0, restore_uri=source_uri,
-                                      skipped=list(skipped), **snaps[r])
+                                      skipped=list(skipped), relay=h.relays.of(self.nodes[r]) if h.relays else None,
+                                      **snaps[r])
                      for r, w in enumerate(h.workers)]
         self.pending = list(self.refs)
 
@@ -314,27 +339,61 @@ class WorkerGroup:
         for w in self.h.workers:
             w.execute.options(concurrency_group=CONTROL).remote(stopping.request)
 
-    def stop(self) -> None:
-        """Kill the worker group and give back its resources; the run's actors stay."""
-        for w in self.h.workers:
-            try:
-                ray.kill(w)
-            except Exception:
-                pass
-        if self.refs:  # ray.kill returns at once: wait (bounded) until the ranks' calls end with them,
-            ray.wait(self.refs, num_returns=len(self.refs), timeout=STOP_WAIT_S)  # so none commits later
-        self.h.workers, self.refs, self.pending = [], [], []
+    def stop(self, *, in_place: bool = False) -> bool:
+        """Kill the worker group and give back its resources; the run's actors stay. in_place
+        (a script run whose failure took only scripts down): end the scripts but keep the workers
+        and the placement group, if every worker is alive and answers; returns whether it did."""
+        self.kept = in_place and self._end_scripts()
+        if not self.kept:
+            for w in self.h.workers:
+                try:
+                    ray.kill(w)
+                except Exception:
+                    pass
+            if self.refs:  # ray.kill returns at once: wait (bounded) until the ranks' calls end with them,
+                ray.wait(self.refs, num_returns=len(self.refs), timeout=STOP_WAIT_S)  # so none commits later
+            self.h.workers = []
+        self.refs, self.pending = [], []
+        if self.h.relays is not None:
+            self.h.relays.kill()
         if self.h.checkpoints is not None:
             for r in range(self.cfg.scaling.num_workers):
                 self.h.checkpoints.release_rank.remote(r)  # slots of killed writers
-        cluster.release(self.h.placement)  # a lost node's bundles cannot come back; reserve afresh
-        self.h.placement = None
+        if not self.kept:
+            cluster.release(self.h.placement)  # a lost node's bundles cannot come back; reserve afresh
+            self.h.placement = None
+        return self.kept
+
+    def _end_scripts(self) -> bool:
+        """Every rank's script ended (SIGTERM, SIGKILL after SCRIPT_TERM_S) and every rank's call
+        returned, by workers that are all still alive. False when one is dead or does not answer."""
+        if not self.h.workers or self.h.placement is None:
+            return False
+        ends = [w.execute.options(concurrency_group=CONTROL).remote(script.end_script, SCRIPT_TERM_S)
+                for w in self.h.workers]
+        try:
+            ray.get(ends, timeout=SCRIPT_TERM_S + 30)
+        except Exception:  # a dead worker, or one too busy to answer: the full restart
+            return False
+        done, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=STOP_WAIT_S) if self.refs else ([], [])
+        if len(done) < len(self.refs):
+            return False
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                return False
+            except Exception:  # the script's failure: expected
+                pass
+        return True
 
     def teardown(self) -> None:
         if not ray.is_initialized():
             return
         if self.h.keepers is not None:
             self.h.keepers.kill()
+        if self.h.relays is not None:
+            self.h.relays.kill()
         for actor in (self.h.metrics, self.h.checkpoints):  # writes queued for a tracking server go out before a kill
             if actor is not None:
                 try:
@@ -363,7 +422,11 @@ class WorkerGroup:
             raise GroupError(self._failure(e, _failed_rank(refs, ranks), phase)) from None
 
     def _failure(self, e: Exception, r: int | None, phase: str) -> Failure:
-        return describe(e, r, phase, self.nodes, sdc_every=self.cfg.health.sdc_check_every)
+        f = describe(e, r, phase, self.nodes, sdc_every=self.cfg.health.sdc_check_every)
+        if (phase == "training" and self.cfg.entrypoint.kind == "script" and isinstance(e, ray.exceptions.RayTaskError)
+                and isinstance(e.cause, UserCodeError)):
+            f.data["script_exit"] = True  # the script ended, its worker did not: a restart in place can do
+        return f
 
     def _lost_peer(self, first: Failure) -> Failure:
         """`first`: a rank's collective failed because a peer went away. Blame the peer, not the

@@ -44,6 +44,17 @@ def wait_for_step(home, run_id, step, deadline):
     raise AssertionError(f"run never reached step {step}")
 
 
+def run_named(home, name: str, deadline: float) -> str:
+    """The id of the run called `name`, once it is recorded."""
+    while time.monotonic() < deadline:
+        if (home / "store.db").exists():
+            ids = [r["id"] for r in cli_json("runs", home=home) if r["name"] == name]
+            if ids:
+                return ids[0]
+        time.sleep(0.3)
+    raise AssertionError(f"run {name} was never recorded")
+
+
 def kill_at_steps(home, run_id, steps, rng, deadline) -> list[tuple[int, int]]:
     """SIGKILL a random worker of the current attempt once the run reaches each of `steps`;
     returns (step, rank) of each kill."""
@@ -64,42 +75,57 @@ def kill_at_steps(home, run_id, steps, rng, deadline) -> list[tuple[int, int]]:
 
 def test_sigkilled_workers_recover_bit_exact(tmp_path, home, tiny_data, ray_address):
     steps = 40
-    # paced (0.1 s a step, numerics untouched) so a run does not end between the test seeing a step
-    # and its kill landing: a quiet machine runs this tiny model at 20 steps/s
-    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": steps, "eval_every": 0},
-                      checkpoint={"every_steps": 5}, fault_tolerance=FT,
-                      model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.1, "dropout": 0.1}})
-    # the reference: the same seed and world size, never interrupted
-    run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
-    reference = cli_json("runs", home=home)[-1]["id"]
+    released = tmp_path / "released"
+    # paced (0.1 s a step, numerics untouched) until the kills are done, so a run does not end
+    # between the test seeing a step and its kill landing: a quiet machine runs this model at 20 steps/s
+    model = {"factory": "tests.user_models:slow_gpt",
+             "kwargs": {"pause_s": 0.1, "dropout": 0.1, "release_path": str(released)}}
+    sections = dict(train={"max_steps": steps, "eval_every": 0}, checkpoint={"every_steps": 5}, fault_tolerance=FT)
+    (tmp_path / "chaos").mkdir()
+    (tmp_path / "reference").mkdir()
+    # heartbeats every 2 s (a rank counts as stopped after 8 s, not 5): with the reference beside it on
+    # a busy machine, late beats must not add a stall restart to the two kills
+    cfg = tiny_config(tmp_path / "chaos", tiny_data, run={"name": "chaos", "seed": 1}, model=model,
+                      hang={"heartbeat_s": 2.0}, **sections)
+    # the reference: the same seed and world size, never interrupted (nor paced), side by side
+    ref_cfg = tiny_config(tmp_path / "reference", tiny_data, run={"name": "reference", "seed": 1},
+                          model={**model, "kwargs": {"pause_s": 0.0, "dropout": 0.1}}, **sections)
 
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
+    env.pop("RAY_ADDRESS", None)
+    ref_home = tmp_path / "reference-home"  # a store of its own: the two drivers never wait on each other's writes
+    ref_proc = subprocess.Popen([*ORCH, "launch", str(ref_cfg), "--address", ray_address], cwd=REPO,
+                                env={**env, "ORCHESTRATOR_HOME": str(ref_home)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rng = random.Random(7)
     try:
         deadline = time.monotonic() + 600  # generous: a busy machine is slow
-        while time.monotonic() < deadline and len(cli_json("runs", home=home)) < 2:
-            time.sleep(0.2)
-        chaos = cli_json("runs", home=home)[-1]["id"]
+        chaos = run_named(home, "chaos", deadline)
         kill_at_steps(home, chaos, sorted(rng.sample(range(6, steps - 6), 2)), rng, deadline)
+        released.touch()
         out, err = proc.communicate(timeout=600)
+        ref_out, _ = ref_proc.communicate(timeout=600)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in (proc, ref_proc):
+            if p.poll() is None:
+                p.kill()
+    assert ref_proc.returncode == 0, ref_out
+    reference = run_named(ref_home, "reference", deadline)
     assert proc.returncode == 0, out + err
-    assert out.count("RESTART") == 2 and "recovered" in out
+    assert out.count("RESTART") == 2 and "recovered" in out, out
 
     attempts = cli_json("show", chaos, home=home)
     assert attempts["status"] == "completed"
     # bit-exact: same parameters at the end, same loss at every step
-    ref_step, ref_model = final_weights(home, reference)
+    ref_step, ref_model = final_weights(ref_home, reference)
     got_step, got_model = final_weights(home, chaos)
     assert ref_step == got_step == steps
     assert ref_model.keys() == got_model.keys()
     assert all(torch.equal(ref_model[k], got_model[k]) for k in ref_model)
-    assert losses(home, chaos) == losses(home, reference)
-    assert losses(home, chaos, rank=1) == losses(home, reference, rank=1)
+    assert losses(home, chaos) == losses(ref_home, reference)
+    assert losses(home, chaos, rank=1) == losses(ref_home, reference, rank=1)
 
 
 def test_attempts_recorded_with_cause_rank_and_steps_lost(tmp_path, home, tiny_data, ray_address):
@@ -135,10 +161,19 @@ def test_resume_extends_a_completed_run(tmp_path, home, tiny_data, ray_address):
     assert cli_json("show", run_id, home=home)["config"]["train"]["max_steps"] == 20
 
 
-def test_fork_and_fork_of_fork_inherit_history(tmp_path, home, tiny_data, ray_address):
-    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 12, "eval_every": 0}, checkpoint={"every_steps": 4})
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_data, ray_address):
+    """(home, run id): one completed 12-step run with checkpoints at 4, 8 and 12, which the fork
+    and bad-input tests start from (neither changes it)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    home = tmp / "home"
+    cfg = tiny_config(tmp, tiny_data, train={"max_steps": 12, "eval_every": 0}, checkpoint={"every_steps": 4})
     run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
-    parent = cli_json("runs", home=home)[-1]["id"]
+    return home, cli_json("runs", home=home)[-1]["id"]
+
+
+def test_fork_and_fork_of_fork_inherit_history(finished_run, ray_address):
+    home, parent = finished_run
     proc = run_cli("fork", parent, "--step", "8", "optim.lr=0.001", "--name", "child", "--address", ray_address,
                    home=home)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -158,12 +193,12 @@ def test_fork_and_fork_of_fork_inherit_history(tmp_path, home, tiny_data, ray_ad
     assert [s for s, _ in losses(home, grand["id"])] == list(range(14))
 
 
-def test_resume_and_fork_bad_input_is_one_line(tmp_path, home, tiny_data, ray_address):
-    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 8, "eval_every": 0}, checkpoint={"every_steps": 4})
-    run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
-    run_id = cli_json("runs", home=home)[-1]["id"]
+def test_resume_and_fork_bad_input_is_one_line(finished_run):
+    home, run_id = finished_run
+    runs_before = cli_json("runs", home=home)
+    assert run_id in {r["id"] for r in runs_before}
     cases = [
-        (["fork", run_id, "--step", "5"], "no committed checkpoint at step 5 (steps with one: 4, 8)"),
+        (["fork", run_id, "--step", "5"], "no committed checkpoint at step 5 (steps with one: 4, 8, 12)"),
         (["fork", run_id, "--step", "4", "model.d_model=128"], "model.d_model=128 differs from the checkpoint's 64"),
         (["resume", "no-such-run"], "no run 'no-such-run'"),
         (["fork", run_id, "--step", "4", "optim.lrr=1"], "did you mean optim.lr"),
@@ -173,4 +208,4 @@ def test_resume_and_fork_bad_input_is_one_line(tmp_path, home, tiny_data, ray_ad
         assert proc.returncode == 2, (argv, proc.stdout, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], (argv, lines)
-    assert len(cli_json("runs", home=home)) == 1  # nothing was started
+    assert cli_json("runs", home=home) == runs_before  # nothing was started

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import fsspec
@@ -274,10 +275,13 @@ def test_fsdp_function_sigkilled_resumes_bit_identical(tmp_path, home, tiny_data
                            entrypoint={"function": "tests.test_function_fsdp:fsdp_regression", "kwargs": kwargs})
         return path.rename(tmp_path / f"{name}.yaml")
 
-    run_cli("launch", str(config("reference")), "--address", ray_address, home=home, check=True)
     manifest = tmp_path / "ck-chaos" / "step_00000004" / "MANIFEST.json"
-    proc = run_cli("launch", str(config("chaos", sigkill_at=7, once_committed=str(manifest))), "--address",
-                   ray_address, home=home)
+    reference_cfg, chaos_cfg = config("reference"), config("chaos", sigkill_at=7, once_committed=str(manifest))
+    with ThreadPoolExecutor(1) as pool:  # the reference side by side (2 of the session cluster's 4 CPUs each)
+        reference_done = pool.submit(run_cli, "launch", str(reference_cfg), "--address", ray_address, home=home,
+                                     check=True)
+        proc = run_cli("launch", str(chaos_cfg), "--address", ray_address, home=home)
+        reference_done.result()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("RESTART") == 1, proc.stdout
     assert "resuming at step 4" in proc.stdout, proc.stdout  # from the sharded checkpoint, not from scratch

@@ -87,7 +87,8 @@ BUSY_MACHINE_HANG = {"timeout_s": 15, "heartbeat_s": 2.0}
 @pytest.mark.ray
 def test_rank_stopping_collectives_is_named_in_seconds(tmp_path, home, tiny_data, ray_address):
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 40, "eval_every": 0},
-                      hang=BUSY_MACHINE_HANG, fault_tolerance={"max_restarts": 0},
+                      # node checks after a stall: covered by the stuck-data and culprit-node tests below
+                      hang={**BUSY_MACHINE_HANG, "node_checks": False}, fault_tolerance={"max_restarts": 0},
                       # torch's own collective timeout out of run_cli's reach: only our watchdog can end it
                       distributed={"timeout_s": 3600},
                       model={"factory": "tests.user_models:hanging_gpt", "kwargs": {"hang_rank": 1, "hang_call": 8}})
@@ -105,9 +106,12 @@ def test_rank_stopping_collectives_is_named_in_seconds(tmp_path, home, tiny_data
 
 @pytest.mark.ray
 def test_frozen_rank_is_named_and_the_run_recovers(tmp_path, home, tiny_data, ray_address):
+    released = tmp_path / "released"  # paced until the freeze: then the restarted group runs at full speed
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 100, "eval_every": 0}, checkpoint={"every_steps": 5},
-                      hang=BUSY_MACHINE_HANG, fault_tolerance={"max_restarts": 1},
-                      model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.05}})
+                      hang={**BUSY_MACHINE_HANG, "node_checks": False},
+                      fault_tolerance={"max_restarts": 1},
+                      model={"factory": "tests.user_models:slow_gpt",
+                             "kwargs": {"pause_s": 0.05, "release_path": str(released)}})
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
     proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -124,6 +128,7 @@ def test_frozen_rank_is_named_and_the_run_recovers(tmp_path, home, tiny_data, ra
         run_id = runs[0]["id"]
         frozen = next(w for w in cli_json("show", run_id, home=home)["meta"]["workers"] if w["rank"] == 0)["pid"]
         os.kill(frozen, signal.SIGSTOP)  # a worker our test cluster started: frozen, not dead
+        released.touch()
         out, _ = proc.communicate(timeout=max(10, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:
@@ -298,3 +303,17 @@ def test_a_long_eval_is_not_a_stall(tmp_path, home, tiny_data, ray_address):
                       model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.0, "eval_pause_s": 0.8}})
     proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
     assert proc.returncode == 0 and "STALL" not in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.ray
+def test_room_elsewhere_says_whether_another_node_could_ever_hold_a_worker(ray_address):
+    import ray
+
+    from orchestrator import cluster
+
+    alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    assert alive, "the session cluster has a live node"
+    one = cluster.bundle_for(1, 0)
+    assert cluster.room_elsewhere(one, [])
+    assert not cluster.room_elsewhere(one, alive)  # every node avoided: the restart does not wait for room
+    assert not cluster.room_elsewhere(cluster.bundle_for(100_000, 0), [])  # no node that large

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -15,9 +16,32 @@ from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
 pytestmark = pytest.mark.ray
 
 
-def test_launch_trains_and_tracks_both_ranks(tmp_path, home, tiny_data, ray_address):
-    cfg = tiny_config(tmp_path, tiny_data, telemetry={"prometheus_port": 0})
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
+# Runs that tests below only look at, launched two at a time (2 workers each on the session
+# cluster's 4 CPUs: a launch mostly waits), each into a store of its own.
+LAUNCHES = {
+    "tracked": dict(telemetry={"prometheus_port": 0}),
+    "many_keys": dict(train={"max_steps": 10, "eval_every": 0},
+                      model={"factory": "tests.user_models:logging_gpt", "kwargs": {"copies": 40}}),
+    "failing": dict(model={"factory": "tests.user_models:failing_gpt", "kwargs": {"fail_rank": 1, "fail_call": 4}},
+                    fault_tolerance={"max_restarts": 0}),
+}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tiny_data, ray_address):
+    """{name: (its launch, its store)} for LAUNCHES."""
+    def launch(name: str):
+        tmp = tmp_path_factory.mktemp(name)
+        cfg = tiny_config(tmp, tiny_data, **LAUNCHES[name])
+        return run_cli("launch", str(cfg), "--address", ray_address, home=tmp / "home"), tmp / "home"
+
+    with ThreadPoolExecutor(2) as pool:
+        started = {name: pool.submit(launch, name) for name in LAUNCHES}
+        return {name: done.result() for name, done in started.items()}
+
+
+def test_launch_trains_and_tracks_both_ranks(launched):
+    proc, home = launched["tracked"]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Prometheus metrics: http://127.0.0.1:" in proc.stdout
     assert "rendezvous done: 2 ranks" in proc.stdout and "backend gloo" in proc.stdout
@@ -51,11 +75,10 @@ def test_launch_trains_and_tracks_both_ranks(tmp_path, home, tiny_data, ray_addr
     assert "commit" in meta["git"]
 
 
-def test_user_code_logs_many_keys_per_step(tmp_path, home, tiny_data, ray_address):
+def test_user_code_logs_many_keys_per_step(launched):
     """orchestrator.telemetry.log from inside the user's model: ~1,000 keys per step per rank."""
-    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 10, "eval_every": 0},
-                      model={"factory": "tests.user_models:logging_gpt", "kwargs": {"copies": 40}})
-    run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
+    proc, home = launched["many_keys"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     (run,) = cli_json("runs", home=home)
     layer_keys = [k for k in cli_json("metrics", run["id"], home=home)["keys"] if k.startswith("layers/")]
     assert len(layer_keys) > 900
@@ -67,10 +90,12 @@ def test_user_code_logs_many_keys_per_step(tmp_path, home, tiny_data, ray_addres
 def test_same_seed_same_losses(tmp_path, home, tiny_data, ray_address):
     """Determinism: two runs with one seed log identical losses and data fingerprints."""
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 8, "eval_every": 0})
-    ids = []
-    for _ in range(2):
-        run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True)
-        ids.append(cli_json("runs", home=home)[-1]["id"])
+    with ThreadPoolExecutor(2) as pool:  # side by side on the session cluster's 4 CPUs: a launch mostly waits
+        for done in [pool.submit(run_cli, "launch", str(cfg), "--address", ray_address, home=home, check=True)
+                     for _ in range(2)]:
+            done.result()
+    ids = [r["id"] for r in cli_json("runs", home=home)]
+    assert len(ids) == 2
 
     def series(run_id, key):
         return [(p["step"], p["value"]) for p in cli_json("metrics", run_id, "--key", key, "--rank", "0", home=home)["points"]]
@@ -81,24 +106,21 @@ def test_same_seed_same_losses(tmp_path, home, tiny_data, ray_address):
 
 def test_too_many_cpus_fails_clearly_within_timeout(tmp_path, home, tiny_data):
     """Embedded cluster (no --address): an impossible request ends with what was asked and what exists."""
-    cfg = tiny_config(tmp_path, tiny_data, scaling={"num_workers": 2, "cpus_per_worker": 64, "start_timeout_s": 5})
+    cfg = tiny_config(tmp_path, tiny_data, scaling={"num_workers": 2, "cpus_per_worker": 64, "start_timeout_s": 1})
     started = time.monotonic()
     proc = run_cli("launch", str(cfg), home=home)
     elapsed = time.monotonic() - started
     assert proc.returncode == 3, proc.stdout + proc.stderr
     err = proc.stderr.strip().splitlines()[-1]
-    assert "cannot reserve 2 workers x {CPU: 64} (= {CPU: 128}) within scaling.start_timeout_s=5" in err
+    assert "cannot reserve 2 workers x {CPU: 64} (= {CPU: 128}) within scaling.start_timeout_s=1" in err
     assert "CPU in total" in err and "node(s)" in err
     assert "Traceback" not in proc.stderr
     assert elapsed < 300  # bounded: never waits forever (not a speed assertion; a busy machine is slow)
     assert cli_json("runs", home=home)[0]["status"] == "failed"
 
 
-def test_worker_exception_marks_failed_and_shows_rank_traceback_once(tmp_path, home, tiny_data, ray_address):
-    cfg = tiny_config(tmp_path, tiny_data, model={"factory": "tests.user_models:failing_gpt",
-                                                  "kwargs": {"fail_rank": 1, "fail_call": 4}},
-                      fault_tolerance={"max_restarts": 0})
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home)
+def test_worker_exception_marks_failed_and_shows_rank_traceback_once(launched):
+    proc, home = launched["failing"]
     assert proc.returncode == 1, proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("orchestrator: error: rank 1 failed during training: RuntimeError")

@@ -79,10 +79,13 @@ def test_a_real_run_keeps_every_point_when_its_metrics_actor_dies_in_attempt_1(t
     import ray
 
     steps = 40
-    # paced (0.2 s a step) so attempt 1 still has steps to log once the metrics actor is back
+    released = tmp_path / "released"
+    # paced (0.2 s a step) so attempt 1 still has steps to log once the metrics actor is back; at
+    # full speed once the restarted actor stores them
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": steps, "eval_every": 0},
                       checkpoint={"every_steps": 5}, fault_tolerance={"max_restarts": 3, "backoff_s": 0.2},
-                      model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.2}})
+                      model={"factory": "tests.user_models:slow_gpt",
+                             "kwargs": {"pause_s": 0.2, "release_path": str(released)}})
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
     proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -98,6 +101,10 @@ def test_a_real_run_keeps_every_point_when_its_metrics_actor_dies_in_attempt_1(t
         actor = ray.get_actor(f"tiny:{run_id}:metrics", namespace="orchestrator")
         ray.kill(actor, no_restart=False)  # Ray restarts it with its constructor arguments
         before_restart = series_of_attempt(store, run_id, "train/loss", 0, 1)
+        wait_until("points through the restarted actor",
+                   lambda: series_of_attempt(store, run_id, "train/loss", 0, 1) > before_restart or proc.poll() is not None,
+                   deadline)
+        released.touch()
         out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:

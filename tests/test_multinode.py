@@ -126,6 +126,12 @@ def running_after_checkpoint(cluster, home: Path, launch: Launch, ckpt: dict, mi
     return run_id, wait_until(f"step {min_step} with a committed checkpoint", deadline, ready, launch)
 
 
+def paced_model(released: Path) -> dict:
+    """0.2 s a step (numerics untouched), so the fault lands mid-run; full speed once `released`
+    exists (the fault is in: the restarted group need not crawl)."""
+    return {"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.2, "release_path": str(released)}}
+
+
 def workers_on(cluster, home: Path, run_id: str) -> list[dict]:
     return orch_json(cluster, home, "show", run_id)["meta"]["workers"]
 
@@ -233,7 +239,7 @@ def test_partitioned_node_is_named_as_the_culprit(tmp_path, tiny_data, healthy_c
                       train={"max_steps": steps, "eval_every": 0}, checkpoint=ckpt_cfg,
                       fault_tolerance={"max_restarts": 2, "backoff_s": 0.2},
                       hang={"timeout_s": 5, "heartbeat_s": 0.5, "node_check_timeout_s": 5},
-                      model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.2}})
+                      model=paced_model(tmp_path / "released"))
     launch = Launch(cluster, home, cfg, tmp_path / "launch.log")
     victim = None
     try:
@@ -243,6 +249,7 @@ def test_partitioned_node_is_named_as_the_culprit(tmp_path, tiny_data, healthy_c
         victim = cluster.node_by_id(victim_rank["node_id"])
         cut = time.monotonic()
         cluster.partition(victim.index)
+        (tmp_path / "released").touch()
         code = launch.wait(deadline - time.monotonic())
         ended = time.monotonic() - cut
         seen = {n["node_id"]: n["alive"] for n in cluster.probe()["nodes"]}.get(victim.node_id)
@@ -288,8 +295,7 @@ def _crash_a_node_mid_run(cluster, bridge_s3, tiny_data, tmp: Path) -> dict:
     ckpt_cfg = s3_checkpoint(endpoint, make_bucket(), 5)
     cfg = tiny_config(tmp, tiny_data, scaling={**WORKERS, "min_workers": 2}, data=BATCH,
                       train={"max_steps": steps, "eval_every": 0}, checkpoint=ckpt_cfg,
-                      fault_tolerance={"max_restarts": 2, "backoff_s": 0.2},
-                      model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.2}})
+                      fault_tolerance={"max_restarts": 2, "backoff_s": 0.2}, model=paced_model(tmp / "released"))
     launch = Launch(cluster, home, cfg, tmp / "launch.log")
     try:
         deadline = time.monotonic() + 200
@@ -297,6 +303,7 @@ def _crash_a_node_mid_run(cluster, bridge_s3, tiny_data, tmp: Path) -> dict:
         victim_rank = next(w for w in workers_on(cluster, home, run_id) if w["rank"] == 1)
         victim = cluster.node_by_id(victim_rank["node_id"])
         killed = cluster.crash(victim.index)  # every process of that node, at once
+        (tmp / "released").touch()
         code = launch.wait(deadline - time.monotonic())
     finally:
         launch.close()

@@ -38,10 +38,12 @@ def expected_fingerprints(data_uri: str, seed: int, batch: int, steps: int) -> l
 def test_node_loss_shrinks_then_regrows_with_the_same_data_order(tmp_path, home, tiny_data, cluster):
     c, nodes = cluster
     steps = 600
+    released = tmp_path / "released"  # paced until the group has regrown, then at full speed
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": steps, "eval_every": 0},
                       scaling={"num_workers": 2, "min_workers": 1, "start_timeout_s": 60},
                       checkpoint={"every_steps": 10}, fault_tolerance={"max_restarts": 3, "backoff_s": 0.1},
-                      model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.02}})
+                      model={"factory": "tests.user_models:slow_gpt",
+                             "kwargs": {"pause_s": 0.02, "release_path": str(released)}})
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
     proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", c.address], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -71,6 +73,11 @@ def test_node_loss_shrinks_then_regrows_with_the_same_data_order(tmp_path, home,
             time.sleep(0.3)
         assert len(cli_json("show", run_id, home=home)["meta"]["workers"]) == 1
         c.add_node(num_cpus=1)  # capacity is back
+        while time.monotonic() < deadline and proc.poll() is None:  # the regrown group has started
+            if len(Store(home).attempts(run_id)) >= 3:
+                break
+            time.sleep(0.3)
+        released.touch()
         out, _ = proc.communicate(timeout=max(10, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:

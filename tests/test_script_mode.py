@@ -72,7 +72,10 @@ def test_a_killed_rank_restarts_and_the_script_resumes_from_its_snapshot(tmp_pat
             proc.kill()
     assert proc.returncode == 0, out + err
     assert "RESTART 1/3" in out
-    attempts = cli_json("show", run_id, home=home)["attempts"]
+    assert "restarting in place" not in out  # a dead worker: the group is replaced
+    shown = cli_json("show", run_id, home=home)
+    assert victim["pid"] not in {w["pid"] for w in shown["meta"]["workers"]}
+    attempts = shown["attempts"]
     assert [a["status"] for a in attempts] == ["failed", "completed"]
     resumed = [r["line"] for r in lines_of(home, run_id, rank=0, attempt=1) if r["line"].startswith("resumed from")]
     assert resumed and int(resumed[0].split()[-1]) >= 5
@@ -87,6 +90,9 @@ def test_a_failing_script_is_restarted_then_reported_with_its_last_words(tmp_pat
     last = proc.stderr.strip().splitlines()[-1]
     assert "torchrun_ddp.py exited with code 3: failing at step 2" in last and "after 1 restart" in last, last
     assert "last lines of rank" in proc.stderr
+    assert proc.stdout.count("restarting in place") == 1  # the one restart; then max_restarts=1 gives up
+    run_id = cli_json("runs", home=home)[-1]["id"]
+    assert [a["status"] for a in cli_json("show", run_id, home=home)["attempts"]] == ["failed", "failed"]
 
 
 def test_a_hung_script_is_found_without_its_help_and_restarted(tmp_path, home, tiny_data, ray_address):
@@ -98,7 +104,9 @@ def test_a_hung_script_is_found_without_its_help_and_restarted(tmp_path, home, t
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "STALL" in proc.stdout and "RESTART 1/3" in proc.stdout
     run_id = cli_json("runs", home=home)[-1]["id"]
-    (stall,) = cli_json("diagnose", run_id, home=home)["events"]
+    events = cli_json("diagnose", run_id, home=home)["events"]
+    assert len(events) == 1, [{k: e.get(k) for k in ("kind", "message", "step", "rank")} for e in events]
+    (stall,) = events
     assert stall["step"] == 5  # the last step every rank finished before rank 1 hung
     stacks = stall["flight_recorder"]["stacks"]  # the script's own Python stacks, by py-spy
     assert "torchrun_ddp.py" in stacks["1"], stacks

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
-from tests.test_fault_tolerance import final_weights, losses, wait_for_step
+from tests.test_fault_tolerance import final_weights, losses, run_named, wait_for_step
 
 pytestmark = pytest.mark.ray
 
@@ -21,16 +21,6 @@ def launch(cfg, home, ray_address, *extra: str) -> subprocess.Popen:
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address, *extra], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def run_named(home, name: str, deadline: float) -> str:
-    while time.monotonic() < deadline:
-        if (home / "store.db").exists():
-            ids = [r["id"] for r in cli_json("runs", home=home) if r["name"] == name]
-            if ids:
-                return ids[0]
-        time.sleep(0.3)
-    raise AssertionError(f"run {name} was never recorded")
 
 
 def committed(home, run_id) -> list[int]:
@@ -49,20 +39,25 @@ def stop_after(home, run_id, proc: subprocess.Popen, step: int, deadline: float)
 
 def test_stop_saves_the_step_it_stopped_at_and_resume_continues_bit_exact(tmp_path, home, tiny_data, ray_address):
     """checkpoint.every_steps=0 (only at the end): the one checkpoint the stopped run has is the
-    stop's own. An uninterrupted run of the same config, side by side, is the reference."""
+    stop's own. An uninterrupted run of the same config, side by side, is the reference. Only the
+    stopped run is paced (the pause touches no numbers), and only until it is stopped: its resume
+    runs at full speed."""
     steps = 80
-    sections = dict(train={"max_steps": steps, "eval_every": 0}, checkpoint={"every_steps": 0},
-                    model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.15}})
+    released = tmp_path / "released"
+    sections = dict(train={"max_steps": steps, "eval_every": 0}, checkpoint={"every_steps": 0})
+    paced = {"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.15, "release_path": str(released)}}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    stopped_cfg = tiny_config(tmp_path / "a", tiny_data, run={"name": "stopped", "seed": 1}, **sections)
-    reference_cfg = tiny_config(tmp_path / "b", tiny_data, run={"name": "reference", "seed": 1}, **sections)
+    stopped_cfg = tiny_config(tmp_path / "a", tiny_data, run={"name": "stopped", "seed": 1}, model=paced, **sections)
+    reference_cfg = tiny_config(tmp_path / "b", tiny_data, run={"name": "reference", "seed": 1},
+                                model={**paced, "kwargs": {"pause_s": 0.0}}, **sections)
     deadline = time.monotonic() + 600
     reference_proc = launch(reference_cfg, home, ray_address)
     proc = launch(stopped_cfg, home, ray_address)
     try:
         run_id = run_named(home, "stopped", deadline)
         out = stop_after(home, run_id, proc, 5, deadline)
+        released.touch()
         ref_out, _ = reference_proc.communicate(timeout=max(10, deadline - time.monotonic()))
         assert reference_proc.returncode == 0, ref_out
     finally:

@@ -74,14 +74,18 @@ def poisoned_gpt(*, vocab_size: int, block_size: int, poison: list[int]):
 
 class Slow(GPT):
     """A GPT that takes at least `pause_s` per training step, without using CPU: keeps a fast
-    machine from finishing a run before a test has done its part."""
+    machine from finishing a run before a test has done its part. Once the file `release_path`
+    exists (the test has done it), the steps run at full speed."""
 
-    def __init__(self, *, pause_s: float, slow_rank: int | None, eval_pause_s: float, **kw):
+    def __init__(self, *, pause_s: float, slow_rank: int | None, eval_pause_s: float, release_path: str | None,
+                 **kw):
         super().__init__(**kw)
         self.pause_s, self.slow_rank, self.eval_pause_s = pause_s, slow_rank, eval_pause_s
+        self.release_path = release_path
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.training and (self.slow_rank is None or int(os.environ["RANK"]) == self.slow_rank):
+        if self.training and (self.slow_rank is None or int(os.environ["RANK"]) == self.slow_rank) \
+                and not (self.release_path and os.path.exists(self.release_path)):
             time.sleep(self.pause_s)
         if not self.training:
             time.sleep(self.eval_pause_s)
@@ -89,10 +93,11 @@ class Slow(GPT):
 
 
 def slow_gpt(*, vocab_size: int, block_size: int, pause_s: float = 0.02, slow_rank: int | None = None,
-             eval_pause_s: float = 0.0, dropout: float = 0.0):
-    """slow_rank=None: every rank; else only that one (a straggler). eval_pause_s: per eval batch."""
+             eval_pause_s: float = 0.0, dropout: float = 0.0, release_path: str | None = None):
+    """slow_rank=None: every rank; else only that one (a straggler). eval_pause_s: per eval batch.
+    release_path: no more pauses once this file exists."""
     return Slow(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, d_model=32, pause_s=pause_s,
-                slow_rank=slow_rank, eval_pause_s=eval_pause_s, dropout=dropout)
+                slow_rank=slow_rank, eval_pause_s=eval_pause_s, dropout=dropout, release_path=release_path)
 
 
 class Hangs(GPT):

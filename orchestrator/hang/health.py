@@ -103,11 +103,17 @@ def stack_dump(pid: int, timeout_s: float = 20.0, max_chars: int = 20_000) -> st
 
 
 class Heartbeat:
-    def __init__(self, monitor, health: Health, every_s: float):
-        self.monitor, self.health, self.every_s = monitor, health, every_s
+    """The heartbeat thread. With `relay` (the node's relay, actors/node_relay.py), beats go to it
+    and it forwards the node's beats in one call a tick. The rank also beats the monitor directly
+    while the relay lets it down: its last beat is still unanswered a tick later (stuck), it says
+    its own forwards lag ("ok" False), or it is gone (for good, then)."""
+
+    def __init__(self, monitor, health: Health, every_s: float, *, relay=None):
+        self.monitor, self.health, self.every_s, self.relay = monitor, health, every_s, relay
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._answered: int | None = None  # the last dump request served; None: not seen one yet
+        self.direct_beats = 0  # sent to the monitor while a relay was set (its fallback)
 
     def start(self) -> Heartbeat:
         self._thread.start()
@@ -116,16 +122,43 @@ class Heartbeat:
     def _run(self) -> None:
         import ray
 
-        last = None
+        last = via_relay = None
+        relayed = self.relay is not None
         while True:
             try:
+                direct = self.relay is None
+                if via_relay is not None:
+                    answered, ok = self._relay_answer(via_relay)
+                    direct = not ok
+                    via_relay = None if answered else via_relay  # a stuck call is not repeated, only watched
                 if last is not None and ray.wait([last], timeout=0)[0]:  # never blocks on the monitor
                     self._serve(ray.get(last))
-                last = self.monitor.beat.remote(self.health.snapshot())
+                snapshot = self.health.snapshot()
+                if self.relay is not None and via_relay is None:
+                    via_relay = self.relay.beat.remote(snapshot)
+                last = self.monitor.beat.remote(snapshot) if direct else None
+                self.direct_beats += direct and relayed
             except Exception:  # the monitor is gone: the driver is tearing down
                 last = None
             if self._stop.wait(self.every_s):
                 return
+
+    def _relay_answer(self, ref) -> tuple[bool, bool]:
+        """(answered, keeps up) for the last beat sent to the relay; serves the dump request it carries."""
+        import ray
+
+        if not ray.wait([ref], timeout=0)[0]:
+            return False, False  # stuck a whole tick: beat directly until it answers
+        try:
+            answer = ray.get(ref)
+        except ray.exceptions.RayActorError:  # gone: this rank beats directly from now on
+            self.relay = None
+            return True, False
+        except Exception:
+            return True, False
+        if answer["request"] is not None:  # None: the relay has not heard from the monitor yet
+            self._serve(answer["request"])
+        return True, answer["ok"]
 
     def _serve(self, request: int) -> None:
         if self._answered is None:  # requests made before this rank started were for an earlier group

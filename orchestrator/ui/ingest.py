@@ -204,7 +204,7 @@ class Ingest:
     def _commit(self, group: list[_Job]) -> None:
         try:
             with self.store.transaction():
-                answers = [self._apply(job) for job in group]
+                answers = self._apply_group(group)
         except Exception as e:
             self._known.clear()  # a rolled-back create_run may be in it
             if len(group) > 1:  # find the one at fault: the others are applied on their own
@@ -216,30 +216,56 @@ class Ingest:
         for job, answer in zip(group, answers, strict=True):
             job.finish(200, answer)
 
-    def _apply(self, job: _Job) -> dict:
-        db = self.store.db
-        row = db.execute("SELECT last_seq FROM ingest_clients WHERE client = ?", (job.client,)).fetchone()
-        if row is not None and job.seq <= row[0]:
-            return {"applied": False, "points": 0}  # applied before: its answer was lost
-        if row is not None and job.seq != row[0] + 1:
-            raise Refused(409, f"batch {job.seq} of client {job.client} arrived before batch {row[0] + 1}: "
-                               "send a client's batches in order")
-        points = sum(self._apply_unit(unit) for unit in job.units)
-        db.execute("INSERT INTO ingest_clients (client, last_seq, time) VALUES (?, ?, ?) ON CONFLICT (client) DO "
-                   "UPDATE SET last_seq = excluded.last_seq, time = excluded.time", (job.client, job.seq, time.time()))
-        return {"applied": True, "points": points}
+    def _apply_group(self, group: list[_Job]) -> list[dict]:
+        """The jobs in order, inside the open transaction. Their points go in last, all in one
+        SeriesStore.append_many: a tick of every rank of every client is one write."""
+        senders = {(op["run_id"], op["rank"], op["attempt"]) for job in group for unit in job.units for op in unit
+                   if op["op"] == "points" and op["seq"] is not None}
+        last = self.store.points.last_seqs(senders) if senders else {}
+        points: list[tuple] = []  # append_many's batches, and the job of each
+        owners: list[int] = []
+        answers = []
+        for j, job in enumerate(group):
+            row = self.store.db.execute("SELECT last_seq FROM ingest_clients WHERE client = ?", (job.client,)).fetchone()
+            if row is not None and job.seq <= row[0]:
+                answers.append({"applied": False, "points": 0})  # applied before: its answer was lost
+                continue
+            if row is not None and job.seq != row[0] + 1:
+                raise Refused(409, f"batch {job.seq} of client {job.client} arrived before batch {row[0] + 1}: "
+                                   "send a client's batches in order")
+            for unit in job.units:
+                for batch in self._apply_unit(unit, last):
+                    points.append(batch)
+                    owners.append(j)
+            self.store.db.execute(
+                "INSERT INTO ingest_clients (client, last_seq, time) VALUES (?, ?, ?) ON CONFLICT (client) DO "
+                "UPDATE SET last_seq = excluded.last_seq, time = excluded.time", (job.client, job.seq, time.time()))
+            answers.append({"applied": True, "points": 0})
+        for j, n in zip(owners, self.store.points.append_many(points), strict=True):
+            answers[j]["points"] += n
+        return answers
 
-    def _apply_unit(self, unit: list[dict]) -> int:
-        store, stored = self.store, 0
+    def _apply_unit(self, unit: list[dict], last: dict) -> list[tuple]:
+        """Applies a unit's other ops and returns its points batches, to be written with the group's.
+        last: the senders' last batch numbers, as they will be once those batches are written."""
+        store, batches = self.store, []
+        skipping = False  # after a rank's batch applied before: the ops that came with it (its alerts)
         for op in unit:
             name, args = op["op"], {k: v for k, v in op.items() if k != "op"}
             if name != "create_run" and "run_id" in args:
                 self._need_run(args["run_id"])
+            if name == "points" and args["seq"] is not None and args["keys"]:
+                skipping = False  # the next rank's batch: judged on its own
+            if skipping:
+                continue
             if name == "points":
-                n = store.points.append(args["run_id"], args["rank"], args["attempt"], args["data"], seq=args["seq"])
-                if n == 0 and args["seq"] is not None and args["keys"]:
-                    return stored  # a rank's batch applied before: so was the rest of its unit (e.g. its alerts)
-                stored += n
+                sender, seq = (args["run_id"], args["rank"], args["attempt"]), args["seq"]
+                if seq is not None and sender in last and seq <= last[sender]:
+                    skipping = bool(args["keys"])
+                    continue
+                if seq is not None:
+                    last[sender] = seq
+                batches.append((args["run_id"], args["rank"], args["attempt"], args["data"], seq))
             elif name == "logs":
                 store.logs.add(args["run_id"], args["attempt"], args["rank"], [tuple(x) for x in args["lines"]])
             elif name == "add_event":
@@ -260,7 +286,7 @@ class Ingest:
                 store.create_run(**args)
             else:
                 APPLY[name](store, args)
-        return stored
+        return batches
 
     def _need_run(self, run_id: str) -> None:
         if run_id in self._known:
