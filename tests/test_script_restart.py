@@ -107,18 +107,30 @@ def test_workers_that_do_not_answer_mean_a_full_restart(tmp_path):
 # --- the warm process alone (no Ray) ---------------------------------------------------------
 
 
+def _free_fd(start: int) -> int:
+    """The first fd number from `start` that this process does not use (a fixed number like 60 may be
+    a pipe or socket of pytest's or Ray's, and the pipes made next reuse numbers the test closes)."""
+    n = start
+    while True:
+        try:
+            os.fstat(n)
+        except OSError:
+            return n
+        n += 1
+
+
 def test_a_warm_script_sees_what_an_execd_one_sees(tmp_path):
     """argv, __file__, __name__, cwd, sys.path[0], environment, stdin, fds and exit code: the
     same whether forked from the warm process or started as `python script_probe.py`."""
     from orchestrator import zygote
 
+    fd = _free_fd(900)  # the same number in both children; free here, so dup2 closes nothing of the test process
     z = zygote.Zygote(dict(os.environ))
     try:
         def run(warm: bool) -> tuple[int, dict, str]:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
             extra_r, extra_w = os.pipe()
-            fd = 60  # the same number in both children
             os.dup2(extra_w, fd)
             os.close(extra_w)
             env = {**os.environ, "PROBE_FD": str(fd)}
@@ -141,7 +153,7 @@ def test_a_warm_script_sees_what_an_execd_one_sees(tmp_path):
     assert warm["torch_preloaded"] and not cold["torch_preloaded"]  # the warm path was taken
     assert warm_code == exec_code == 3 and warm_err == cold_err == "to stderr\n"
     assert warm["argv"] == [PROBE, "x y", "--exit", "3"] and warm["name"] == "__main__"
-    assert warm["env"] and warm["env"]["PROBE_FD"] == "60"
+    assert warm["env"] and warm["env"]["PROBE_FD"] == str(fd)
     for key in ("argv", "file", "name", "cwd", "path0", "env", "globals", "spec", "package", "main_is_me", "stdin",
                 "stdin_read", "fds"):
         assert warm[key] == cold[key], key

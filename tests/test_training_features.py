@@ -150,6 +150,10 @@ def _micro_steps(rank: int, world: int, port: int, strategy: str, out: str) -> N
     if rank == 0:
         torch.save(seen, out)
     dist.destroy_process_group()
+    # skip the interpreter's teardown: in about 1 of 3 runs a C++ thread of the gloo/FSDP group is
+    # still joinable when its static is destroyed ("terminate called without an active
+    # exception", SIGABRT), also on 00d91bb; what the test checks is already saved
+    os._exit(0)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
