@@ -167,7 +167,7 @@ def stall(repeats: int, proxy, bucket) -> dict:
     from checkpointing.writer import Checkpointer
     from orchestrator.config import load_config
     from orchestrator.gpt import build_model
-    from orchestrator.training import loss_of, make_optimizer
+    from orchestrator.gpt_function import loss_of, make_optimizer
 
     torch.set_num_threads(1)
     cfg = load_config(ROOT / "configs" / "demo.yaml")

@@ -64,7 +64,7 @@ def stall(steps: int, every: int) -> dict:
     from checkpointing.writer import Checkpointer
     from orchestrator.config import config_from_dict
     from orchestrator.gpt import build_model
-    from orchestrator.training import loss_of, make_optimizer
+    from orchestrator.gpt_function import loss_of, make_optimizer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

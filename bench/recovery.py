@@ -106,7 +106,7 @@ def timed_gpt(*, vocab_size: int, block_size: int, n_layer: int, n_head: int, d_
 
 
 def lr_at(step: int, lr: float, warmup: int, min_lr_ratio: float, total: int) -> float:
-    """Our schedule (orchestrator.training.lr_at): linear warmup, cosine to lr * min_lr_ratio."""
+    """Our schedule (orchestrator.gpt_function.lr_at): linear warmup, cosine to lr * min_lr_ratio."""
     import math
 
     if step < warmup:

@@ -17,7 +17,7 @@ import yaml
 from orchestrator import sdc
 from orchestrator.config import config_from_dict
 from orchestrator.gpt import build_model
-from orchestrator.training import loss_of, make_optimizer
+from orchestrator.gpt_function import loss_of, make_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib is beside us
 from benchlib import machine  # noqa: E402

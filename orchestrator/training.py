@@ -2,7 +2,7 @@
 algorithms (rendezvous.join calls setup_torch).
 
 The built-in GPT loop itself is a training function on ctx, orchestrator/gpt_function.py
-(train_gpt), run by entrypoints.run_gpt; its recipe's pieces keep their names here too.
+(train_gpt), run by entrypoints.run_gpt.
 """
 
 from __future__ import annotations
@@ -13,11 +13,6 @@ import sys
 import torch
 
 from orchestrator.config import Config
-from orchestrator.context import counted
-from orchestrator.gpt_function import loss_of, lr_at, make_optimizer
-
-__all__ = ["counted", "loss_of", "lr_at", "make_optimizer", "normal_priority", "setup_torch",
-           "use_deterministic_algorithms"]
 
 
 def setup_torch(cfg: Config, rank: int) -> None:

@@ -80,8 +80,8 @@ def _join(rank: int, world: int, port: int) -> None:
 def _build(seed: int, strategy: str, world: int):
     from orchestrator.config import Config
     from orchestrator.gpt import GPT
+    from orchestrator.gpt_function import make_optimizer
     from orchestrator.parallel import wrap_model
-    from orchestrator.training import make_optimizer
 
     torch.manual_seed(seed)
     model = GPT(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32)

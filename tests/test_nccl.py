@@ -136,8 +136,8 @@ def test_a_collective_on_cuda_counts_as_done_when_the_device_is_done():
     collective done only when a CUDA event recorded after it has completed."""
     import torch
 
+    from orchestrator.context import counted
     from orchestrator.hang.health import Health
-    from orchestrator.training import counted
 
     health = Health(0)
     with torch.cuda.device(0), counted(health, True, torch.device("cuda", 0)):
