@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from checkpointing.layout import step_dir
+from common.sqlite_wal import use_wal
 
 STATUSES = ("committed", "failed", "corrupt")
 
@@ -43,7 +44,7 @@ class CheckpointRecords:
             self.db = db
             return
         self.db = sqlite3.connect(db, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self.db)
         self.db.executescript(SCHEMA)
 
     def add(self, *, run_id: str, step: int, status: str, bytes: int | None = None, blocked_s: float | None = None,

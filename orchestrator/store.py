@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import StoreError, StoreFull, UserError
+from common.sqlite_wal import use_wal
 from orchestrator import store_schema
 from orchestrator.run_logs import LogStore
 from orchestrator.series import (
@@ -184,7 +185,7 @@ class Store:
             raise store_error(e, self.path) from e
         self.db.path = self.path
         try:
-            self.db.execute("PRAGMA journal_mode=WAL")
+            use_wal(self.db)
             self.db.execute("PRAGMA synchronous=NORMAL")
             store_schema.prepare(self.db, str(self.path))  # adds what older stores lack
             self._attach()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 
 import numpy as np
@@ -176,3 +177,35 @@ def test_bucket_mean_ignores_non_finite_values(store):
     assert first["value"] == 2.0 and first["count"] == 3  # NaN is counted as a point, not averaged as 0
     assert second["value"] is None and second["count"] == 3
     assert series.summarize(np.arange(6), vals)[0, series.S_FINITE] == 2
+
+
+def _open_at_once(root: str, start, out) -> None:
+    start.wait()
+    try:
+        s = Store(root)
+        s.create_run(run_id=f"r{os.getpid()}", name="r", config={}, git_commit=None, host="h", command="c",
+                     world_size=1)
+        s.close()
+        out.put("ok")
+    except Exception as e:  # reported to the test, which shows it
+        out.put(f"{type(e).__name__}: {e}")
+
+
+def test_processes_opening_a_fresh_store_at_once_all_get_it(tmp_path):
+    """Two drivers starting on one new store: turning it to WAL must wait for the other, not fail
+    with 'database is locked' (SQLite does not apply its busy timeout to that change)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    results = []
+    for i in range(12):
+        start, out = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(str(tmp_path / str(i)), start, out)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        results += [out.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+    assert len(results) == 48 and set(results) == {"ok"}, [r for r in results if r != "ok"][:3]
+    store = Store(tmp_path / "0", create=False)
+    assert len(store.runs()) == 4

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -183,15 +184,21 @@ def test_bf16_with_accumulation_converges_deterministically_on_the_same_batches(
     """bf16 + 2 micro-batches: the loss falls clearly, the same seed gives the same losses, and
     every optimizer step sees the global batch an fp32 run without accumulation sees. In fp32,
     accumulation only reorders float sums: losses and gradient norms stay close to N=1."""
-    runs = {}
-    for name, train in (("bf16_a", {"precision": "bf16", "grad_accum_steps": 2}),
-                        ("bf16_b", {"precision": "bf16", "grad_accum_steps": 2}),
-                        ("fp32_n1", {"grad_accum_steps": 1}),
-                        ("fp32_n2", {"grad_accum_steps": 2})):
-        cfg = tiny_config(tmp_path, tiny_data, run={"name": name, "seed": 1}, train={"max_steps": 30, "eval_every": 0,
-                                                                                     **train})
+    def launch(name: str, train: dict) -> None:
+        (tmp_path / name).mkdir()
+        cfg = tiny_config(tmp_path / name, tiny_data, run={"name": name, "seed": 1},
+                          train={"max_steps": 30, "eval_every": 0, **train})
         run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=400, check=True)
-        runs[name] = cli_json("runs", home=home)[-1]["id"]
+
+    # two at a time on the session cluster's 4 CPUs (each run takes 2): a launch mostly waits
+    with ThreadPoolExecutor(2) as pool:
+        for pair in ((("bf16_a", {"precision": "bf16", "grad_accum_steps": 2}),
+                      ("bf16_b", {"precision": "bf16", "grad_accum_steps": 2})),
+                     (("fp32_n1", {"grad_accum_steps": 1}), ("fp32_n2", {"grad_accum_steps": 2}))):
+            for done in [pool.submit(launch, *args) for args in pair]:
+                done.result()
+    runs = {r["name"]: r["id"] for r in cli_json("runs", home=home)}
+    assert sorted(runs) == ["bf16_a", "bf16_b", "fp32_n1", "fp32_n2"], runs
 
     loss = {name: _series(run_id, "train/loss", home) for name, run_id in runs.items()}
     first, last = loss["bf16_a"][0][1], loss["bf16_a"][-1][1]
