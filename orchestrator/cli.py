@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 
 from common.errors import UserError
-from orchestrator import log_view, run_views, store_cli, transfer_cli
+from orchestrator import cluster, log_view, run_views, store_cli, transfer_cli
 from orchestrator.config import parse_yaml, redact_override, scrub_text
 from orchestrator.hang import view as diagnose_view
 from orchestrator.run_views import out, table
@@ -179,6 +179,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    cluster.use_token()  # before anything imports Ray, which reads RAY_AUTH_MODE once
     try:
         args = parse(argv)
         _check_arguments(args)

@@ -13,6 +13,24 @@ from common.labels import node_label, node_labels  # noqa: F401 (messages here a
 NODE_ID_LABEL = "ray.io/node-id"
 
 
+TOKEN_HINT = {
+    True: " (with token authentication: the token must be the cluster's, as `ray get-auth-token` prints on its head)",
+    False: " (if it uses token authentication, the default of Ray >= 2.59 clusters, put its token in"
+           " ~/.ray/auth_token or RAY_AUTH_TOKEN)",
+}
+
+
+def use_token() -> bool:
+    """Whether Ray will send a token. Ray >= 2.59 clusters want one, and Ray sends it only when
+    RAY_AUTH_MODE=token, which a user's shell rarely has: turned on here when a token is at hand.
+    A cluster without authentication accepts a token too."""
+    if not os.environ.get("RAY_AUTH_MODE") and (
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+    return os.environ.get("RAY_AUTH_MODE") == "token"
+
+
 def connect(address: str | None, *, dashboard: bool) -> None:
     """Connect to `address` (or $RAY_ADDRESS), else start an embedded cluster on 127.0.0.1
     (`ray.shutdown()` stops the one and only disconnects from the other)."""
@@ -25,10 +43,12 @@ def connect(address: str | None, *, dashboard: bool) -> None:
 
     common = dict(namespace="orchestrator", logging_level=logging.ERROR, log_to_driver=True)
     if address:
+        token = use_token()
         try:
             ray.init(address=address, **common)
         except (ConnectionError, ValueError, RuntimeError) as e:
-            raise ResourceError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+            raise ResourceError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}"
+                                f"{TOKEN_HINT[token]}") from None
         return
     ray.init(
         address="local",  # never attach to some other cluster on this machine by accident

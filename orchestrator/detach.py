@@ -47,8 +47,7 @@ def job_client(address: str):
     """A JobSubmissionClient for `address`: the dashboard's http(s) address, or a cluster address
     (host:port), whose dashboard is asked for. Token authentication (Ray >= 2.59 on `ray start`
     clusters) is used when a token is there (~/.ray/auth_token)."""
-    if (Path.home() / ".ray" / "auth_token").is_file():
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    cluster.use_token()
     from ray.job_submission import JobSubmissionClient
 
     url = address

@@ -3,6 +3,7 @@ exit 0, or one line per problem and exit 2. Ray only for the cluster check."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -97,3 +98,31 @@ def test_cluster_resources_are_compared_when_an_address_is_given(tmp_path, home,
     assert too_big.returncode == 2
     [problem] = too_big.stderr.strip().splitlines()
     assert problem.startswith("error: cluster at ") and "= {CPU: 64}, but it has" in problem
+
+
+def test_a_cluster_with_token_authentication_is_reached_without_ray_auth_mode(tmp_path, home, tiny_data,
+                                                                             ray_address, monkeypatch):
+    """Ray >= 2.59 clusters want a token, and Ray sends it only under RAY_AUTH_MODE=token, which a
+    user's shell rarely sets: the CLI turns it on when a token is at hand (~/.ray/auth_token)."""
+    import os
+
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        pytest.skip("this Ray's local clusters do not use token authentication")
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    ok = run_cli("validate", str(tiny_config(tmp_path, tiny_data)), "--address", ray_address, home=home, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert any(x.startswith("ok: cluster at ") for x in ok.stdout.splitlines()), ok.stdout
+
+
+def test_the_token_is_used_when_one_is_at_hand_and_an_explicit_mode_is_kept(tmp_path, monkeypatch):
+    from orchestrator import cluster
+
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cluster.use_token() is False and "RAY_AUTH_MODE" not in os.environ  # no token anywhere
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t" * 64)
+    assert cluster.use_token() is True and os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's own choice stands
+    assert cluster.use_token() is False and os.environ["RAY_AUTH_MODE"] == "disabled"
