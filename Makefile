@@ -54,8 +54,12 @@ sysdeps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# Two pytest-xdist workers: one test's waits (Ray start-up, rendezvous, fault bounds) overlap
+# another's work; on 2 cores the gain is small (README). With loadgroup, the tests that share a
+# fixture of their own file stay on one worker (tests/conftest.py). Serially: `make test PYTEST_ARGS=`.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 test: $(STAMP) sysdeps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 	$(MAKE) test-ray-floor
 
 # The oldest Ray that pyproject allows, in a venv of its own, on the Ray tests of launch, fault

@@ -10,6 +10,9 @@ what they save when a rank dies. JSON on the last stdout line; progress on stder
      snapshot without the background thread);
    - restoring the state: fetched from the keeper and decoded, against load_latest of the durable
      checkpoint of the same step from the local folder (both verified / weights_only).
+1b. Stall under parallelism.strategy ddp and fsdp, side by side on the same work: 2 gloo ranks
+   (spawned processes, 1 torch thread each) training the demo GPT on the demo run's per-rank
+   batch, a snapshot every --every steps; FSDP ranks copy only their own shards.
 2. Steps lost per failure, on a 2-node ray.cluster_utils.Cluster, tiny GPT: the same run, one rank
    SIGKILLed at the same step, with durable checkpoints every --durable-every steps only, and with
    snapshots every --memory-every steps as well; steps lost and recovery time from the store's
@@ -148,6 +151,100 @@ def stall(steps: int, every: int) -> dict:
             "restored_states_equal": bool(same)}
 
 
+# --- 1b. the stall under DDP and under FSDP: 2 gloo ranks -------------------------------------------
+
+
+def _strategy_rank(rank: int, world: int, port: int, strategy: str, steps: int, every: int, out: str) -> None:
+    """One rank of the demo GPT under `strategy` (the demo run's per-rank batch), a snapshot every
+    `every` steps into a keeper in this process (the send is off the training thread either way:
+    what is timed is the rank-side take, as in the built-in loop)."""
+    import datetime
+
+    import torch.distributed as dist
+    import yaml
+
+    from actors.snapshot_keeper import SnapshotKeeper
+    from checkpointing import format
+    from checkpointing.client import LocalClient
+    from checkpointing.memory import Snapshotter, state_bytes
+    from orchestrator.config import config_from_dict
+    from orchestrator.gpt import build_model
+    from orchestrator.gpt_function import loss_of, make_optimizer
+    from orchestrator.parallel import wrap_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+    cfg = config_from_dict(yaml.safe_load(open(ROOT / "configs/demo.yaml")))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=256, block_size=256)
+    net = wrap_model(model, strategy=strategy, device=torch.device("cpu"), world_size=world)
+    opt = make_optimizer(model, cfg)
+    batch = torch.randint(0, 256, (cfg.data.global_batch_size // world, 257),
+                          generator=torch.Generator().manual_seed(rank))
+    keeper = SnapshotKeeper(f"bench-{rank}", headroom_bytes=0)
+    snap = Snapshotter(every_steps=every, limit_bytes=2**40, rank=rank, world_size=world, run_id="bench", attempt=0,
+                       keeper=LocalClient(keeper), report=lambda *a: log(f"rank {rank}: event {a[:3]}"))
+
+    def step() -> float:
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_of(net, batch).backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    for _ in range(3):  # warm-up
+        step()
+    plain, overlapped = [], []
+    for i in range(1, steps + 1):
+        busy = snap.thread is not None and snap.thread.is_alive()
+        (overlapped if busy else plain).append(step())
+        if snap.due(i):
+            snap.take(i, model=model, optimizer=opt, sampler_state={"samples_consumed": i})
+    snap.close()
+    shards = format.sharded_state(model, opt)
+    held = state_bytes(*shards.values()) if shards is not None else state_bytes(model.state_dict(), opt.state_dict())
+    result = {"plain": plain, "overlapped": overlapped, "stall": snap.blocked, "sent": len(snap.sent),
+              "snapshot_bytes": keeper.inventory()[-1]["bytes"], "state_bytes": held}
+    Path(f"{out}.{rank}").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def strategies(names: list[str], steps: int, every: int, world: int = 2) -> dict:
+    """Per strategy, the same model, batch and snapshot cadence on `world` gloo ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    med = statistics.median
+    out = {}
+    for strategy in names:
+        log(f"stall: demo GPT, {world} gloo ranks, {strategy}")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        folder = tempfile.mkdtemp(prefix="bench-snap-strategy-")
+        mp.start_processes(_strategy_rank, args=(world, port, strategy, steps, every, f"{folder}/r"), nprocs=world,
+                           start_method="spawn", join=True)
+        ranks = [json.loads(Path(f"{folder}/r.{r}").read_text()) for r in range(world)]
+        plain = [t for r in ranks for t in r["plain"]]
+        stalls = [t for r in ranks for t in r["stall"]]
+        overlapped = [t for r in ranks for t in r["overlapped"]]
+        out[strategy] = {"world": world, "snapshots_per_rank": min(r["sent"] for r in ranks),
+                         "step_s_median": round(med(plain), 4),
+                         "snapshot_stall_s_median": round(med(stalls), 5),
+                         "snapshot_stall_s_max": round(max(stalls), 5),
+                         "snapshot_stall_pct_of_step": round(100 * med(stalls) / med(plain), 2),
+                         "overlapped_step_s_median": round(med(overlapped), 4) if overlapped else None,
+                         "state_bytes_per_rank": max(r["state_bytes"] for r in ranks),
+                         "snapshot_bytes_per_rank": max(r["snapshot_bytes"] for r in ranks)}
+    if {"ddp", "fsdp"} <= set(out):
+        out["fsdp_vs_ddp_stall"] = round(out["fsdp"]["snapshot_stall_s_median"] / out["ddp"]["snapshot_stall_s_median"], 3)
+        out["fsdp_vs_ddp_snapshot_bytes"] = round(out["fsdp"]["snapshot_bytes_per_rank"] /
+                                                  out["ddp"]["snapshot_bytes_per_rank"], 3)
+    return out
+
+
 # --- 2. steps lost per failure ----------------------------------------------------------------------
 
 
@@ -250,11 +347,22 @@ def main() -> None:
     ap.add_argument("--kill-step", type=int, default=38)
     ap.add_argument("--durable-every", type=int, default=20)
     ap.add_argument("--memory-every", type=int, default=4)
-    ap.add_argument("--skip-lost", action="store_true", help="only the stall part")
+    ap.add_argument("--skip-lost", action="store_true", help="only the stall part(s)")
+    ap.add_argument("--strategies", default="ddp,fsdp",
+                    help="stall on 2 gloo ranks under these parallelism.strategy values ('' to skip)")
+    ap.add_argument("--only-strategies", action="store_true", help="only the stall under --strategies")
     a = ap.parse_args()
     result = {"bench": "memory_snapshots", "machine": machine(load_before=load()), **git_state()}
+    names = [n for n in a.strategies.split(",") if n]
+    if a.only_strategies:
+        result["strategies"] = strategies(names, a.steps, a.every)
+        result["load_after"] = load()
+        print(json.dumps(result))
+        return
     log("stall: demo GPT, one process")
     result["stall"] = stall(a.steps, a.every)
+    if names:
+        result["strategies"] = strategies(names, a.steps, a.every)
     if not a.skip_lost:
         result["lost"] = lost(a.run_steps, a.kill_step, a.durable_every, a.memory_every)
     result["load_after"] = load()

@@ -9,6 +9,12 @@ The training thread only pays for the copy to host memory; a background thread e
 (so nothing before the snapshot's step is lost with the rank) and sends it. At most one snapshot
 is in flight per rank: the next take() waits for the previous one.
 
+A sharded state (FSDP2: DTensors) is snapshotted shard by shard: each rank copies only its own
+slice of each tensor (the DTensor's local tensor), never a gathered whole. It restores onto the
+same world size and mesh only, filled in place into the tensors the sharded model and its
+optimizer already have (`read_sharded`); on another world size the controller falls back to the
+durable (DCP) checkpoint, which re-slices.
+
 Sizes are checked before anything is copied: a snapshot whose holdings would not fit
 `memory_limit_mb` is skipped with a `snapshot_skipped` event, and the keeper refuses one its
 node has no room for. Either way training goes on, with durable checkpoints only.
@@ -20,11 +26,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from checkpointing import format
+from checkpointing import format, loader
 from checkpointing.loader import LoadedCheckpoint
 
 # What one rank's snapshots take at most: its own copy while it is sent, and the two newest the
@@ -39,11 +46,16 @@ def mb(nbytes: int) -> str:
 
 
 def state_bytes(*objs: Any) -> int:
-    """Bytes of every tensor in nested dicts/lists: what a host copy of them takes."""
+    """Bytes of every tensor in nested dicts/lists: what a host copy of them takes (of a
+    DTensor, this rank's slice)."""
+    dtensor = format._dtensor_type()
     total, stack = 0, list(objs)
     while stack:
         o = stack.pop()
-        if isinstance(o, torch.Tensor):
+        if dtensor is not None and isinstance(o, dtensor):
+            local = o.to_local()
+            total += local.numel() * local.element_size()
+        elif isinstance(o, torch.Tensor):
             total += o.numel() * o.element_size()
         elif isinstance(o, dict):
             stack.extend(o.values())
@@ -52,23 +64,119 @@ def state_bytes(*objs: Any) -> int:
     return total
 
 
+@torch.no_grad()
+def local_to_host(obj: Any) -> Any:
+    """format.to_host, but a DTensor becomes a host copy of this rank's slice (its local tensor):
+    what a sharded snapshot keeps. Nothing is gathered across ranks."""
+    dtensor = format._dtensor_type()
+    if dtensor is not None and isinstance(obj, dtensor):
+        return obj.to_local().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: local_to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(local_to_host(v) for v in obj)
+    return format.to_host(obj)
+
+
 def capture(*, step: int, rank: int, world_size: int, run_id: str, model_state: dict, optim_state: dict | None,
-            sampler_state: dict) -> dict[str, Any]:
+            sampler_state: dict, sharded: bool = False) -> dict[str, Any]:
     """A host copy of this rank's whole resumable state (the same as a checkpoint holds): the
-    model's and optimizer's state dicts (a function's ctx.save state as the model's), RNG, sampler."""
-    return {"step": step, "rank": rank, "world_size": world_size, "run_id": run_id,
-            "model": format.to_host(model_state), "optim": format.to_host(optim_state),
+    model's and optimizer's state dicts (a function's ctx.save state as the model's), RNG, sampler.
+    `sharded`: the state dicts hold DTensors, of which this rank's slices are kept."""
+    copy = local_to_host if sharded else format.to_host
+    return {"step": step, "rank": rank, "world_size": world_size, "run_id": run_id, "sharded": sharded,
+            "model": copy(model_state), "optim": copy(optim_state),
             "rng": format.rng_state(), "sampler": format.plain(dict(sampler_state))}
+
+
+@dataclass
+class LoadedSnapshot(LoadedCheckpoint):
+    """A sharded snapshot: `local` holds this rank's slices ({"model": ..., "optim": ...}, keyed as
+    the module's and optimizer's own state_dict() key them), read into a sharded model of the same
+    world size by `read_sharded` (model and optimizer are None)."""
+
+    local: dict[str, Any] | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.local is not None
 
 
 def as_loaded(data: bytes, *, where: str) -> LoadedCheckpoint:
     """A snapshot's bytes as what restore_state takes (never unpickles arbitrary objects)."""
     snap = format.decode(data)
-    return LoadedCheckpoint(step=int(snap["step"]), uri=where, manifest={},
-                            meta={"step": snap["step"], "run_id": snap["run_id"], "world_size": snap["world_size"],
-                                  "config": {}},
-                            model=snap["model"], optimizer=snap["optim"],
-                            rank_state={"rng": snap["rng"], "sampler": snap["sampler"]})
+    common = dict(step=int(snap["step"]), uri=where, manifest={},
+                  meta={"step": snap["step"], "run_id": snap["run_id"], "world_size": snap["world_size"], "config": {}},
+                  rank_state={"rng": snap["rng"], "sampler": snap["sampler"]})
+    if snap.get("sharded"):
+        local = {"model": snap["model"]} if snap["optim"] is None else {"model": snap["model"], "optim": snap["optim"]}
+        return LoadedSnapshot(model=None, optimizer=None, local=local, **common)
+    return LoadedCheckpoint(model=snap["model"], optimizer=snap["optim"], **common)
+
+
+# --- a sharded snapshot into a sharded model ------------------------------------------------
+
+
+def read_sharded(loaded: LoadedCheckpoint, state: dict[str, Any]) -> list[str]:
+    """checkpointing.loader.read_sharded, for a sharded snapshot too: fill `state` (a template
+    shaped for this rank: for a snapshot, keyed as it was taken, {"model": model.state_dict(),
+    "optim": optimizer.state_dict()} or a function's ctx.save state) in place;
+    returns the saved keys (dotted paths) the template lacks. A snapshot's slices go straight
+    into the template's local tensors: no collective, no file."""
+    if not isinstance(loaded, LoadedSnapshot) or loaded.local is None:
+        return loader.read_sharded(loaded, state)
+    unread: list[str] = []
+    for key in state:
+        if key not in loaded.local:
+            raise KeyError(f"the snapshot of step {loaded.step} has no {key!r}")
+        state[key] = _fill(state[key], loaded.local[key], key, unread)
+    unread += [k for k in loaded.local if k not in state]
+    return sorted(unread)
+
+
+def sharded_keys(loaded: LoadedCheckpoint) -> set[str]:
+    """checkpointing.loader.sharded_keys, for a sharded snapshot too (dotted paths, as DCP's)."""
+    if not isinstance(loaded, LoadedSnapshot) or loaded.local is None:
+        return loader.sharded_keys(loaded)
+    keys: set[str] = set()
+    stack = [(k, v) for k, v in loaded.local.items()]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend((f"{path}.{k}", x) for k, x in v.items())
+        else:
+            keys.add(path)
+    return keys
+
+
+@torch.no_grad()
+def _fill(template: Any, saved: Any, path: str, unread: list[str]) -> Any:
+    """`template` with `saved` put in: tensors copied in place (a DTensor's local slice, which
+    must have the saved slice's shape: the same world size and mesh), plain values replaced.
+    Returns what goes at `path` in the parent."""
+    if isinstance(template, dict):
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path}: the snapshot holds a {type(saved).__name__}, the template a dict")
+        missing = [k for k in template if k not in saved]
+        if missing:
+            raise KeyError(f"{path}.{missing[0]}: not in the snapshot")
+        for k in template:
+            template[k] = _fill(template[k], saved[k], f"{path}.{k}", unread)
+        unread += [f"{path}.{k}" for k in saved if k not in template]
+        return template
+    if isinstance(template, (list, tuple)) and isinstance(saved, (list, tuple)) and len(template) == len(saved):
+        pairs = enumerate(zip(template, saved, strict=True))
+        return type(template)(_fill(t, v, f"{path}.{i}", unread) for i, (t, v) in pairs)
+    if isinstance(template, torch.Tensor):
+        dtensor = format._dtensor_type()
+        target = template.to_local() if dtensor is not None and isinstance(template, dtensor) else template
+        if not isinstance(saved, torch.Tensor) or saved.shape != target.shape or saved.dtype != target.dtype:
+            got = f"{tuple(saved.shape)} {saved.dtype}" if isinstance(saved, torch.Tensor) else type(saved).__name__
+            raise ValueError(f"{path}: this rank holds {tuple(target.shape)} {target.dtype}, the snapshot {got} "
+                             f"(a snapshot restores only onto the world size and mesh that took it)")
+        target.copy_(saved)
+        return template
+    return saved
 
 
 class Snapshotter:
@@ -88,33 +196,28 @@ class Snapshotter:
         self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.thread: threading.Thread | None = None
         self.skipping: str | None = None  # the reason last reported, so a skip is said once, not every K steps
-        self.disabled: str | None = None
-        self.checked = False  # whether the state was looked at for DTensors (the first take)
         self.sent: list[int] = []  # steps the keeper took
         self.blocked: list[float] = []
 
     def due(self, steps_done: int) -> bool:
-        return self.every > 0 and steps_done % self.every == 0 and self.disabled is None
+        return self.every > 0 and steps_done % self.every == 0
 
     def take(self, step: int, *, model, optimizer, sampler_state: dict, log: LogFn | None = None) -> None:
         """Snapshot after `step` optimizer steps: blocks for the previous send (if still running)
         and the copy to host memory; returns while it is encoded and sent."""
         t0 = self.clock()
         self.wait()
-        if not self.checked and format.sharded_state(model, optimizer) is not None:
-            self.disabled = "a sharded (FSDP) state is not snapshotted yet"
-            self.report("snapshot_skipped", "warning", f"rank {self.rank}: no in-memory snapshots: {self.disabled}; "
-                        f"durable checkpoints only", step, {"reason": "sharded"})
-            return
-        self.checked = True
-        model_state = model.state_dict()
+        # the objects' own state dicts, not torch's get_state_dict: a snapshot goes back only into the same
+        # model, optimizer and mesh, where their keys hold, and renaming them to FQNs costs more than the copy
+        model_state = model.state_dict()  # FSDP2: this rank's DTensors (nothing gathered)
         optim_state = optimizer.state_dict() if optimizer is not None else None
+        sharded = format.holds_dtensors(model_state) or format.holds_dtensors(optim_state)
         need = HOLDINGS * state_bytes(model_state, optim_state)
         if need > self.limit:
             return self._skip(step, "limit", need, f"{HOLDINGS} x its size (its own copy and the keeper's two newest) "
                               f"is {mb(need)}, over checkpoint.memory_limit_mb={self.limit / 2**20:g}")
         host = capture(step=step, rank=self.rank, world_size=self.world_size, run_id=self.run_id,
-                       model_state=model_state, optim_state=optim_state, sampler_state=sampler_state)
+                       model_state=model_state, optim_state=optim_state, sampler_state=sampler_state, sharded=sharded)
         blocked = self.clock() - t0
         self.blocked.append(blocked)
         if log is not None:

@@ -41,7 +41,7 @@ from torch.utils.data import default_collate
 
 from checkpointing import templates
 from checkpointing.format import holds_dtensors, plain, set_rng_state
-from checkpointing.loader import read_sharded, sharded_keys
+from checkpointing.memory import read_sharded, sharded_keys  # a sharded checkpoint's, or snapshot's
 from common.errors import NonFiniteLoss, UserError
 from dataloading.sampler import GlobalSampler
 from orchestrator import parallel, sdc, stopping, telemetry
@@ -322,7 +322,8 @@ class TrainContext:
         done = int(step) + 1
         snapshots = self._services.snapshots  # checkpoint.memory_every_steps: to a peer node's memory
         if snapshots is not None and done < self.max_steps and snapshots.due(done):
-            snapshots.take(done, **self._layout(state, objects, done, sharded=False), log=self._services.sender)
+            snapshots.take(done, **self._layout(state, objects, done, sharded=holds_dtensors(state)),
+                           log=self._services.sender)
         stop = self._stop.should_stop() and done < self.max_steps
         if checkpointer is None or not (stop or checkpointer.due(done, done >= self.max_steps)):
             if stop:

@@ -3,6 +3,14 @@ the torch.distributed process group with torchrun's environment variables set, s
 reads them (env:// init, LOCAL_RANK for the device) works unchanged.
 
 `assign_ranks` runs in the driver; `free_port`, `join` and `leave` run in the rank's process.
+
+A script run (entrypoint.script) gets torchrun's agent-store mode: for every attempt, rank 0's
+worker hosts a fresh TCPStore server (`host_store`) before the scripts start, and the scripts get
+TORCHELASTIC_USE_AGENT_STORE=True, so torch's env:// (and tcp://) rendezvous connects as a client
+on every rank (torch/distributed/rendezvous.py `_create_c10d_store`). Without it, rank 0's script
+creates the store and the others retry connecting with a back-off of 0.5-1 s until it listens;
+and a store per attempt holds none of a dead attempt's keys (pytorch#135712). torch adds no
+per-attempt prefix in this mode: a fresh server (a fresh port) is what separates attempts.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ class Member:
 
 
 _member: Member | None = None
+_store = None  # this worker's hosted TCPStore server for the current attempt (host_store)
 
 
 def member() -> Member:
@@ -60,23 +69,26 @@ def member() -> Member:
 
 
 def torchrun_env(*, rank: int, local_rank: int, world_size: int, local_world_size: int, node_rank: int,
-                 master_addr: str, master_port: int, run_id: str, attempt: int, max_restarts: int) -> dict[str, str]:
+                 master_addr: str, master_port: int, run_id: str, attempt: int, max_restarts: int,
+                 agent_store: bool = False) -> dict[str, str]:
     """The variables torchrun (torch.distributed.elastic) sets for each worker."""
     env = {
         "RANK": rank, "LOCAL_RANK": local_rank, "WORLD_SIZE": world_size, "LOCAL_WORLD_SIZE": local_world_size,
         "GROUP_RANK": node_rank, "NODE_RANK": node_rank, "ROLE_RANK": rank, "ROLE_WORLD_SIZE": world_size,
         "ROLE_NAME": "default", "MASTER_ADDR": master_addr, "MASTER_PORT": master_port,
         "TORCHELASTIC_RESTART_COUNT": attempt, "TORCHELASTIC_MAX_RESTARTS": max_restarts,
-        "TORCHELASTIC_RUN_ID": run_id,
+        "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_USE_AGENT_STORE": agent_store,
     }
     return {k: str(v) for k, v in env.items()}
 
 
 def join(cfg: Config, *, rank: int, local_rank: int, world_size: int, local_world_size: int, node_rank: int,
          master_addr: str, master_port: int, run_id: str = "", attempt: int = 0, init_group: bool = True,
-         node_ip: str | None = None) -> str:
+         node_ip: str | None = None, agent_store: bool = False) -> str:
     """Set the environment, choose the backend and device, join the process group (unless
-    init_group is False: a script joins it itself, from the environment). Returns the backend."""
+    init_group is False: a script joins it itself, from the environment). agent_store: the
+    store at master_addr:master_port is hosted for the group (host_store); the ranks are its
+    clients. Returns the backend."""
     global _member
     import torch  # here, not at the top: the driver imports this module for assign_ranks
     import torch.distributed as dist
@@ -84,7 +96,7 @@ def join(cfg: Config, *, rank: int, local_rank: int, world_size: int, local_worl
     os.environ.update(torchrun_env(rank=rank, local_rank=local_rank, world_size=world_size,
                                    local_world_size=local_world_size, node_rank=node_rank, master_addr=master_addr,
                                    master_port=master_port, run_id=run_id, attempt=attempt,
-                                   max_restarts=cfg.fault_tolerance.max_restarts))
+                                   max_restarts=cfg.fault_tolerance.max_restarts, agent_store=agent_store))
     if cfg.hang.enabled and cfg.hang.flight_recorder_entries:
         # read by torch when the process group is created; a user's own setting wins
         os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(cfg.hang.flight_recorder_entries))
@@ -118,6 +130,35 @@ def join(cfg: Config, *, rank: int, local_rank: int, world_size: int, local_worl
     _member = Member(rank=rank, local_rank=local_rank, world_size=world_size, local_world_size=local_world_size,
                      node_rank=node_rank, backend=backend.value, device=device)
     return backend.value
+
+
+def host_store(master_addr: str, master_port: int, timeout_s: float) -> str | None:
+    """In rank 0's worker: a fresh TCPStore server on master_port for this attempt (the previous
+    attempt's is closed first), listening until `close_store` or the worker's end. Returns None,
+    or why it could not be hosted (the scripts' rank 0 then hosts it, as without agent store)."""
+    global _store
+    close_store()
+    try:
+        from torch.distributed import TCPStore
+
+        # not multi-tenant: torch would keep a multi-tenant server per port for the process's life
+        _store = TCPStore(master_addr, master_port, None, True, timeout=timedelta(seconds=timeout_s),
+                          wait_for_workers=False, multi_tenant=False)
+    except Exception as e:  # noqa: BLE001 (the port taken, no torch: the fallback, told by the caller)
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return None
+
+
+def close_store() -> None:
+    """Stop this worker's hosted store, if any (its server's thread ends and the port is freed)."""
+    global _store
+    _store = None
+
+
+def use_agent_store(on: bool) -> None:
+    """Tell the scripts started from now on whether a store is hosted for them."""
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = str(on)
 
 
 def interface_of(ip: str | None) -> str | None:

@@ -2,13 +2,15 @@
 
 Weights and optimizer state load across strategies and world sizes: a replicated checkpoint
 (DDP) into a DDP model as it is, or into an FSDP model (each rank keeps its slice); a sharded one
-(FSDP, DCP) into an FSDP model of any world size, or whole into a DDP model.
+(FSDP, DCP) into an FSDP model of any world size, or whole into a DDP model; a sharded in-memory
+snapshot into an FSDP model of the same world size.
 """
 
 from __future__ import annotations
 
 import torch
 
+from checkpointing import memory, templates
 from checkpointing.format import set_rng_state
 from checkpointing.loader import read_sharded
 from common.errors import ConfigError
@@ -21,7 +23,9 @@ def restore_state(loaded, *, model: torch.nn.Module, optimizer: torch.optim.Opti
     checkpointing.loader.LoadedCheckpoint). Returns the step to run next. `data_step` maps an
     optimizer step to its global batch (they differ once batches were skipped)."""
     try:
-        if loaded.sharded:
+        if isinstance(loaded, memory.LoadedSnapshot):
+            _load_snapshot(loaded, model, optimizer)
+        elif loaded.sharded:
             _load_sharded(loaded, model, optimizer)
         elif is_sharded(model):
             _load_whole_into_sharded(loaded, model, optimizer)
@@ -44,6 +48,16 @@ def restore_state(loaded, *, model: torch.nn.Module, optimizer: torch.optim.Opti
         raise RuntimeError(f"checkpoint {loaded.uri} is for step {loaded.step} (global batch {expected}) "
                            f"but its sampler state says batch {batch}")
     return loaded.step
+
+
+def _load_snapshot(loaded, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A sharded in-memory snapshot (same world size and mesh): this rank's slices, keyed as the
+    module's and optimizer's own state dicts key them, copied into the tensors they hold."""
+    templates.create_state(optimizer)  # a fresh optimizer: Adam's moments exist only after a step
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    memory.read_sharded(loaded, state)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
 
 
 def _load_sharded(loaded, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

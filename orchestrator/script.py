@@ -11,6 +11,8 @@ already (orchestrator/zygote.py; entrypoint.start: warm), or started with exec (
 exec, and whenever the warm process is unavailable). After a failure that only took scripts
 down, the driver keeps the workers and asks each for a new script process (`end_script`, then a
 new attempt: worker_group.py).
+Rank 0's worker hosts each attempt's TCPStore and the scripts connect to it as clients
+(torchrun's agent-store mode: rendezvous.host_store).
 
 `orchestrator stop` sends the script SIGTERM, as torchrun's agent does to its workers when it is
 stopped, and waits up to fault_tolerance.stop_timeout_s for it to exit (a script that saves its
@@ -190,8 +192,16 @@ def prepare(cfg: Config) -> bool:
 
 def end_script(grace_s: float) -> int | None:
     """A restart in place, from the worker's control lane: SIGTERM to this rank's script (as
-    torchrun's agent stops its workers), SIGKILL after grace_s. Returns its exit code, None if
-    none was running."""
+    torchrun's agent stops its workers), SIGKILL after grace_s; then the attempt's store, if this
+    worker hosts it, is closed (the next attempt gets a fresh one). Returns the script's exit
+    code, None if none was running."""
+    try:
+        return _end(grace_s)
+    finally:
+        rendezvous.close_store()
+
+
+def _end(grace_s: float) -> int | None:
     proc = _current
     if proc is None or proc.poll() is not None:
         return None if proc is None else proc.poll()

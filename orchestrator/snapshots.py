@@ -93,7 +93,8 @@ def choose(inventory: dict[str, list[dict]], *, world_size: int, durable_step: i
         return Choice(None, {}, "no snapshot survived")
     if not have:
         return Choice(None, {}, f"the snapshots are of {'/'.join(map(str, sorted(sizes)))} ranks, "
-                                f"this group has {world_size}")
+                                f"this group has {world_size}: a snapshot restores only onto the world size that "
+                                "took it (an FSDP rank's holds only its own shards; a durable checkpoint re-slices)")
     complete = [s for s, ranks in have.items() if len(ranks) == world_size and (at_most is None or s <= at_most)]
     if not complete:
         newest = {r: max(s for s, ranks in have.items() if r in ranks) for r in sorted({r for v in have.values() for r in v})}

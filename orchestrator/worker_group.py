@@ -196,10 +196,17 @@ class WorkerGroup:
                              local_rank=ranks[b]["local_rank"], world_size=world,
                              local_world_size=ranks[b]["local_world_size"], node_rank=ranks[b]["node_rank"],
                              master_addr=master_addr, master_port=master_port, run_id=self.run_id, attempt=attempt,
-                             init_group=not is_script, node_ip=info["ip"])
+                             init_group=not is_script, node_ip=info["ip"], agent_store=is_script)
             for w, b, info in zip(h.workers, by_rank, infos, strict=True)
         ]
+        # a script run: rank 0's worker hosts this attempt's store (after its join: torch is imported then)
+        hosted = [h.workers[0].execute.remote(rendezvous.host_store, master_addr, master_port,
+                                              cfg.distributed.timeout_s)] if is_script else []
         backends = self._gather(joins, "rendezvous")
+        if hosted and (why := self._gather(hosted, "rendezvous")[0]):
+            self.out(f"rendezvous: cannot host the scripts' store in rank 0's worker ({why}); "
+                     "rank 0's script hosts it")
+            self._gather([w.execute.remote(rendezvous.use_agent_store, False) for w in h.workers], "rendezvous")
         self._gather(prepared, "start")
         if s.gpus_per_worker > 0 and not in_place:  # kept workers' listeners still run
             self._listen_for_xids(infos)

@@ -1,6 +1,7 @@
 """Warm script processes: a small Python process beside a rank's worker ("zygote") that imports
-torch once and, on request, forks a child that becomes the user's script, so neither the first
-attempt nor a restart pays `import torch` in the new script process.
+torch (WARM_MODULES, WARM_IF_POSSIBLE) once and, on request, forks a child that becomes the
+user's script, so neither the first attempt nor a restart pays `import torch` in the new script
+process.
 
 The zygote is started with exec (subprocess), never forked from the worker: a Ray worker runs
 many threads, and a fork copies only the calling one, with whatever locks the others held. The
@@ -32,9 +33,16 @@ import sys
 import threading
 
 WARM_MODULES = ("torch", "torch.distributed", "numpy")
-# variables read while those modules are imported (thread pools, allocator, interpreter flags):
-# the child would keep the zygote's values, so a request that sets them differently is refused
-IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "GOTO_", "KMP_", "GOMP_", "LD_", "GLIBC_TUNABLES")
+# and if they import: torch._inductor (with torch._dynamo), what DDP's constructor and
+# torch.use_deterministic_algorithms import on first use, ~1 s of CPU that a new script process
+# would otherwise pay before its first step (a script that needs them and cannot import them
+# fails on its own, as it would under torchrun)
+WARM_IF_POSSIBLE = ("torch._inductor",)
+# variables read while those modules are imported (thread pools, allocator, interpreter flags,
+# compiler configs): the child would keep the zygote's values, so a request that sets them
+# differently is refused
+IMPORT_TIME_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "GOTO_", "KMP_", "GOMP_", "LD_", "GLIBC_TUNABLES",
+                   "TORCHINDUCTOR_", "TORCHDYNAMO_")
 READY_WAIT_S = 300.0  # the zygote's imports on a loaded machine; past this the script is exec'd
 MSG_MAX = 1 << 20
 PR_SET_PDEATHSIG = 1
@@ -204,13 +212,18 @@ def _warm_up() -> str | None:
 
         for name in WARM_MODULES:
             importlib.import_module(name)
+        for name in WARM_IF_POSSIBLE:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 (the script imports it itself, if it needs it)
+                pass
     except Exception as e:  # noqa: BLE001 (any import failure: the worker falls back to exec)
         return f"cannot import {name}: {type(e).__name__}: {e}"
     finally:
         if forced:
             del os.environ["OPENBLAS_NUM_THREADS"]
     n = _threads()
-    return None if n == 1 else f"{n} threads after importing {', '.join(WARM_MODULES)}"
+    return None if n == 1 else f"{n} threads after importing {', '.join(WARM_MODULES + WARM_IF_POSSIBLE)}"
 
 
 def serve(fd: int, nice: int):

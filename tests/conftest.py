@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -21,12 +22,64 @@ from tests.pg_server import pg_server, pg_uri, store_uri  # noqa: F401 (a sessio
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+
+def _ray_token_for_this_session() -> None:
+    """Token authentication on, with a token of this test session's own, before anything imports
+    Ray. Ray reads RAY_AUTH_MODE once: had a test turned it on later in this process (the CLI's
+    cluster.use_token(), run in-process), the clusters this process starts would want a token that
+    its own Ray never sends. Its own file, not ~/.ray/auth_token: two xdist workers starting their
+    first cluster at once on a fresh machine would each write that one. The xdist workers inherit
+    the controller's file, so one token serves the run; the controller removes it at exit."""
+    if os.environ.get("RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return  # the user's own choice stands
+    import atexit
+    import secrets
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="orch-tests-ray-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    token = Path(folder) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+
+
+_ray_token_for_this_session()
+
+# Tests stop launches and servers with SIGINT (Ctrl-C). A shell's background job starts with
+# SIGINT ignored, and children inherit that (not a handler): give them Python's default back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 REPO = Path(__file__).resolve().parent.parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    if getattr(config.option, "dist", "no") == "loadgroup":
+        _group_file_fixture_users(items)
+    _skip_gpu_tests_without_gpus(items)
+
+
+def _group_file_fixture_users(items) -> None:
+    """Under pytest-xdist's --dist loadgroup (`make test`): the tests that share a module- or
+    session-scoped fixture of their own file (a launched run, the namespaced cluster) go to one
+    worker, so that fixture starts once; every other test goes to whichever worker is free. The
+    fixtures of this conftest (Ray cluster, PostgreSQL, dataset) start once per worker."""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        defs = getattr(item, "_fixtureinfo", None)
+        for chain in (defs.name2fixturedefs.values() if defs else ()):
+            if chain[-1].scope != "function" and chain[-1].baseid.endswith(".py"):
+                item.add_marker(pytest.mark.xdist_group(item.path.name))
+                break
+
+
+def _skip_gpu_tests_without_gpus(items) -> None:
     """@pytest.mark.gpu(count=N): run where CUDA has N GPUs, skip with the reason elsewhere."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
@@ -111,6 +164,17 @@ def run_cli(*args: str, home: Path, timeout: float = CLI_TIMEOUT_S, check: bool 
     if check and proc.returncode != 0:
         raise AssertionError(f"orchestrator {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def launch_in_background(cfg: Path | str, *extra: str, home: Path, address: str, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE) -> subprocess.Popen:
+    """`orchestrator launch CFG EXTRA... --address ADDRESS` as a child process (text pipes by default;
+    stderr=subprocess.STDOUT merges them), for a test that acts on the run while it trains: kills a
+    rank, stops it, sends a signal. The caller ends it (communicate, or kill in a finally)."""
+    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([*ORCH, "launch", str(cfg), *extra, "--address", address], cwd=REPO, env=env,
+                            stdout=stdout, stderr=stderr, text=True)
 
 
 def cli_json(*args: str, home: Path):

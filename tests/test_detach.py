@@ -53,7 +53,8 @@ def job_cluster(tmp_path_factory):
                            str(dash), "--num-cpus", "3", "--temp-dir", str(temp), "--disable-usage-stats",
                            # the job agent's own ports: other Ray clusters on this machine hold the defaults
                            "--dashboard-agent-listen-port", str(free_port()),
-                           "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(metrics_port)],
+                           "--dashboard-agent-grpc-port", str(free_port()), "--metrics-export-port", str(metrics_port),
+                           "--ray-client-server-port", str(free_port())],  # its default, 10001, is one per machine
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     head = Head(f"http://127.0.0.1:{dash}")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from orchestrator.store import driver_gone
-from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
+from tests.conftest import cli_json, launch_in_background, run_cli, tiny_config
 from tests.test_fault_tolerance import wait_for_step
 
 pytestmark = pytest.mark.ray
@@ -37,12 +37,10 @@ def test_a_killed_driver_leaves_a_lost_run_that_resume_completes(tmp_path, home,
     """`resume RUN`, or the same job submitted again with run.resume=auto (the KubeRay RayJob pattern)."""
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 30, "eval_every": 0}, checkpoint={"every_steps": 5},
                       model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.1}})
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = launch_in_background(cfg, home=home, address=ray_address, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not cli_json("runs", home=home):
             time.sleep(0.3)
         run_id = cli_json("runs", home=home)[-1]["id"]
@@ -56,9 +54,9 @@ def test_a_killed_driver_leaves_a_lost_run_that_resume_completes(tmp_path, home,
             proc.wait()
     assert cli_json("runs", "--status", "lost", home=home)[-1]["id"] == run_id
     if how == "resume":
-        done = run_cli("resume", run_id, "--address", ray_address, home=home, timeout=300)
+        done = run_cli("resume", run_id, "--address", ray_address, home=home, timeout=600)
     else:
-        done = run_cli("launch", str(cfg), "--resume-if-exists", "--address", ray_address, home=home, timeout=300)
+        done = run_cli("launch", str(cfg), "--resume-if-exists", "--address", ray_address, home=home, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "taking it over" in done.stdout
     assert len(cli_json("runs", home=home)) == 1  # the same run went on: no new one

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
+from tests.conftest import cli_json, launch_in_background, run_cli, tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -91,14 +91,9 @@ def test_sigkilled_workers_recover_bit_exact(tmp_path, home, tiny_data, ray_addr
     ref_cfg = tiny_config(tmp_path / "reference", tiny_data, run={"name": "reference", "seed": 1},
                           model={**model, "kwargs": {"pause_s": 0.0, "dropout": 0.1}}, **sections)
 
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
     ref_home = tmp_path / "reference-home"  # a store of its own: the two drivers never wait on each other's writes
-    ref_proc = subprocess.Popen([*ORCH, "launch", str(ref_cfg), "--address", ray_address], cwd=REPO,
-                                env={**env, "ORCHESTRATOR_HOME": str(ref_home)},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ref_proc = launch_in_background(ref_cfg, home=ref_home, address=ray_address, stderr=subprocess.STDOUT)
+    proc = launch_in_background(cfg, home=home, address=ray_address)
     rng = random.Random(7)
     try:
         deadline = time.monotonic() + 600  # generous: a busy machine is slow

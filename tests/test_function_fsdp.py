@@ -4,7 +4,8 @@ ctx.restore(into=...), on the same world size bit-exact, and on another one (4 -
 same weights, optimizer state, loader position and RNG streams.
 
 The 4 -> 2 path runs in gloo process groups of our own (no Ray, like tests/test_fsdp.py); the
-restart runs through the real CLI on the session's Ray cluster.
+restarts (from the durable sharded checkpoint, and from in-memory snapshots of each rank's shards)
+run through the real CLI on the session's Ray cluster.
 """
 
 from __future__ import annotations
@@ -288,6 +289,40 @@ def test_fsdp_function_sigkilled_resumes_bit_identical(tmp_path, home, tiny_data
     runs = {r["name"]: r["id"] for r in cli_json("runs", home=home)}
     ck = load_latest(str(tmp_path / "ck-chaos"))
     assert ck.step == steps and ck.sharded  # the last one, sharded like the one it resumed from
+    for rank in (0, 1):
+        reference, chaos = _losses(home, runs["reference"], rank), _losses(home, runs["chaos"], rank)
+        assert [s for s, _ in reference] == list(range(steps))
+        assert chaos == reference, rank  # every step's loss, bit for bit
+
+
+@pytest.mark.ray
+def test_fsdp_function_restores_its_shards_from_memory_bit_identical(tmp_path, home, tiny_data, ray_address):
+    """The same FSDP function with checkpoint.memory_every_steps=3 and no durable checkpoint before
+    the end: rank 1 SIGKILLs itself at step 7, the group restores every rank's own shards from
+    memory through ctx.restore(into=...), and every step's loss matches an uninterrupted run."""
+    steps = 10
+
+    def config(name: str, **kwargs):
+        path = tiny_config(tmp_path, tiny_data, run={"name": name, "seed": 1}, train={"max_steps": steps},
+                           parallelism={"strategy": "fsdp"},
+                           checkpoint={"every_steps": 0, "memory_every_steps": 3, "uri": str(tmp_path / f"ck-{name}")},
+                           fault_tolerance={"max_restarts": 2, "backoff_s": 0.2}, telemetry={"system_every_s": 0},
+                           entrypoint={"function": "tests.test_function_fsdp:fsdp_regression", "kwargs": kwargs})
+        return path.rename(tmp_path / f"{name}.yaml")
+
+    reference_cfg, chaos_cfg = config("reference"), config("chaos", sigkill_at=7)
+    with ThreadPoolExecutor(1) as pool:  # side by side, as above
+        reference_done = pool.submit(run_cli, "launch", str(reference_cfg), "--address", ray_address, home=home,
+                                     check=True)
+        proc = run_cli("launch", str(chaos_cfg), "--address", ray_address, home=home)
+        reference_done.result()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("RESTART") == 1 and "from in-memory snapshots" in proc.stdout, proc.stdout
+    runs = {r["name"]: r["id"] for r in cli_json("runs", home=home)}
+    events = cli_json("show", runs["chaos"], home=home)["events"]
+    (restore,) = [e for e in events if e["kind"] == "snapshot_restore"]
+    assert restore["data"]["step"] in (3, 6) and restore["data"]["durable_step"] is None
+    assert not [e for e in events if e["kind"] in ("snapshot_fallback", "snapshot_skipped")]
     for rank in (0, 1):
         reference, chaos = _losses(home, runs["reference"], rank), _losses(home, runs["chaos"], rank)
         assert [s for s, _ in reference] == list(range(steps))

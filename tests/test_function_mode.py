@@ -3,14 +3,12 @@ service reaches it through ctx, and a run SIGKILLed twice ends bit-identical to 
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
 import time
 
 import pytest
 
-from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
+from tests.conftest import cli_json, launch_in_background, run_cli, tiny_config
 from tests.test_fault_tolerance import kill_at_steps, losses
 
 pytestmark = pytest.mark.ray
@@ -26,7 +24,7 @@ def function_config(tmp_path, tiny_data, steps=40, **kwargs):
 
 def test_a_function_trains_logs_and_checkpoints_through_ctx(tmp_path, home, tiny_data, ray_address):
     cfg = function_config(tmp_path, tiny_data, steps=30, lr=0.02)
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=300)
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_id = cli_json("runs", home=home)[-1]["id"]
     for rank in (0, 1):
@@ -44,20 +42,17 @@ def test_a_function_trains_logs_and_checkpoints_through_ctx(tmp_path, home, tiny
 def test_a_function_sigkilled_twice_ends_bit_identical(tmp_path, home, tiny_data, ray_address):
     steps = 40
     cfg = function_config(tmp_path, tiny_data, steps=steps, pause_s=0.1)
-    run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True, timeout=300)
+    run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True, timeout=600)
     reference = cli_json("runs", home=home)[-1]["id"]
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch_in_background(cfg, home=home, address=ray_address)
     rng = random.Random(11)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline and len(cli_json("runs", home=home)) < 2:
             time.sleep(0.2)
         chaos = cli_json("runs", home=home)[-1]["id"]
         kill_at_steps(home, chaos, sorted(rng.sample(range(7, steps - 7), 2)), rng, deadline)
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -72,7 +67,7 @@ def test_an_exception_in_user_code_names_the_rank_and_the_users_frame(tmp_path, 
     cfg = function_config(tmp_path, tiny_data, steps=20, fail_at=3)
     cfg_text = cfg.read_text().replace("max_restarts: 5", "max_restarts: 0")
     cfg.write_text(cfg_text)
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=300)
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=600)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert "rank" in last and "ValueError: bad batch at step 3" in last and "user_functions.py" in last, last
@@ -95,7 +90,7 @@ def test_bad_entrypoints_are_one_line_before_any_worker(tmp_path, home, tiny_dat
 
 def test_saving_something_that_is_not_a_state_dict_is_one_line(tmp_path, home, tiny_data, ray_address):
     cfg = tiny_config(tmp_path, tiny_data, entrypoint={"function": "tests.user_functions:saves_a_list"})
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=300)
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=600)
     assert proc.returncode in (1, 2)
     last = proc.stderr.strip().splitlines()[-1]
     assert "ctx.save: expected a state dict" in last and "rank" in last, proc.stderr

@@ -7,15 +7,13 @@ built-in loop passed through it; bench/gpt_on_ctx.py still compares it with that
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
 import time
 
 import pytest
 import torch
 
-from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
+from tests.conftest import cli_json, launch_in_background, run_cli, tiny_config
 from tests.test_fault_tolerance import final_weights, kill_at_steps, losses
 
 GPT_FN = {"function": "orchestrator.gpt_function:train_gpt"}
@@ -79,11 +77,7 @@ def test_the_function_sigkilled_twice_resumes_bit_exact(tmp_path, home, tiny_dat
                       checkpoint={"every_steps": 5}, fault_tolerance={"max_restarts": 5, "backoff_s": 0.2},
                       model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.1, "dropout": 0.1}})
     reference = launch(cfg, home, ray_address)  # the built-in loop, never interrupted
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "entrypoint.function=" + GPT_FN["function"],
-                             "--address", ray_address], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch_in_background(cfg, "entrypoint.function=" + GPT_FN["function"], home=home, address=ray_address)
     rng = random.Random(5)
     try:
         deadline = time.monotonic() + 600  # generous: a busy machine is slow

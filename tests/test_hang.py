@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.hang.rules import attribute, flight_recorder_summary, stall_threshold_s
 from tests import s3_server
-from tests.conftest import ORCH, REPO, STDLIB, cli_json, run_cli, tiny_config
+from tests.conftest import STDLIB, cli_json, launch_in_background, run_cli, tiny_config
 
 moto_server = s3_server.moto_server  # the session fixture, under its own name
 
@@ -112,9 +112,7 @@ def test_frozen_rank_is_named_and_the_run_recovers(tmp_path, home, tiny_data, ra
                       fault_tolerance={"max_restarts": 1},
                       model={"factory": "tests.user_models:slow_gpt",
                              "kwargs": {"pause_s": 0.05, "release_path": str(released)}})
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = launch_in_background(cfg, home=home, address=ray_address, stderr=subprocess.STDOUT)
     frozen = None
     try:
         deadline = time.monotonic() + 600  # generous: a busy machine is slow
@@ -203,7 +201,6 @@ def test_rank_stuck_loading_data_is_named_and_the_run_recovers(tmp_path, home, m
                       checkpoint={"every_steps": 2},
                       hang={**BUSY_MACHINE_HANG, "node_check_timeout_s": 180},  # the checks end early
                       fault_tolerance={"max_restarts": 1})
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
     stalled, release = threading.Event(), threading.Event()
 
     def hold_the_download():
@@ -212,8 +209,7 @@ def test_rank_stuck_loading_data_is_named_and_the_run_recovers(tmp_path, home, m
 
     holder = threading.Thread(target=hold_the_download, daemon=True)
     holder.start()
-    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = launch_in_background(cfg, home=home, address=ray_address, stderr=subprocess.STDOUT)
     lines: list[str] = []
 
     def read():

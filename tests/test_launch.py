@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
+from tests.conftest import cli_json, launch_in_background, run_cli, tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -136,9 +134,7 @@ def test_worker_exception_marks_failed_and_shows_rank_traceback_once(launched):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_marks_interrupted_and_exits_130(tmp_path, home, tiny_data, ray_address, sig):
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": 100_000, "eval_every": 0})
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch_in_background(cfg, home=home, address=ray_address)
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:  # wait until training is really under way

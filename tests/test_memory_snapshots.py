@@ -1,7 +1,9 @@
 """In-memory snapshots (checkpoint.memory_every_steps): the choice of what to restore, the keeper's
 bookkeeping and memory checks, a bit-exact round trip, and on a 2-node Ray cluster a SIGKILLed
 rank restored from its peer node's memory, ending bit for bit where a fault-free run ends; and the
-fallback to durable checkpoints when a snapshot exceeds checkpoint.memory_limit_mb."""
+fallback to durable checkpoints when a snapshot exceeds checkpoint.memory_limit_mb. FSDP: each rank
+snapshots its own shards (gloo ranks of our own, and the built-in loop on the 2-node cluster), and a
+group that shrank falls back to the durable checkpoint."""
 
 from __future__ import annotations
 
@@ -50,6 +52,32 @@ def test_choose_falls_back_with_the_reason():
     # after silent corruption only steps up to the last good check may be used
     assert choose({"a": snaps((0, 8), (1, 8), (0, 12), (1, 12))}, world_size=2, durable_step=None,
                   at_most=10).step == 8
+
+
+def test_a_shrunk_fsdp_group_falls_back_to_the_durable_checkpoint(tmp_path):
+    """An elastic FSDP run loses a node: the new group has 1 rank, the snapshots are of 2 (each
+    rank's own shards), so the controller says why and restores the durable (DCP) checkpoint."""
+    from tests.test_controller import died, setup
+
+    c, group, store, lines = setup(tmp_path, [["step"] * 3 + ["ckpt"] + ["step"] * 5 + [died()], ["done"]],
+                                   cfg={"scaling": {"min_workers": 1}, "parallelism": {"strategy": "fsdp"},
+                                        "checkpoint": {"memory_every_steps": 4}})
+    reserve = group.reserve
+
+    def shrinking(sizes, avoid):  # rank 1's node is gone after the first group
+        group.free["workers"] = 2 if not group.reserved else 1
+        return reserve(sizes, avoid)
+
+    group.reserve = shrinking
+    group.snapshot_inventory = lambda: {"node-0": snaps((1, 4), (1, 8)), "node-1": snaps((0, 4), (0, 8))}
+    c.run()
+    assert [n for n, _ in group.reserved] == [2, 1]
+    assert group.step0 == 4  # the durable checkpoint, not the snapshots of step 8
+    (fallback,) = store.events("r1", kind="snapshot_fallback")
+    assert "this group has 1" in fallback["data"]["why"] and "restores only onto the world size" in fallback["message"]
+    assert fallback["data"]["durable_step"] == 4 and "restoring the durable checkpoint (step 4)" in fallback["message"]
+    assert not store.events("r1", kind="snapshot_restore")
+    assert any(line.startswith("SNAPSHOT in-memory snapshots not used") for line in lines)
 
 
 def test_ring_of_peers():
@@ -184,8 +212,116 @@ def test_config_checks(tmp_path, tiny_data):
         load_config(cfg, ["checkpoint.memory_every_steps=-1"])
     with pytest.raises(ConfigError, match="need the built-in training loop or a function"):
         load_config(cfg, ["checkpoint.memory_every_steps=5", "entrypoint.script=x.py"])
-    with pytest.raises(ConfigError, match="fsdp"):
-        load_config(cfg, ["checkpoint.memory_every_steps=5", "parallelism.strategy=fsdp"])
+    # sharded state is snapshotted too (each rank its own slices: below)
+    fsdp = load_config(cfg, ["checkpoint.memory_every_steps=5", "parallelism.strategy=fsdp"])
+    assert (fsdp.checkpoint.memory_every_steps, fsdp.parallelism.strategy.value) == (5, "fsdp")
+
+
+# --- FSDP: each rank snapshots its own slices (gloo ranks of our own, no Ray) ------------------------
+
+
+def _fsdp_snapshot_round_trip(rank: int, world: int, port: int, out: str) -> None:
+    """Built-in layout (model + optimizer objects) and a function's DTensor state dicts through
+    ctx: snapshot after 3 steps, train 2 more; restore each into differently initialised FSDP ranks,
+    train the same 2 steps: the same state, bit for bit."""
+    from checkpointing import format
+    from checkpointing.format import rng_state, set_rng_state
+    from orchestrator.restore import restore_state
+    from tests.test_fsdp import _build, _join, _sampler, _train
+    from tests.test_function_fsdp import Blocks, Points, _context, _steps, _whole
+
+    _join(rank, world, port)
+    events = []
+
+    def snapshotter(keeper, every, limit=100 * MB, report=events.append):
+        return memory.Snapshotter(every_steps=every, limit_bytes=limit, rank=rank, world_size=world, run_id="r",
+                                  attempt=0, keeper=LocalClient(keeper), report=lambda *a: report(a))
+
+    # 1. the built-in loop's layout: {"model": module, "optimizer": optimizer}
+    keeper = SnapshotKeeper(f"node-{rank}", free_bytes=lambda: 10**12, headroom_bytes=0)
+    model, inner, opt = _build(0, "fsdp", world)
+    _train(model, opt, 3, rank=rank, world=world)
+    snap = snapshotter(keeper, 3)
+    snap.take(3, model=inner, optimizer=opt, sampler_state=_sampler().state_dict(3))
+    snap.close()
+    rng = rng_state()
+    at3 = _whole(inner, opt)
+    _train(model, opt, 2, rank=rank, world=world)
+    at5 = _whole(inner, opt)
+    loaded = memory.as_loaded(keeper.get(rank, 3), where=f"memory://node-{rank}")
+    model2, inner2, opt2 = _build(99, "fsdp", world)
+    torch.manual_seed(1234)  # other RNG streams: the restore puts this rank's back
+    step = restore_state(loaded, model=inner2, optimizer=opt2, sampler=_sampler(), seed=0, rank=rank, world_size=world)
+    restored = _whole(inner2, opt2)
+    same_rng = torch.equal(rng_state()["torch"], rng["torch"])
+    _train(model2, opt2, 2, rank=rank, world=world)
+    builtin = {"step": step, "sharded": loaded.sharded, "at3": at3, "restored": restored, "at5": at5,
+               "again5": _whole(inner2, opt2), "same_rng": same_rng, "snapshot_bytes": keeper.inventory()[0]["bytes"],
+               "whole_bytes": memory.state_bytes(at3)}
+    # over checkpoint.memory_limit_mb (counted on this rank's slices): an event, no snapshot, no copy
+    over, local = [], memory.state_bytes(*format.sharded_state(inner2, opt2).values())
+    keeper = SnapshotKeeper(f"node-{rank}", free_bytes=lambda: 10**12, headroom_bytes=0)
+    snap = snapshotter(keeper, 1, limit=3 * local - 1, report=over.append)
+    snap.take(6, model=inner2, optimizer=opt2, sampler_state=_sampler().state_dict(6))
+    snap.close()
+    builtin |= {"over": over, "over_kept": keeper.inventory(), "local_bytes": local}
+
+    # 2. a function's ctx.save of its state dicts (DTensors), ctx.restore(into=...)
+    keeper = SnapshotKeeper(f"node-{rank}", free_bytes=lambda: 10**12, headroom_bytes=0)
+    ctx = _context(rank, world)
+    ctx._services.snapshots = snapshotter(keeper, 3)
+    model = ctx.prepare(Blocks())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    loader = ctx.data_loader(Points(), 2)
+    _steps(ctx, model, opt, loader, range(3))  # a snapshot at 3 steps done
+    ctx._services.snapshots.close()
+    f_at3, draw, position = _whole(model, opt), torch.rand(4), loader.position
+    set_rng_state(memory.as_loaded(keeper.get(rank, 3), where="").rank_state["rng"])  # the draw above undone
+    _steps(ctx, model, opt, loader, range(3, 5))
+    f_at5 = _whole(model, opt)
+    ctx.close()
+
+    ctx = _context(rank, world, loaded=memory.as_loaded(keeper.get(rank, 3), where=f"memory://node-{rank}"))
+    torch.manual_seed(99)
+    model = ctx.prepare(Blocks())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    loader = ctx.data_loader(Points(), 2)
+    state = ctx.restore(into={"model": model, "optimizer": opt, "step": 0})
+    function = {"step": state["step"], "at3": f_at3, "restored": _whole(model, opt), "draw": draw,
+                "draw_again": torch.rand(4), "position": (position, loader.position)}
+    set_rng_state(ctx._services.loaded.rank_state["rng"])
+    _steps(ctx, model, opt, loader, range(3, 5))
+    function |= {"at5": f_at5, "again5": _whole(model, opt)}
+    ctx.close()
+    torch.save({"builtin": builtin, "function": function, "events": events}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_ranks_snapshot_their_own_slices_and_restore_bit_exact(tmp_path):
+    from tests.test_fsdp import _equal
+    from tests.test_function_fsdp import _spawn
+
+    _spawn(_fsdp_snapshot_round_trip, 2, str(tmp_path / "out"))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"out.{rank}", weights_only=False)
+        assert got["events"] == []
+        b = got["builtin"]
+        assert b["step"] == 3 and b["sharded"] and b["same_rng"]
+        assert b["at3"]["model"] and b["at3"]["optim"]["state"]  # not empty: Adam's moments are there
+        _equal(b["restored"], b["at3"], "builtin restored")
+        _equal(b["again5"], b["at5"], "builtin trained on")
+        assert not all(torch.equal(b["at3"]["model"][k], b["at5"]["model"][k]) for k in b["at3"]["model"])
+        # this rank's slices only: about half of the whole state (plus the encoding's overhead)
+        assert 0 < b["snapshot_bytes"] < 0.75 * b["whole_bytes"], (b["snapshot_bytes"], b["whole_bytes"])
+        assert 0 < b["local_bytes"] < 0.75 * b["whole_bytes"] and b["over_kept"] == []
+        (kind, _, message, step, data), = b["over"]
+        assert (kind, step, data["reason"], data["bytes"]) == ("snapshot_skipped", 6, "limit", 3 * b["local_bytes"])
+        assert "over checkpoint.memory_limit_mb" in message and "durable checkpoints only" in message
+        f = got["function"]
+        assert f["step"] == 2 and f["at3"]["model"]
+        _equal(f["restored"], f["at3"], "function restored")
+        assert torch.equal(f["draw"], f["draw_again"]) and f["position"][0] == f["position"][1] == 3
+        _equal(f["again5"], f["at5"], "function trained on")
 
 
 # --- on a 2-node Ray cluster ------------------------------------------------------------------
@@ -194,8 +330,8 @@ def test_config_checks(tmp_path, tiny_data):
 STEPS = 24
 
 
-def config(tmp_path, data, *, kill_call=0, **checkpoint):
-    return tiny_config(tmp_path, data, train={"max_steps": STEPS, "eval_every": 0},
+def config(tmp_path, data, *, kill_call=0, strategy="ddp", **checkpoint):
+    return tiny_config(tmp_path, data, train={"max_steps": STEPS, "eval_every": 0}, parallelism={"strategy": strategy},
                        checkpoint=checkpoint, fault_tolerance={"max_restarts": 2, "backoff_s": 0.1},
                        model={"factory": "bench.memory_snapshots:killed_gpt",  # SIGKILLs its own rank once
                               "kwargs": {"kill_rank": 1 if kill_call else -1, "kill_call": kill_call}})
@@ -230,7 +366,23 @@ def outcome(home):
                                                            home=home)["points"]] for r in (0, 1)]
     loaded = load_latest(cli_json("checkpoints", run, home=home)["uri"])
     assert loaded is not None and loaded.step == STEPS
+    if loaded.sharded:  # FSDP: the final weights, whole, from the DCP shards
+        return losses, _whole_weights(loaded)
     return losses, loaded.model
+
+
+def _whole_weights(loaded) -> dict:
+    """A sharded (DCP) checkpoint's weights as whole tensors, read in this one process."""
+    import io
+
+    from checkpointing.format import SHARD_INDEX, _IndexUnpickler
+    from checkpointing.loader import read_sharded
+
+    index = _IndexUnpickler(io.BytesIO(loaded.shards[SHARD_INDEX])).load().state_dict_metadata
+    state = {"model": {k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
+                       for k, m in index.items() if k.startswith("model.")}}
+    read_sharded(loaded, state)
+    return state["model"]
 
 
 def assert_same_run(got, reference):
@@ -294,6 +446,28 @@ def test_snapshot_over_the_limit_falls_back_to_durable_checkpoints(tmp_path, hom
     assert [a["status"] for a in attempts] == ["failed", "completed"]
     assert attempts[1]["resumed_from_step"] in (None, 5, 10) and attempts[1]["resumed_from_step"] == fallback["data"]["durable_step"]
     assert_same_run(outcome(home), reference)
+
+
+@pytest.mark.ray
+def test_fsdp_sigkilled_rank_restores_its_shards_from_memory_bit_exact(tmp_path, home, tiny_data, two_nodes):
+    """The built-in loop with parallelism.strategy=fsdp: each rank snapshots its own shards; rank 1
+    is SIGKILLed, the group restores from the peers' memory (not a durable checkpoint: there is
+    none before the end) and ends bit for bit where an uninterrupted FSDP run ends."""
+    ref_home, ref_dir = tmp_path / "reference-home", tmp_path / "reference"
+    ref_dir.mkdir()
+    run_cli("launch", str(config(ref_dir, tiny_data, strategy="fsdp")), "--address", two_nodes[0].address,
+            home=ref_home, check=True)
+    reference = outcome(ref_home)
+    cfg = config(tmp_path, tiny_data, kill_call=15, strategy="fsdp", every_steps=0, memory_every_steps=4)
+    proc = run_cli("launch", str(cfg), "--address", two_nodes[0].address, home=home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("RESTART") == 1 and "from in-memory snapshots" in proc.stdout, proc.stdout
+    (restore,) = events_of(home, "snapshot_restore")
+    assert restore["data"]["step"] in (8, 12) and restore["data"]["durable_step"] is None
+    assert not events_of(home, "snapshot_fallback") and not events_of(home, "snapshot_skipped")
+    got = outcome(home)
+    assert got[1] and "blocks.0.attn.qkv.weight" in got[1]  # whole weights, from both ranks' shards
+    assert_same_run(got, reference)
 
 
 @pytest.mark.ray

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -17,7 +16,7 @@ from actors.metric_sender import MetricSender
 from actors.metrics_actor import MetricsActor
 from orchestrator.anomaly import AnomalyDetector
 from orchestrator.store import Store
-from tests.conftest import ORCH, REPO, tiny_config
+from tests.conftest import launch_in_background, tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -86,11 +85,9 @@ def test_a_real_run_keeps_every_point_when_its_metrics_actor_dies_in_attempt_1(t
                       checkpoint={"every_steps": 5}, fault_tolerance={"max_restarts": 3, "backoff_s": 0.2},
                       model={"factory": "tests.user_models:slow_gpt",
                              "kwargs": {"pause_s": 0.2, "release_path": str(released)}})
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch_in_background(cfg, home=home, address=ray_address)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         wait_until("the store", (home / "store.db").exists, deadline)
         store = Store(home, create=False)
         run_id = wait_until("the run", lambda: [r["id"] for r in store.runs()], deadline)[0]

@@ -3,13 +3,12 @@ the nodes that remain, the same data order, and regrowth when a node comes back.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 
 import pytest
 
-from tests.conftest import ORCH, REPO, cli_json, tiny_config
+from tests.conftest import cli_json, launch_in_background, tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -44,9 +43,7 @@ def test_node_loss_shrinks_then_regrows_with_the_same_data_order(tmp_path, home,
                       checkpoint={"every_steps": 10}, fault_tolerance={"max_restarts": 3, "backoff_s": 0.1},
                       model={"factory": "tests.user_models:slow_gpt",
                              "kwargs": {"pause_s": 0.02, "release_path": str(released)}})
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", c.address], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = launch_in_background(cfg, home=home, address=c.address, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600  # generous: a busy machine is slow
 

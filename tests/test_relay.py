@@ -16,7 +16,7 @@ import pytest
 
 from actors.health import HealthMonitor
 from actors.node_relay import RELAY_FROM_RANKS, NodeRelay, relay_nodes
-from tests.conftest import ORCH, REPO, cli_json, tiny_config
+from tests.conftest import cli_json, launch_in_background, tiny_config
 
 # --- no Ray: fake handles whose .remote() answers through a future, as a Ray ObjectRef does ------
 
@@ -218,10 +218,7 @@ def _step(home, run_id) -> int:
 
 
 def _launch(cfg, home, ray_address) -> subprocess.Popen:
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return launch_in_background(cfg, home=home, address=ray_address, stderr=subprocess.STDOUT)
 
 
 def _wait(cond, deadline: float, proc: subprocess.Popen, what: str):

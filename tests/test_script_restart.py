@@ -151,6 +151,7 @@ def test_a_warm_script_sees_what_an_execd_one_sees(tmp_path):
     finally:
         z.close()
     assert warm["torch_preloaded"] and not cold["torch_preloaded"]  # the warm path was taken
+    assert warm["compiler_preloaded"] and not cold["compiler_preloaded"]
     assert warm_code == exec_code == 3 and warm_err == cold_err == "to stderr\n"
     assert warm["argv"] == [PROBE, "x y", "--exit", "3"] and warm["name"] == "__main__"
     assert warm["env"] and warm["env"]["PROBE_FD"] == str(fd)
@@ -251,6 +252,7 @@ def test_exec_start_and_a_warm_start_give_a_script_the_same_view(tmp_path, home,
     for key in ("argv", "file", "name", "cwd", "path0", "globals", "spec", "package", "main_is_me", "stdin"):
         assert warm[key] == cold[key], key
     assert warm["env"].keys() == cold["env"].keys()
+    assert warm["env"]["TORCHELASTIC_USE_AGENT_STORE"] == cold["env"]["TORCHELASTIC_USE_AGENT_STORE"] == "True"
     assert {k: v for k, v in warm["env"].items() if k not in per_run and not k.startswith("RAY_")} == \
         {k: v for k, v in cold["env"].items() if k not in per_run and not k.startswith("RAY_")}
     assert len(warm["fds"]) == len(cold["fds"])
@@ -283,3 +285,82 @@ def test_without_the_warm_process_the_script_is_execd_and_the_log_says_so(tmp_pa
     assert not json.loads(out)["torch_preloaded"] and json.loads(out)["cwd"] == str(tmp_path)
     assert [t for _, stream, t in shipped if stream == "stderr"] == [
         "orchestrator: warm start unavailable (the warm process is gone); starting the script with exec"]
+
+
+# --- the scripts' store: hosted by rank 0's worker, fresh for every attempt (agent-store mode) ---
+
+
+def _run_probes(env: dict, world: int = 2) -> dict[int, dict]:
+    """script_probe.py --store as every rank of one group, started side by side; rank -> its STORE line."""
+    procs = [subprocess.Popen([sys.executable, PROBE, "--store"], env={**env, "RANK": str(r), "WORLD_SIZE": str(world)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    out = {}
+    for r, p in enumerate(procs):
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stdout + stderr
+        out[r] = json.loads(next(line[6:] for line in stdout.splitlines() if line.startswith("STORE ")))
+    return out
+
+
+def test_a_hosted_store_makes_every_script_a_client_and_each_attempt_gets_a_fresh_one():
+    import socket
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from orchestrator import rendezvous
+    from tests.script_probe import STALE_KEY
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "TORCHELASTIC_RESTART_COUNT": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    try:
+        port = rendezvous.free_port()
+        assert rendezvous.host_store("127.0.0.1", port, 60) is None
+        TCPStore("127.0.0.1", port, None, False, timeout=timedelta(seconds=30)).set(STALE_KEY, "1")
+        seen = _run_probes({**env, "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"})
+        assert [v["use_agent_store"] for v in seen.values()] == ["True", "True"]
+        assert all(v["listening"] and not v["hosted_here"] for v in seen.values())  # both clients of ours
+        assert all(v["stale_key_visible"] for v in seen.values())  # the probe sees a key left in its store
+
+        again = rendezvous.free_port()
+        assert rendezvous.host_store("127.0.0.1", again, 60) is None  # the next attempt's
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()  # the old one is closed
+        fresh = TCPStore("127.0.0.1", again, None, False, timeout=timedelta(seconds=30))
+        assert not fresh.check([STALE_KEY])
+
+        with socket.socket() as taken:  # a port that cannot be had: one line saying why, for the fallback
+            taken.bind(("", 0))
+            taken.listen()
+            why = rendezvous.host_store("127.0.0.1", taken.getsockname()[1], 5)
+        assert why and "\n" not in why
+    finally:
+        rendezvous.close_store()
+
+    # the fallback (no hosted store): rank 0's script hosts it, as before agent-store mode
+    seen = _run_probes({**env, "MASTER_PORT": str(rendezvous.free_port()), "TORCHELASTIC_USE_AGENT_STORE": "False"},
+                       world=1)
+    assert seen[0]["hosted_here"] and not seen[0]["stale_key_visible"]
+
+
+@pytest.mark.ray
+def test_a_sigkilled_script_restarts_in_place_on_a_fresh_store_hosted_by_its_worker(tmp_path, home, tiny_data,
+                                                                                      ray_address):
+    """Attempt 0: rank 0 sets a key in the store, rank 1 SIGKILLs itself; attempt 1 must not see the key.
+    (exec'd scripts get the same store: test_exec_start_and_a_warm_start_give_a_script_the_same_view)"""
+    cfg = tiny_config(tmp_path, tiny_data, entrypoint={"script": PROBE, "args": ["--store"]},
+                      fault_tolerance={"max_restarts": 2, "backoff_s": 0.2})
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "restarting in place" in proc.stdout and "cannot host" not in proc.stdout, proc.stdout
+    run_id = cli_json("runs", home=home)[-1]["id"]
+    assert [a["status"] for a in cli_json("show", run_id, home=home)["attempts"]] == ["failed", "completed"]
+    seen = {}
+    for a in (0, 1):
+        for r in (0, 1):
+            lines = [x["line"] for x in lines_of(home, run_id, rank=r, attempt=a)]
+            seen[a, r] = json.loads(next(x[6:] for x in lines if x.startswith("STORE ")))
+            if a == 1:
+                assert lines[-1] == "done"
+    assert all(v["use_agent_store"] == "True" and v["listening"] and not v["hosted_here"] for v in seen.values())
+    assert seen[0, 0]["port"] == seen[0, 1]["port"] != seen[1, 0]["port"] == seen[1, 1]["port"]
+    assert not seen[1, 0]["stale_key_visible"] and not seen[1, 1]["stale_key_visible"]

@@ -4,23 +4,19 @@ for bit (the built-in loop; a user's function through ctx.save). A script gets S
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 
 import pytest
 
-from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
+from tests.conftest import cli_json, launch_in_background, run_cli, tiny_config
 from tests.test_fault_tolerance import final_weights, losses, run_named, wait_for_step
 
 pytestmark = pytest.mark.ray
 
 
 def launch(cfg, home, ray_address, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address, *extra], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return launch_in_background(cfg, *extra, home=home, address=ray_address, stderr=subprocess.STDOUT)
 
 
 def committed(home, run_id) -> list[int]:
@@ -94,7 +90,7 @@ def test_a_function_is_stopped_at_a_ctx_save_with_its_checkpoint(tmp_path, home,
     steps = 2000
     cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": steps}, checkpoint={"every_steps": 500},
                       entrypoint={"function": "tests.user_functions:regression", "kwargs": {"pause_s": 0.1}})
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     proc = launch(cfg, home, ray_address)
     try:
         run_id = run_named(home, "tiny", deadline)
@@ -106,7 +102,7 @@ def test_a_function_is_stopped_at_a_ctx_save_with_its_checkpoint(tmp_path, home,
     done = [s for s, _ in losses(home, run_id)]
     assert done and len(done) < 500, done  # stopped before the first scheduled checkpoint ...
     assert committed(home, run_id) == [len(done)], out  # ... with a checkpoint of the step it stopped at
-    resumed = run_cli("resume", run_id, "train.max_steps=" + str(len(done) + 5), home=home, timeout=300)
+    resumed = run_cli("resume", run_id, "train.max_steps=" + str(len(done) + 5), home=home, timeout=600)
     assert resumed.returncode == 0 and f"resuming at step {len(done)}" in resumed.stdout, resumed.stdout + resumed.stderr
     assert [s for s, _ in losses(home, run_id)] == list(range(len(done) + 5))
 
@@ -127,7 +123,7 @@ def test_a_script_gets_sigterm_and_the_run_ends_stopped(tmp_path, home, tiny_dat
     script = tmp_path / "loop.py"
     script.write_text(SCRIPT)
     cfg = tiny_config(tmp_path, tiny_data, entrypoint={"script": str(script)})
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     proc = launch(cfg, home, ray_address)
     try:
         run_id = run_named(home, "tiny", deadline)

@@ -188,7 +188,7 @@ def test_bf16_with_accumulation_converges_deterministically_on_the_same_batches(
         (tmp_path / name).mkdir()
         cfg = tiny_config(tmp_path / name, tiny_data, run={"name": name, "seed": 1},
                           train={"max_steps": 30, "eval_every": 0, **train})
-        run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=400, check=True)
+        run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=600, check=True)
 
     # two at a time on the session cluster's 4 CPUs (each run takes 2): a launch mostly waits
     with ThreadPoolExecutor(2) as pool:
