@@ -24,7 +24,8 @@ def use_wal(db: sqlite3.Connection, wait_s: float = WAL_WAIT_S) -> None:
             db.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as e:
-            if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() >= deadline:
+            busy = (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_BUSY  # of an extended code too
+            if not busy or time.monotonic() >= deadline:
                 raise
         time.sleep(pause * (1 + random.random()))
         pause = min(pause * 2, 0.25)

@@ -73,6 +73,25 @@ def kill_at_steps(home, run_id, steps, rng, deadline) -> list[tuple[int, int]]:
     return kills
 
 
+def launch_killed_twice(cfg, *extra: str, home, address: str, steps: int, margin: int, seed: int):
+    """Launch `cfg` in the background as the store's second run, SIGKILL a random worker at two
+    random steps in [margin, steps - margin), and wait for the launch to end. Returns
+    (run id, returncode, stdout, stderr)."""
+    proc = launch_in_background(cfg, *extra, home=home, address=address)
+    rng = random.Random(seed)
+    try:
+        deadline = time.monotonic() + 600  # generous: a busy machine is slow
+        while time.monotonic() < deadline and len(cli_json("runs", home=home)) < 2:
+            time.sleep(0.2)
+        run_id = cli_json("runs", home=home)[-1]["id"]
+        kill_at_steps(home, run_id, sorted(rng.sample(range(margin, steps - margin), 2)), rng, deadline)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return run_id, proc.returncode, out, err
+
+
 def test_sigkilled_workers_recover_bit_exact(tmp_path, home, tiny_data, ray_address):
     steps = 40
     released = tmp_path / "released"

@@ -3,13 +3,10 @@ service reaches it through ctx, and a run SIGKILLed twice ends bit-identical to 
 
 from __future__ import annotations
 
-import random
-import time
-
 import pytest
 
-from tests.conftest import cli_json, launch_in_background, run_cli, tiny_config
-from tests.test_fault_tolerance import kill_at_steps, losses
+from tests.conftest import cli_json, run_cli, tiny_config
+from tests.test_fault_tolerance import launch_killed_twice, losses
 
 pytestmark = pytest.mark.ray
 
@@ -44,19 +41,8 @@ def test_a_function_sigkilled_twice_ends_bit_identical(tmp_path, home, tiny_data
     cfg = function_config(tmp_path, tiny_data, steps=steps, pause_s=0.1)
     run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True, timeout=600)
     reference = cli_json("runs", home=home)[-1]["id"]
-    proc = launch_in_background(cfg, home=home, address=ray_address)
-    rng = random.Random(11)
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and len(cli_json("runs", home=home)) < 2:
-            time.sleep(0.2)
-        chaos = cli_json("runs", home=home)[-1]["id"]
-        kill_at_steps(home, chaos, sorted(rng.sample(range(7, steps - 7), 2)), rng, deadline)
-        out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out + err
+    chaos, code, out, err = launch_killed_twice(cfg, home=home, address=ray_address, steps=steps, margin=7, seed=11)
+    assert code == 0, out + err
     assert out.count("RESTART") == 2
     ref0, got0 = losses(home, reference), losses(home, chaos)
     assert len(ref0) == steps and got0 == ref0  # every step's loss, bit for bit

@@ -7,14 +7,11 @@ built-in loop passed through it; bench/gpt_on_ctx.py still compares it with that
 
 from __future__ import annotations
 
-import random
-import time
-
 import pytest
 import torch
 
-from tests.conftest import cli_json, launch_in_background, run_cli, tiny_config
-from tests.test_fault_tolerance import final_weights, kill_at_steps, losses
+from tests.conftest import cli_json, run_cli, tiny_config
+from tests.test_fault_tolerance import final_weights, launch_killed_twice, losses
 
 GPT_FN = {"function": "orchestrator.gpt_function:train_gpt"}
 KEYS = ("train/loss", "train/grad_norm", "train/lr", "eval/loss", "data/batch_fingerprint")
@@ -77,19 +74,9 @@ def test_the_function_sigkilled_twice_resumes_bit_exact(tmp_path, home, tiny_dat
                       checkpoint={"every_steps": 5}, fault_tolerance={"max_restarts": 5, "backoff_s": 0.2},
                       model={"factory": "tests.user_models:slow_gpt", "kwargs": {"pause_s": 0.1, "dropout": 0.1}})
     reference = launch(cfg, home, ray_address)  # the built-in loop, never interrupted
-    proc = launch_in_background(cfg, "entrypoint.function=" + GPT_FN["function"], home=home, address=ray_address)
-    rng = random.Random(5)
-    try:
-        deadline = time.monotonic() + 600  # generous: a busy machine is slow
-        while time.monotonic() < deadline and len(cli_json("runs", home=home)) < 2:
-            time.sleep(0.2)
-        chaos = cli_json("runs", home=home)[-1]["id"]
-        kill_at_steps(home, chaos, sorted(rng.sample(range(6, steps - 6), 2)), rng, deadline)
-        out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out + err
+    chaos, code, out, err = launch_killed_twice(cfg, "entrypoint.function=" + GPT_FN["function"], home=home,
+                                                address=ray_address, steps=steps, margin=6, seed=5)
+    assert code == 0, out + err
     assert out.count("RESTART") == 2 and "recovered" in out
     want = losses(home, reference)
     assert [s for s, _ in want] == list(range(steps))

@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
+from tests.conftest import REPO, cli_json, launch_in_background, run_cli, tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -54,10 +52,7 @@ def test_a_script_gets_torchruns_environment_and_its_output_is_kept(tmp_path, ho
 def test_a_killed_rank_restarts_and_the_script_resumes_from_its_snapshot(tmp_path, home, tiny_data, ray_address):
     snap = tmp_path / "snap.pt"
     cfg = script_config(tmp_path, tiny_data, ["--steps", "30", "--snapshot", str(snap), "--sleep", "0.2"])
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch_in_background(cfg, home=home, address=ray_address)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not snap.exists():
@@ -113,13 +108,9 @@ def test_a_hung_script_is_found_without_its_help_and_restarted(tmp_path, home, t
 
 
 def test_launch_script_without_a_config_file(tmp_path, home):
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", "--workers", "2"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+    bad = run_cli("launch", "--workers", "2", home=home, timeout=120)
     assert bad.returncode == 2 and "give a config file, or --script PATH" in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "orchestrator.cli", "launch", "--script", "nope.py", "--workers",
-                              "2", "--", "--steps", "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    missing = run_cli("launch", "--script", "nope.py", "--workers", "2", "--", "--steps", "3", home=home, timeout=120)
     assert missing.returncode == 2 and "entrypoint.script: no such file" in missing.stderr
 
 

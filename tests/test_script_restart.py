@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator.controller import RunFailed
 from orchestrator.policy import Failure, FailureKind
-from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
+from tests.conftest import REPO, cli_json, launch_in_background, run_cli, tiny_config
 
 SCRIPT = str(REPO / "examples" / "torchrun_ddp.py")
 PROBE = str(REPO / "tests" / "script_probe.py")
@@ -198,10 +198,7 @@ def test_a_killed_script_restarts_in_place_and_resumes_from_its_snapshot(tmp_pat
     cfg = tiny_config(tmp_path, tiny_data, entrypoint={"script": SCRIPT, "args": [
         "--steps", "30", "--snapshot", str(snap), "--sleep", "0.2", "--report"]},
         fault_tolerance={"max_restarts": 3, "backoff_s": 0.2})
-    env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([*ORCH, "launch", str(cfg), "--address", ray_address], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch_in_background(cfg, home=home, address=ray_address)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not snap.exists():
