@@ -11,7 +11,9 @@ the same steps twice, fault free and under faults, one run after the other:
 - ours: `orchestrator launch` with durable, async checkpoints every --ckpt-every steps, and the
   hang watchdog, restart policy and backoff at their defaults (fault_tolerance.max_restarts raised
   to fit the faults). With `checkpoint.memory_every_steps` in the config schema, also
-  `ours_memory`: in-memory snapshots every --memory-every steps on top.
+  `ours_memory`: in-memory snapshots every --memory-every steps on top; and `ours_standby`
+  (asked for by name): those snapshots plus fault_tolerance.standby_workers (warm spare workers,
+  so a restart does not start processes that import torch).
 - ray_train: TorchTrainer with FailureConfig(max_failures) on bench/recovery.py's train loop (same
   GPT, sampler, AdamW, LR schedule and clipping), reporting a checkpoint every --ckpt-every steps.
   It has no hang detection short of its 10-minute worker health-check timeout: a frozen rank is
@@ -333,7 +335,7 @@ def our_phases(lines: list[tuple[float, str]], fault: dict, next_at: float) -> d
 
 
 def our_config(path: Path, args, *, data_uri: str, log_dir: Path, ckpt_dir: Path, steps: int, name: str,
-               memory: bool) -> None:
+               memory: bool, standby: bool = False) -> None:
     import yaml
 
     m = MODELS[args.model]
@@ -351,7 +353,7 @@ def our_config(path: Path, args, *, data_uri: str, log_dir: Path, ckpt_dir: Path
         "optim": {"lr": m["lr"], "warmup_steps": m["warmup_steps"]},
         "train": {"max_steps": steps, "eval_every": 0},
         "checkpoint": checkpoint,
-        "fault_tolerance": {"max_restarts": args.max_restarts},
+        "fault_tolerance": {"max_restarts": args.max_restarts, **({"standby_workers": True} if standby else {})},
     }
     path.write_text(yaml.safe_dump(cfg))
 
@@ -366,7 +368,7 @@ def run_ours(label: str, args, *, data_uri: str, tmp: Path, address: str, cluste
     home, log_dir, ckpt = (Path(tempfile.mkdtemp(prefix=f"{label}-{what}-", dir=tmp)) for what in ("home", "steps", "ckpt"))
     cfg = home / "goodput.yaml"
     our_config(cfg, args, data_uri=data_uri, log_dir=log_dir, ckpt_dir=ckpt, steps=steps, name=f"goodput-{label}",
-               memory=label == "ours_memory")
+               memory=label in ("ours_memory", "ours_standby"), standby=label == "ours_standby")
     t0 = time.time()
     injector = Injector(log_dir, kinds=kinds, every_s=args.fault_every_s, max_steps=steps, cluster=cluster,
                         deadline=t0 + args.run_timeout, hang_bound_s=args.hang_bound_s, min_gap_s=args.min_gap_s)
@@ -528,7 +530,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-every", type=int, default=2, help="ours_memory: in-memory snapshot interval in steps")
     p.add_argument("--systems", default="ours,ray_train",
                    help="comma-separated: ours, ray_train, ours_memory (added by itself when the config has "
-                        "checkpoint.memory_every_steps)")
+                        "checkpoint.memory_every_steps), ours_standby (snapshots and standby workers)")
     p.add_argument("--peer-reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the peer fault free (for its bit-exactness check)")
     p.add_argument("--hang-bound-s", type=float, default=120, help="a frozen rank still frozen this long is killed")
@@ -569,12 +571,12 @@ def main(argv: list[str] | None = None) -> None:
     from dataloading.prepare import prepare
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in ("ours", "ray_train", "ours_memory")]
+    unknown = [s for s in systems if s not in ("ours", "ray_train", "ours_memory", "ours_standby")]
     if unknown:
-        sys.exit(f"bench: unknown system {unknown[0]!r} (expected ours, ray_train, ours_memory)")
+        sys.exit(f"bench: unknown system {unknown[0]!r} (expected ours, ray_train, ours_memory, ours_standby)")
     if memory_snapshots_available() and "ours" in systems and "ours_memory" not in systems:
         systems.append("ours_memory")
-    if "ours_memory" in systems and not memory_snapshots_available():
+    if {"ours_memory", "ours_standby"} & set(systems) and not memory_snapshots_available():
         sys.exit("bench: ours_memory needs checkpoint.memory_every_steps, which this checkout's config does not have")
     tmp = Path(tempfile.mkdtemp(prefix="goodput-bench-"))
     started = time.time()

@@ -83,10 +83,11 @@ def log(msg: str) -> None:
 
 def hanging_gpt(*, vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: int,
                 hang_rank: int = 1, hang_call: int = 8, mark_file: str | None = None, hang_max_s: float = 600.0,
-                cpu_log_dir: str | None = None):
+                cpu_log_dir: str | None = None, mark_call: int | None = None):
     """model.factory: the built-in GPT whose training forward blocks on `hang_rank` at its
     `hang_call`-th call, after writing time.time() to `mark_file` (the moment the hang begins).
-    hang_rank=-1: never hangs. With `cpu_log_dir`, every 100th training forward appends
+    hang_rank=-1: never hangs. With `mark_call` (and hang_rank -1), rank 1 writes "time pid" to
+    `mark_file` at that call and goes on: the bench then freezes that process. With `cpu_log_dir`, every 100th training forward appends
     "calls perf_counter process_time heartbeat_thread_cpu" to cpu_log_dir/rank{R}.log: this
     process's CPU seconds (all threads: training, heartbeat, gloo, metric sender), a figure other
     tenants barely move, and the heartbeat thread's own."""
@@ -115,6 +116,9 @@ def hanging_gpt(*, vocab_size: int, block_size: int, n_layer: int, n_head: int, 
         if cpu_log is not None and calls % 100 == 0:
             with open(cpu_log, "a") as f:
                 f.write(f"{calls} {time.perf_counter():.6f} {time.process_time():.6f} {heartbeat_cpu():.6f}\n")
+        if mark_call is not None and rank == 1 and calls == mark_call and mark_file:
+            Path(f"{mark_file}.tmp").write_text(f"{time.time():.6f} {os.getpid()}\n")
+            os.replace(f"{mark_file}.tmp", mark_file)
         if rank == hang_rank and calls == hang_call:
             if mark_file:
                 tmp = f"{mark_file}.tmp"
@@ -281,8 +285,9 @@ def cli_json(args: list[str], env: dict) -> object:
     return json.loads(out.stdout)
 
 
-def launch(config: Path, env: dict, timeout_s: float, cpu: bool = False) -> dict:
-    """Run `orchestrator launch CONFIG` to its end (bounded); its output lines time-stamped."""
+def launch(config: Path, env: dict, timeout_s: float, cpu: bool = False, during=None) -> dict:
+    """Run `orchestrator launch CONFIG` to its end (bounded); its output lines time-stamped.
+    `during(proc, lines)`, if given, runs while it does (what it returns is kept as "during")."""
     cmd = [str(BIN / "orchestrator"), "launch", str(config)]
     lines: list[tuple[float, str]] = []
     t0 = time.time()
@@ -297,17 +302,22 @@ def launch(config: Path, env: dict, timeout_s: float, cpu: bool = False) -> dict
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     timed_out = False
-    usage = {}
+    usage, acted = {}, None
     try:
+        if during is not None:
+            acted = during(proc, lines)
         if cpu:
             usage = tree_cpu(proc, {"TrainWorker": "train_workers", "HealthMonitor": "health_monitor"}, t0 + timeout_s)
         proc.wait(timeout=max(1.0, t0 + timeout_s - time.time()))
     except subprocess.TimeoutExpired:
         timed_out = True
         stop(proc)
+    except BaseException:  # the hook failed, or Ctrl-C: never leave a launch behind
+        stop(proc)
+        raise
     reader.join(10)
     return {"returncode": proc.returncode, "timed_out": timed_out, "wall_s": time.time() - t0, "lines": lines,
-            "cpu_s": usage}
+            "cpu_s": usage, "during": acted}
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -417,6 +427,95 @@ def run_ours_steps(i: int, arm: str, data_uri: str, args, tmp: Path) -> dict:
         "cpu_s": r["cpu_s"], "health_keys": sorted(k for k in keys if k.startswith("health/")),
         "stall_or_alert_lines": [s for _, s in r["lines"] if s.startswith(("STALL", "ALERT"))],
     }
+
+
+# --- a frozen rank: SIGSTOP, then the time to the STALL line --------------------------------------
+
+DEMO = {"n_layer": 4, "n_head": 4, "d_model": 128}  # configs/demo.yaml's model, its batch and optimizer below
+
+
+def run_freeze(i: int, arm: str, code_root: Path, data_uri: str, args, tmp: Path) -> dict:
+    """The demo GPT on 2 ranks with the default hang settings and no restart; at rank 1's
+    --freeze-call-th forward (past start-up) this process SIGSTOPs rank 1's worker, at a random
+    moment of its heartbeat period. Measured: freeze -> the driver's STALL line, -> its flight
+    recorder line. `code_root`: the checkout whose orchestrator runs (before/after a change)."""
+    home = Path(tempfile.mkdtemp(prefix=f"freeze{i}-{arm}-", dir=tmp))
+    mark, name = home / "marked", f"freeze-{i}-{arm}"
+    cfg = home / "freeze.yaml"
+    write_config(cfg, data_uri, name, max_steps=args.freeze_call + 5000,
+                 model={"factory": "hang_detection:hanging_gpt",
+                        "kwargs": {**DEMO, "hang_rank": -1, "mark_call": args.freeze_call, "mark_file": str(mark)}},
+                 data={"global_batch_size": 32}, optim={"lr": 0.003, "warmup_steps": 30},
+                 fault_tolerance={"max_restarts": 0})
+    env = launch_env(home)
+    # the arm's packages first; this directory for the model factory (the same in every arm)
+    env["PYTHONPATH"] = os.pathsep.join([str(code_root), str(ROOT / "bench")])
+    rng = __import__("random").Random(1000 + i)
+
+    def freeze(proc, lines) -> dict:
+        deadline = time.time() + args.run_timeout
+        while time.time() < deadline and not mark.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        if not mark.exists():
+            return {"error": "rank 1 never reached the freeze call"}
+        pid = int(mark.read_text().split()[1])
+        time.sleep(rng.uniform(0, 1.0))  # anywhere within a heartbeat period (hang.heartbeat_s = 1)
+        at = time.time()
+        os.kill(pid, signal.SIGSTOP)  # a worker of the cluster this launch started
+        while time.time() < at + 120 and not any(s.startswith("STALL") for _, s in lines) and proc.poll() is None:
+            time.sleep(0.02)
+        return {"pid": pid, "frozen_at": at}
+
+    load = os.getloadavg()[0]
+    r = launch(cfg, env, args.run_timeout, during=freeze)
+    d = r["during"] or {}
+    if d.get("pid") and alive(d["pid"]):  # the launch's teardown should have killed it
+        os.kill(d["pid"], signal.SIGKILL)
+    out: dict = {"arm": arm, "returncode": r["returncode"], "wall_s": round(r["wall_s"], 1), "loadavg": load, **d}
+    if "frozen_at" not in d:
+        out["tail"] = [s for _, s in r["lines"][-15:]]
+        return out
+    stall = next(((t, s) for t, s in r["lines"] if s.startswith("STALL")), None)
+    fr = next(((t, s) for t, s in r["lines"] if stall and t >= stall[0] and "flight recorder:" in s), None)
+    if stall is None:
+        out.update(error="no STALL line", tail=[s for _, s in r["lines"][-15:]])
+        return out
+    out.update(stall_line_s=round(stall[0] - d["frozen_at"], 3), stall_line=stall[1],
+               named_rank_1="rank 1 on node" in stall[1], state_t="state T" in stall[1],
+               flight_recorder_s=round(fr[0] - stall[0], 3) if fr else None, flight_recorder_line=fr[1] if fr else None)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def freezes(data_uri: str, args, tmp: Path) -> dict:
+    arms = {"after": Path(args.code).resolve() if args.code else ROOT}
+    if args.baseline:
+        arms = {"before": Path(args.baseline).resolve(), **arms}
+    runs: dict[str, list[dict]] = {a: [] for a in arms}
+    for i in range(args.freeze_repeats):
+        for arm in list(arms) if i % 2 == 0 else list(arms)[::-1]:  # A B, B A, ...
+            r = run_freeze(i, arm, arms[arm], data_uri, args, tmp)
+            runs[arm].append(r)
+            log(f"freeze {i + 1}/{args.freeze_repeats} {arm:6s}: STALL {fmt_s(r.get('stall_line_s'))} after SIGSTOP, "
+                f"flight recorder {fmt_s(r.get('flight_recorder_s'))} more, rank 1 named {r.get('named_rank_1')}, "
+                f"state T {r.get('state_t')}, load {r['loadavg']:.1f}" + (f"; {r['error']}" if "error" in r else ""))
+    out: dict = {"freeze_call": args.freeze_call, "model": DEMO, "arms": {a: str(p) for a, p in arms.items()}}
+    for arm, rs in runs.items():
+        secs = [r["stall_line_s"] for r in rs if r.get("stall_line_s") is not None]
+        frs = [r["flight_recorder_s"] for r in rs if r.get("flight_recorder_s") is not None]
+        out[arm] = {"stall_line_s": secs, "median_s": statistics.median(secs) if secs else None,
+                    "flight_recorder_s": frs, "flight_recorder_median_s": statistics.median(frs) if frs else None,
+                    "named_every_time": bool(rs) and all(r.get("named_rank_1") for r in rs), "runs": rs}
+    if out.get("before", {}).get("median_s") and out["after"]["median_s"]:
+        out["ratio_after_before"] = out["after"]["median_s"] / out["before"]["median_s"]
+    return out
 
 
 # --- the comparison ----------------------------------------------------------------------------
@@ -566,6 +665,14 @@ def main() -> None:
     p.add_argument("--overhead-arms", default="on,off",
                    help=f"comma-separated, alternated: {', '.join(f'{k} (hang={v})' for k, v in ARMS.items())}")
     p.add_argument("--warmup", type=int, default=50, help="leading steps left out of the step-time medians")
+    p.add_argument("--freeze-repeats", type=int, default=0,
+                   help="runs per arm of the frozen-rank section (SIGSTOP of rank 1, demo GPT; 0: skip)")
+    p.add_argument("--freeze-call", type=int, default=40, help="rank 1 is frozen after this training forward")
+    p.add_argument("--baseline", default=None,
+                   help="a checkout of the code before a change (e.g. `git archive HEAD | tar -x -C DIR`): the "
+                        "frozen-rank section runs it too, alternating with this one")
+    p.add_argument("--code", default=None,
+                   help="the checkout the frozen-rank section's 'after' arm runs (default: this one)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (stores, configs, peer reports)")
     args = p.parse_args()
     unknown = [a for a in args.overhead_arms.split(",") if a.strip() and a.strip() not in ARMS]
@@ -587,6 +694,7 @@ def main() -> None:
     try:
         data_uri = prepare_data(tmp / "data")
         det = detection(data_uri, args, tmp)
+        frz = freezes(data_uri, args, tmp) if args.freeze_repeats else None
         ovh = overhead(data_uri, args, tmp) if args.overhead_repeats else None
     finally:
         if not args.keep:
@@ -596,6 +704,7 @@ def main() -> None:
         "world_size": 2,
         "model": MODEL,
         "detection": det,
+        "frozen_rank": frz,
         "overhead": ovh,
         "wall_s": round(time.time() - started, 1),
         "loadavg_start_end": [load_start[0], os.getloadavg()[0]],
@@ -608,6 +717,10 @@ def main() -> None:
         f"{o['culprit_named_every_time']}); torch with our budget: {fmt_s(t.get('timeout_budget', {}).get('seconds'))}, "
         f"names rank: {t.get('timeout_budget', {}).get('names_rank')}; torch default: "
         f"{t.get('default', {}).get('result', t.get('default', {}).get('error_first_line'))}")
+    for arm in ("before", "after"):
+        if frz and arm in frz:
+            log(f"frozen rank, {arm}: SIGSTOP -> STALL {', '.join(fmt_s(x) for x in frz[arm]['stall_line_s'])} "
+                f"(median {fmt_s(frz[arm]['median_s'])}); flight recorder {fmt_s(frz[arm]['flight_recorder_median_s'])}")
     for key, r in (ovh or {}).items():
         if key.startswith("ratio_"):
             log(f"overhead {key[6:].replace('_off', '')}/off = {r['ratio']:.4f} (paired "

@@ -10,10 +10,12 @@ Runs alternate A B B A A B ... so machine noise and drift hit both alike; we rep
 Both time a step the same way (time between consecutive step ends) and skip the first --warmup
 steps. The loss curves are compared too: same seed and data should give the same losses.
 CPU seconds are recorded as well: per step and rank on both sides (bare: process_time over the
-timed steps; ours: the slope of each rank's `sys/process_cpu_s` against the step), and our launch
-tree's lifetime totals, train workers vs the rest (Ray daemons, our actors, the driver). On a
-shared machine they move far less with the load than step times do. `--set scaling.num_workers=1`
-leaves a core free for everything beside the ranks: what remains is in-rank overhead.
+timed steps; ours: the slope of each rank's `sys/process_cpu_s` against the step), and, per
+process, the cores each one used while the run trained (steps warmup .. steps-11) and its lifetime
+total: each rank (found by the pid its worker reported, bench/proc_sampler.py), each of our run
+actors, the driver, and each Ray daemon. On a shared machine CPU seconds move far less with the
+load than step times do. `--set scaling.num_workers=1` leaves a core free for everything beside
+the ranks: what remains is in-rank overhead.
 
 Prints progress to stderr and one JSON object on the last stdout line.
 """
@@ -26,6 +28,7 @@ import math
 import os
 import shutil
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -37,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # run as a script, or imported as bench.NAME by Ray workers (a model factory): benchlib is beside us
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_state, machine, tree_cpu  # noqa: E402
+from benchlib import git_state, machine  # noqa: E402
+from proc_sampler import ProcSampler  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -78,7 +82,7 @@ def bare_worker(rank: int, world: int, port: int, cfg, warmup: int, out_dir: str
     vocab = json.loads(Path(cfg.data.uri, "index.json").read_text())["vocab_size"]
     seq_len = data.batch([0]).shape[1]
     model = build_model(cfg.model, vocab_size=vocab, block_size=seq_len - 1)
-    ddp = DDP(model)
+    ddp = DDP(model) if world > 1 else model  # as ours: one rank is not wrapped (no reducer to run)
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(
@@ -91,7 +95,7 @@ def bare_worker(rank: int, world: int, port: int, cfg, warmup: int, out_dir: str
     clip = o.grad_clip if o.grad_clip > 0 else float("inf")
 
     steps = cfg.train.max_steps
-    losses, times = [], []
+    losses, times, ends = [], [], []
     last = time.perf_counter()
     for step in range(steps):
         if step == warmup:
@@ -109,10 +113,11 @@ def bare_worker(rank: int, world: int, port: int, cfg, warmup: int, out_dir: str
         losses.append(loss.item())
         now = time.perf_counter()
         times.append(now - last)
+        ends.append(time.time())  # when each step ended: the window the per-process CPU is read over
         last = now
     cpu_per_step = (time.process_time() - cpu0) / (steps - warmup)
     dist.destroy_process_group()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"loss": losses, "step_time_s": times,
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"loss": losses, "step_time_s": times, "step_end": ends,
                                                              "cpu_s_per_step": cpu_per_step,
                                                              "cpu_s_total": time.process_time()}))
 
@@ -130,11 +135,22 @@ def run_bare(cfg, world: int, warmup: int, tmp: Path) -> dict:
     # Same transport as our workers use on a loopback cluster (rendezvous.join sets it).
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     t0 = time.perf_counter()
-    mp.spawn(bare_worker, args=(world, free_port(), cfg, warmup, str(out_dir)), nprocs=world, join=True)
+    ctx = mp.start_processes(bare_worker, args=(world, free_port(), cfg, warmup, str(out_dir)), nprocs=world,
+                             join=False, start_method="spawn")
+    ranks_by_pid = {p.pid: f"rank{r}" for r, p in enumerate(ctx.processes)}
+    sampler = ProcSampler(None, named=lambda: ranks_by_pid).start()  # the same sampling as ours gets
+    try:
+        while not ctx.join():
+            pass
+    finally:
+        sampler.stop()
     wall = time.perf_counter() - t0
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+    ends = ranks[0]["step_end"]
+    steps = len(ends)
     return {"wall_s": wall, "step_time_s": [r["step_time_s"] for r in ranks], "loss": ranks[0]["loss"],
-            "cpu_s_per_step": [r["cpu_s_per_step"] for r in ranks], "cpu_s_total": [r["cpu_s_total"] for r in ranks]}
+            "cpu_s_per_step": [r["cpu_s_per_step"] for r in ranks], "cpu_s_total": [r["cpu_s_total"] for r in ranks],
+            "procs": per_process(sampler, (ends[warmup], ends[steps - 11]))}
 
 
 # --- B: our launch path ------------------------------------------------------------------------
@@ -148,14 +164,20 @@ def cli_json(args: list[str], env: dict) -> object:
     return json.loads(out.stdout)
 
 
-def run_ours(config: str, overrides: list[str], name: str, world: int, home: Path, warmup: int) -> dict:
+def run_ours(config: str, overrides: list[str], name: str, world: int, home: Path, warmup: int, steps: int) -> dict:
     env = {**os.environ, "ORCHESTRATOR_HOME": str(home)}
     env.pop("RAY_ADDRESS", None)  # always the embedded cluster, like `make demo`
     cmd = [str(BIN / "orchestrator"), "launch", config, *overrides, f"run.name={name}"]
     t0 = time.perf_counter()
+    run = RunRecord(home / "store.db", name)
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        cpu = tree_cpu(proc, {"TrainWorker": "train_workers"})
+        sampler = ProcSampler(proc.pid, named=run.worker_pids, progress=run.steps_done).start()
+        try:
+            proc.wait()
+        finally:
+            sampler.stop()
+            run.close()
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             err.seek(0)
@@ -174,9 +196,64 @@ def run_ours(config: str, overrides: list[str], name: str, world: int, home: Pat
         "run_id": run_id,
         "step_time_s": [series("train/step_time_s", r) for r in range(world)],
         "loss": series("train/loss", 0),
-        "cpu_s_total": cpu,
+        "cpu_s_total": ranks_vs_rest(sampler.totals()),
+        "procs": per_process(sampler, sampler.window(warmup, steps - 11)),
+        "ranks_found": sorted(run.pids.values()),
         "cpu_s_per_step": [cpu_per_step(points("sys/process_cpu_s", r), warmup) for r in range(world)],
     }
+
+
+class RunRecord:
+    """What the run being launched has recorded in its store, read directly (read-only SQLite, a
+    query a second; no CLI process that would compete with the run): its ranks' worker pids, as
+    each worker reported os.getpid() at start, and how many steps rank 0 has logged."""
+
+    def __init__(self, db: Path, name: str):
+        self.path, self.name = db, name
+        self.db: sqlite3.Connection | None = None
+        self.run_id: str | None = None
+        self.pids: dict[int, str] = {}
+
+    def _open(self) -> sqlite3.Connection | None:
+        if self.db is None and self.path.exists():
+            self.db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, timeout=5, check_same_thread=False)
+        return self.db
+
+    def worker_pids(self) -> dict[int, str]:
+        if not self.pids and (db := self._open()) is not None:
+            row = db.execute("SELECT id, meta FROM runs WHERE name = ? ORDER BY created_at DESC LIMIT 1",
+                             (self.name,)).fetchone()
+            if row:
+                self.run_id = row[0]
+                workers = json.loads(row[1] or "{}").get("workers", [])
+                self.pids = {w["pid"]: f"rank{w['rank']}" for w in workers}
+        return self.pids
+
+    def steps_done(self) -> int | None:
+        if self.run_id is None or self.db is None:
+            return None
+        row = self.db.execute("SELECT MAX(n) FROM series WHERE run_id = ? AND key = 'train/loss' AND rank = 0",
+                              (self.run_id,)).fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+
+
+def ranks_vs_rest(totals: dict[str, float]) -> dict[str, float]:
+    ranks = sum(v for k, v in totals.items() if k.startswith("rank"))
+    return {"train_workers": ranks, "other": sum(totals.values()) - ranks}
+
+
+def per_process(sampler: ProcSampler, window: tuple[float, float] | None) -> dict:
+    """Cores per process while training (the window), and lifetime CPU seconds per process."""
+    cores = sampler.cores(*window) if window else {}
+    side = sum(v for k, v in cores.items() if not k.startswith("rank"))
+    return {"window_s": window[1] - window[0] if window else None,
+            "cores": {k: round(v, 4) for k, v in sorted(cores.items())},
+            "side_cores": round(side, 4) if window else None,
+            "cpu_s": {k: round(v, 2) for k, v in sorted(sampler.totals().items())}}
 
 
 def cpu_per_step(samples: list[tuple[int, float]], warmup: int) -> float | None:
@@ -192,6 +269,18 @@ def cpu_per_step(samples: list[tuple[int, float]], warmup: int) -> float | None:
 
 
 # --- the comparison ----------------------------------------------------------------------------
+
+
+def median_cores(procs: list[dict]) -> dict[str, float]:
+    labels = sorted({k for p in procs for k in p["cores"]})
+    return {k: round(statistics.median(p["cores"].get(k, 0.0) for p in procs), 4) for k in labels}
+
+
+def fmt_cores(procs: dict) -> str:
+    if procs["side_cores"] is None:
+        return "n/a (no training window seen)"
+    ranks = " ".join(f"{k}={v:.3f}" for k, v in procs["cores"].items() if k.startswith("rank"))
+    return f"{ranks} beside the ranks={procs['side_cores']:.3f}"
 
 
 def ensure_data(uri: Path) -> None:
@@ -236,14 +325,15 @@ def main() -> None:
                 if side == "bare":
                     r = run_bare(cfg, world, args.warmup, tmp)
                 else:
-                    r = run_ours(args.config, overrides, f"bench-{i}", world, tmp / "home", args.warmup)
+                    r = run_ours(args.config, overrides, f"bench-{i}", world, tmp / "home", args.warmup, args.steps)
                 r["median_step_s"] = [statistics.median(t[args.warmup:]) for t in r["step_time_s"]]
                 r["loadavg"] = load
                 results[side].append(r)
                 log(f"repeat {i + 1}/{args.repeats} {side:4s}: median step "
                     + " ".join(f"r{k}={m * 1e3:.1f}ms" for k, m in enumerate(r["median_step_s"]))
                     + " cpu/step " + " ".join("n/a" if c is None else f"{c * 1e3:.1f}ms" for c in r["cpu_s_per_step"])
-                    + f", wall {r['wall_s']:.1f}s, last loss {r['loss'][-1]:.4f}, load {load:.1f}")
+                    + f", wall {r['wall_s']:.1f}s, last loss {r['loss'][-1]:.4f}, load {load:.1f}"
+                    + f"; cores {fmt_cores(r['procs'])}")
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -259,6 +349,10 @@ def main() -> None:
             # lifetime CPU seconds (startup included): bare per rank; ours train workers vs the rest
             "cpu_s_total": [r["cpu_s_total"] for r in runs],
             "cpu_s_per_step": [r["cpu_s_per_step"] for r in runs],  # per repeat, per rank
+            # per process: cores while training (median over repeats) and each repeat's figures
+            "cores_median": median_cores([r["procs"] for r in runs]),
+            "side_cores": [r["procs"]["side_cores"] for r in runs],
+            "procs": [r["procs"] for r in runs],
         }
 
     bare, ours = side_summary(results["bare"]), side_summary(results["ours"])
@@ -297,6 +391,9 @@ def main() -> None:
         # a rank's CPU seconds per step, ours (every rank of every repeat, median) over bare's
         "ours_cpu_s_per_step": ours_cpu,
         "cpu_ratio": ours_cpu / bare_cpu if ours_cpu is not None else None,
+        # cores used beside the ranks while training (our actors, driver, Ray daemons), median over repeats
+        "side_cores_median": statistics.median(c for c in ours["side_cores"] if c is not None)
+        if any(c is not None for c in ours["side_cores"]) else None,
         "overrides": args.set,
         "uptime_load": os.getloadavg(),
         "target_ratio": 1.03,

@@ -179,9 +179,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cluster.use_token()  # before anything imports Ray, which reads RAY_AUTH_MODE once
     try:
         args = parse(argv)
+        # before anything imports Ray, which reads RAY_AUTH_MODE once
+        cluster.use_token(getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"))
         _check_arguments(args)
         if getattr(args, "store", None) and args.command != "store":  # one place names the store for every call below
             os.environ["ORCHESTRATOR_STORE"] = args.store

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -20,20 +21,64 @@ TOKEN_HINT = {
 }
 
 
-def use_token() -> bool:
-    """Whether Ray will send a token. Ray >= 2.59 clusters want one, and Ray sends it only when
-    RAY_AUTH_MODE=token, which a user's shell rarely has: turned on here when a token is at hand.
-    A cluster without authentication accepts a token too."""
-    if not os.environ.get("RAY_AUTH_MODE") and (
-            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+def use_token(address: str | None = None) -> bool:
+    """Whether Ray will send a token, decided before Ray is imported (it reads RAY_AUTH_MODE
+    once). A user's own RAY_AUTH_MODE stands. Else, with a token at hand (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), the mode follows the cluster at `address`, asked
+    first by a call that carries no token: a cluster with token authentication (Ray >= 2.59
+    `ray start` under it) refuses a driver without one, and one without it cannot call back a
+    driver that wants one, whose actors then die at once ("all references removed"). Ray 2.60
+    itself turns token mode on whenever a token file exists, so a cluster that wants none gets
+    RAY_AUTH_MODE=disabled. An embedded cluster (no address), or one that does not answer, gets
+    token mode."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return os.environ["RAY_AUTH_MODE"] == "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
             or (Path.home() / ".ray" / "auth_token").is_file()):
-        os.environ["RAY_AUTH_MODE"] = "token"
-    return os.environ.get("RAY_AUTH_MODE") == "token"
+        return False
+    wanted = wants_token(address) if address else None
+    os.environ["RAY_AUTH_MODE"] = "disabled" if wanted is False else "token"
+    return wanted is not False
+
+
+def wants_token(address: str, timeout_s: float = 5.0) -> bool | None:
+    """Whether the cluster at `address` (a dashboard URL or a GCS host:port) asks for a token;
+    None when it cannot tell (no answer, a Ray Client or "auto" address)."""
+    if address.startswith(("http://", "https://")):
+        mode = dashboard_auth_mode(address, timeout_s)
+        return None if mode is None else mode == "token"
+    if address == "auto" or "://" in address:
+        return None
+    import grpc  # Ray's own dependency; it does not import Ray
+
+    try:  # any GCS method: an empty request is valid for this one
+        with grpc.insecure_channel(address) as channel:
+            channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")(b"", timeout=timeout_s)
+        return False
+    except grpc.RpcError as e:
+        return True if e.code() == grpc.StatusCode.UNAUTHENTICATED else None
+
+
+# An embedded cluster without the dashboard: what Ray records only for the dashboard to show is
+# CPU taken from the ranks, which on a machine they saturate is step time (docs/BENCHMARKS.md,
+# "Launch overhead"). Names as in Ray 2.60's src/ray/common/ray_config_def.h.
+LEAN_SYSTEM_CONFIG = {
+    "task_events_report_interval_ms": 0,  # task state events (the dashboard's task pages, `ray list tasks`)
+    "enable_metrics_collection": False,  # Ray's own metrics export (the dashboard's Grafana panels)
+    "event_stats": False,  # per-handler event-loop statistics, for those metrics and debug dumps
+}
+# Read by Ray's Python daemons when they start (they inherit the driver's environment).
+LEAN_ENV = {
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",  # the log monitor globs for new files every
+    "LOG_NAME_UPDATE_INTERVAL_S": "1.0",  # LOG_NAME_UPDATE_INTERVAL_S, not every 0.1 s
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",  # the dashboard agent's node stats, read by the dashboard only
+}
 
 
 def connect(address: str | None, *, dashboard: bool) -> None:
     """Connect to `address` (or $RAY_ADDRESS), else start an embedded cluster on 127.0.0.1
-    (`ray.shutdown()` stops the one and only disconnects from the other)."""
+    (`ray.shutdown()` stops the one and only disconnects from the other). An embedded cluster
+    without the dashboard runs lean: none of what Ray records only for the dashboard."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         # Ray maps 127.0.0.1 to the host's routable IP unless this is set before it is imported;
@@ -50,13 +95,29 @@ def connect(address: str | None, *, dashboard: bool) -> None:
             raise ResourceError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}"
                                 f"{TOKEN_HINT[token]}") from None
         return
-    ray.init(
-        address="local",  # never attach to some other cluster on this machine by accident
-        _node_ip_address="127.0.0.1",
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        **common,
-    )
+    lean = not dashboard  # the dashboard asked for: everything it shows stays on
+    with _environment(LEAN_ENV if lean else {}):
+        ray.init(
+            address="local",  # never attach to some other cluster on this machine by accident
+            _node_ip_address="127.0.0.1",
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            _system_config=dict(LEAN_SYSTEM_CONFIG) if lean else None,
+            **common,
+        )
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """`values` in os.environ (where the user has not set them) while the cluster's processes
+    start, which inherit them; this process's environment is as it was afterwards."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 SIGN_IN = (" (Ray token authentication is on: when the page asks for a token, paste what `ray get-auth-token` "

@@ -168,6 +168,10 @@ class HealthConfig:
 class FaultToleranceConfig:
     max_restarts: int = option(3, min=0, max=1_000_000, help="restarts of the worker group before the run fails")
     backoff_s: float = option(1.0, min=0, max=MAX_SECONDS, help="delay before a restart of a group that failed again before recovering; doubles each time (with jitter), capped at 30 s; the first restart after a recovery is immediate")
+    standby_workers: bool = option(False, help="keep warm spare workers (torch imported) beside the group: one per rank "
+                                   "on its node and some on nodes with room, so a restart need not start processes and "
+                                   "import torch (~2 s a rank); each holds ~0.4 GB of host memory and no CPU once warm; "
+                                   "CPU ranks only (Ray hides GPUs from a spare)")
     on_nonfinite: OnNonFinite = option(OnNonFinite.FAIL, help="a NaN/inf training loss: fail, or roll back and skip the batch")
     stop_timeout_s: float = option(120.0, min=1, max=MAX_SECONDS, help="`orchestrator stop`: how long the ranks get to reach "
                                    "a step boundary, save a final checkpoint and end (a script: after its SIGTERM) "

@@ -203,6 +203,7 @@ class Controller:
         self.store.update_meta(self.run_id, workers=info["workers"])
         resumed = f", resuming at step {step0}" if step0 is not None else ""
         resumed += " from in-memory snapshots" if snapshot is not None else ""
+        resumed += f"; {info['standby_used']} of them warm standby workers" if info.get("standby_used") else ""
         self.out(f"rendezvous done: {info['world']} ranks on {info['nodes']} node(s), backend {info['backend']}, "
                  f"master {info['master']} ({info['seconds']:.1f}s){resumed}")
         # the durable step stays the ranks' fallback, should a snapshot be unreadable after all
@@ -332,11 +333,14 @@ class Controller:
     def _watch(self, state: Training):
         """Until the group finishes or fails, or (after a failure) completes its first step."""
         # the group's wait returns at once when a rank finishes or fails, so failures are seen
-        # immediately; the timeout only paces the progress poll, which costs the ranks CPU
+        # immediately; the timeout only paces the progress poll, which costs the ranks CPU. Between
+        # polls the watchdog looks at the heartbeats alone: when a rank's beat turns late, then
+        # every 0.25 s while its process is read (hang/procstate.py), so a frozen rank is named in seconds
         tick = min(self.cfg.telemetry.progress_every_s, 2.0)
+        p, polled_at = None, 0.0
         while True:
             try:
-                summaries = self.group.wait(tick)
+                summaries = self.group.wait(tick if p is None else min(tick, self.watchdog.next_look_s(tick)))
             except GroupError as g:
                 if self.stopping_since is not None:  # asked to stop: no restart
                     self.out(f"stopping: {g.failure.message}; no final checkpoint")
@@ -354,10 +358,15 @@ class Controller:
                 if stop is not None:
                     return stop
             self._collect_checks(wait=False)
+            if p is not None and self.clock() - polled_at < 0.9 * tick:  # a look between polls
+                stall = self._watchdog(p)
+                if stall is not None:
+                    return stall
+                continue
             polled = self.group.poll()
             if polled is None:
                 continue
-            p = polled["progress"]
+            polled_at, p = self.clock(), polled["progress"]
             self.last_step = max(self.last_step, p.get("step", -1))
             self.max_step = max(self.max_step, p.get("max_step", -1))
             for line in polled.get("lines", ()):

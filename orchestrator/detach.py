@@ -46,8 +46,8 @@ def workdir_bytes(root: Path, limit: int) -> int:
 def job_client(address: str):
     """A JobSubmissionClient for `address`: the dashboard's http(s) address, or a cluster address
     (host:port), whose dashboard is asked for. Token authentication (Ray >= 2.59 on `ray start`
-    clusters) is used when a token is there (~/.ray/auth_token)."""
-    cluster.use_token()
+    clusters) is used when the cluster asks for it and a token is there (cluster.use_token)."""
+    cluster.use_token(address)
     from ray.job_submission import JobSubmissionClient
 
     url = address

@@ -78,6 +78,34 @@ def with_config(fn, config: dict, /, *args, **kwargs):
     return fn(config_from_dict(config), *args, **kwargs)
 
 
+# what a rank imports before its first step: a standby worker (orchestrator/standby.py) imports it
+# ahead; torch._dynamo comes with DDP's constructor and deterministic algorithms (~1 s of CPU)
+WARM_MODULES = ("torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo", "orchestrator.training",
+                "orchestrator.entrypoints", "orchestrator.gpt_function", "checkpointing.worker", "checkpointing.loader")
+
+
+def warm(cfg: Config) -> float:
+    """A standby worker's preparation, in its process: the rank's imports (at the niceness Ray
+    gives workers, so the training ranks on the node go first), and for a script run its warm
+    process. Returns the seconds it took."""
+    import importlib
+    import time
+
+    from orchestrator import script, zygote
+
+    t0 = time.monotonic()
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+    for name in zygote.WARM_IF_POSSIBLE:
+        try:
+            importlib.import_module(name)
+        except Exception:  # best effort, as in the warm script process
+            pass
+    if cfg.entrypoint.kind == "script":
+        script.prepare(cfg)
+    return time.monotonic() - t0
+
+
 def run(cfg: Config, *, skipped: list[int] = (), **kw) -> dict:
     """The built-in GPT loop, trained to the end: itself a function on ctx (entrypoints.run_gpt)."""
     from orchestrator.entrypoints import run_gpt  # it imports this module

@@ -28,6 +28,7 @@ from orchestrator.failures import describe
 from orchestrator.hang import xid
 from orchestrator.hang.followup import check_suspects, collect_flight_recorder
 from orchestrator.policy import Failure, FailureKind, GroupError
+from orchestrator.standby import Standby
 from orchestrator.store import open_checkpoint_records, open_store
 
 AVOID_WAIT_S = 10.0  # how long to look for room away from a culprit node before using it again
@@ -63,6 +64,15 @@ class WorkerGroup:
         self.pending: list = []
         self.kept = False  # the last stop kept the workers (a restart in place): the next start reuses them
         self.infos: list[dict] = []  # node_info of each rank's worker
+        self.standby: Standby | None = None  # warm spare workers (fault_tolerance.standby_workers)
+        self.fill_after: int | None = None  # the step after which this group's spares are started
+        if cfg.fault_tolerance.standby_workers:
+            if cfg.scaling.gpus_per_worker > 0:
+                out("fault_tolerance.standby_workers: not for GPU ranks (Ray hides GPUs from a spare); "
+                    "restarts start new workers")
+            else:
+                self.standby = Standby(f"{cfg.run.name}:{run_id}", self._new_spare,
+                                       lambda w: w.execute.remote(rank.with_config, rank.warm, cfg.to_dict()))
 
     # --- the run's actors (once per run) ----------------------------------------------------
 
@@ -172,14 +182,18 @@ class WorkerGroup:
         s = cfg.scaling
         in_place, self.kept = self.kept, False
         if not in_place:
+            spares = self.standby.take([ranks[b]["node_id"] for b in by_rank]) if self.standby else [None] * world
             h.workers = [
-                ray.remote(concurrency_groups={CONTROL: 1})(TrainWorker).options(  # CONTROL: beside the training call
+                spare or _worker_actor().options(
                     name=f"{cfg.run.name}:{self.run_id}:rank{ranks[b]['rank']}" + (f":a{attempt}" if attempt else ""),
                     num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(h.placement.pg, placement_group_bundle_index=b),
                 ).remote()
-                for b in by_rank
+                for b, spare in zip(by_rank, spares, strict=True)
             ]
+            warm = sum(w is not None for w in spares)
+        else:
+            warm = 0
         self.nodes = [ranks[b]["node_id"] for b in by_rank]
         config, is_script = cfg.to_dict(), cfg.entrypoint.kind == "script"  # a script joins the group itself
         # first: the warm script processes' imports overlap the rest of the start
@@ -214,7 +228,29 @@ class WorkerGroup:
             ray.get(h.health.reset.remote())
         return {"workers": [{"rank": r, **info} for r, info in enumerate(infos)], "world": world,
                 "nodes": len({i["node_id"] for i in infos}), "backend": backends[0],
-                "master": f"{master_addr}:{master_port}", "seconds": time.time() - t0, "in_place": in_place}
+                "master": f"{master_addr}:{master_port}", "seconds": time.time() - t0, "in_place": in_place,
+                "standby_used": warm}
+
+    def _new_spare(self, name: str, node: str):
+        """A standby worker: on `node`, asking for no resources (orchestrator/standby.py)."""
+        return _worker_actor().options(name=name, num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node, soft=False)).remote()
+
+    def _fill_standby(self, progress: dict) -> None:
+        """Once this group has done its first step, spares for the next restart (started then,
+        not before: their imports would slow this group's start on a busy node)."""
+        if self.standby is None:
+            return
+        if warmed := self.standby.warmed():
+            self.out(f"standby: {warmed[0]} spare worker(s) warm ({warmed[1]:.1f}s)")
+        if self.fill_after is None or progress.get("step", -1) < self.fill_after:
+            return
+        self.fill_after = None
+        s = self.cfg.scaling
+        try:
+            self.standby.fill(self.standby.wanted(self.nodes, cluster.bundle_for(s.cpus_per_worker, s.gpus_per_worker)))
+        except Exception as e:  # never a reason to stop training
+            self.out(f"standby workers not started ({type(e).__name__}: {e})")
 
     def _start_relays(self, attempt: int) -> None:
         """A relay per node that gets one (telemetry.relay), starting while the workers do; a rank
@@ -269,6 +305,8 @@ class WorkerGroup:
                                       **snaps[r])
                      for r, w in enumerate(h.workers)]
         self.pending = list(self.refs)
+        resume = snapshot.step if snapshot else step0
+        self.fill_after = resume if resume is not None else 0
 
     def _snapshot_args(self, resume_at: int | None, snapshot) -> list[dict]:
         """Per rank: where its snapshots go (a keeper on the next node; on one node, its own) and
@@ -313,9 +351,11 @@ class WorkerGroup:
     def poll(self) -> dict | None:
         """Progress and new alerts from the metrics actor; None while it restarts."""
         try:
-            return ray.get(self.h.metrics.poll.remote(), timeout=5)
+            polled = ray.get(self.h.metrics.poll.remote(), timeout=5)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             return None  # ranks keep their batches until it is back
+        self._fill_standby(polled["progress"])
+        return polled
 
     def progress(self) -> dict | None:
         try:
@@ -401,6 +441,8 @@ class WorkerGroup:
             self.h.keepers.kill()
         if self.h.relays is not None:
             self.h.relays.kill()
+        if self.standby is not None:
+            self.standby.kill()
         for actor in (self.h.metrics, self.h.checkpoints):  # writes queued for a tracking server go out before a kill
             if actor is not None:
                 try:
@@ -473,6 +515,10 @@ class WorkerGroup:
                        f"{', '.join(map(str, sorted(reports)))} lost their connection to it at {self.ips[r]} "
                        f"(Ray had not reported it within {PEER_LOSS_WAIT_S:.0f}s)", rank=r, node_id=self.node(r),
                        traceback=first.traceback, data={"peers_reported": sorted(reports)})
+
+
+def _worker_actor():
+    return ray.remote(concurrency_groups={CONTROL: 1})(TrainWorker)  # CONTROL: beside the training call
 
 
 def _seen_by(reports: dict[int, str]) -> str:

@@ -177,6 +177,15 @@ def launch_in_background(cfg: Path | str, *extra: str, home: Path, address: str,
                             stdout=stdout, stderr=stderr, text=True)
 
 
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (another process may take it before it is used: bind soon)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cli_json(*args: str, home: Path):
     return json.loads(run_cli(*args, "--json", home=home, check=True).stdout)
 

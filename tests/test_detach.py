@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cli_json, run_cli, tiny_config
+from tests.conftest import REPO, cli_json, free_port, run_cli, tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -31,14 +31,6 @@ class Head(str):
     """The dashboard URL, and the head's metrics export port."""
 
     metrics_port: int
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

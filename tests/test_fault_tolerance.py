@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -55,12 +56,14 @@ def run_named(home, name: str, deadline: float) -> str:
     raise AssertionError(f"run {name} was never recorded")
 
 
-def kill_at_steps(home, run_id, steps, rng, deadline) -> list[tuple[int, int]]:
-    """SIGKILL a random worker of the current attempt once the run reaches each of `steps`;
-    returns (step, rank) of each kill."""
+def kill_at_steps(home, run_id, steps, rng, deadline, before_kill=None) -> list[tuple[int, int]]:
+    """SIGKILL a random worker of the current attempt once the run reaches each of `steps` (and
+    before_kill(i), if given, has returned for the i-th kill); returns (step, rank) of each kill."""
     kills, old_pids = [], set()
-    for kill_step in steps:
+    for i, kill_step in enumerate(steps):
         wait_for_step(home, run_id, kill_step, deadline)
+        if before_kill is not None:
+            before_kill(i)
         while time.monotonic() < deadline:  # the workers of the current attempt, not the killed one's
             workers = cli_json("show", run_id, home=home)["meta"]["workers"]
             if not old_pids & {w["pid"] for w in workers}:
@@ -92,34 +95,59 @@ def launch_killed_twice(cfg, *extra: str, home, address: str, steps: int, margin
     return run_id, proc.returncode, out, err
 
 
-def test_sigkilled_workers_recover_bit_exact(tmp_path, home, tiny_data, ray_address):
-    steps = 40
+class Lines:
+    """A child's output lines, read as they come (a thread), for a test that waits for one."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, count: int, deadline: float) -> None:
+        while sum(text in line for line in self.lines) < count:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise AssertionError(f"never {count} lines with {text!r}:\n" + "".join(self.lines))
+            time.sleep(0.2)
+
+    def text(self) -> str:
+        self.thread.join(timeout=60)
+        return "".join(self.lines)
+
+
+def test_sigkilled_workers_recover_bit_exact_on_standby_workers(tmp_path, home, tiny_data, ray_address):
+    """With fault_tolerance.standby_workers, each restart's ranks run in spare workers warmed
+    while the previous group trained (the default path's kills: test_function_mode, test_gpt_on_ctx)."""
+    steps = 400
     released = tmp_path / "released"
-    # paced (0.1 s a step, numerics untouched) until the kills are done, so a run does not end
-    # between the test seeing a step and its kill landing: a quiet machine runs this model at 20 steps/s
+    # paced (0.25 s a step, numerics untouched) until the kills are done, so a run does not end
+    # before the spares are warm and the kill lands: a quiet machine runs this model at 50 steps/s
     model = {"factory": "tests.user_models:slow_gpt",
-             "kwargs": {"pause_s": 0.1, "dropout": 0.1, "release_path": str(released)}}
-    sections = dict(train={"max_steps": steps, "eval_every": 0}, checkpoint={"every_steps": 5}, fault_tolerance=FT)
+             "kwargs": {"pause_s": 0.25, "dropout": 0.1, "release_path": str(released)}}
+    sections = dict(train={"max_steps": steps, "eval_every": 0}, checkpoint={"every_steps": 5})
     (tmp_path / "chaos").mkdir()
     (tmp_path / "reference").mkdir()
     # heartbeats every 2 s (a rank counts as stopped after 8 s, not 5): with the reference beside it on
     # a busy machine, late beats must not add a stall restart to the two kills
     cfg = tiny_config(tmp_path / "chaos", tiny_data, run={"name": "chaos", "seed": 1}, model=model,
-                      hang={"heartbeat_s": 2.0}, **sections)
+                      hang={"heartbeat_s": 2.0}, fault_tolerance={**FT, "standby_workers": True}, **sections)
     # the reference: the same seed and world size, never interrupted (nor paced), side by side
     ref_cfg = tiny_config(tmp_path / "reference", tiny_data, run={"name": "reference", "seed": 1},
-                          model={**model, "kwargs": {"pause_s": 0.0, "dropout": 0.1}}, **sections)
+                          model={**model, "kwargs": {"pause_s": 0.0, "dropout": 0.1}}, fault_tolerance=FT, **sections)
 
     ref_home = tmp_path / "reference-home"  # a store of its own: the two drivers never wait on each other's writes
     ref_proc = launch_in_background(ref_cfg, home=ref_home, address=ray_address, stderr=subprocess.STDOUT)
-    proc = launch_in_background(cfg, home=home, address=ray_address)
+    proc = launch_in_background(cfg, home=home, address=ray_address, stderr=subprocess.STDOUT)
+    lines = Lines(proc.stdout)
     rng = random.Random(7)
     try:
         deadline = time.monotonic() + 600  # generous: a busy machine is slow
         chaos = run_named(home, "chaos", deadline)
-        kill_at_steps(home, chaos, sorted(rng.sample(range(6, steps - 6), 2)), rng, deadline)
+        # each kill once the spares for it are warm (they start after the group's first step)
+        kill_at_steps(home, chaos, [2, 2], rng, deadline,
+                      before_kill=lambda i: lines.wait_for("spare worker(s) warm", i + 1, deadline))
         released.touch()
-        out, err = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
+        out, err = lines.text(), ""
         ref_out, _ = ref_proc.communicate(timeout=600)
     finally:
         for p in (proc, ref_proc):
@@ -129,6 +157,7 @@ def test_sigkilled_workers_recover_bit_exact(tmp_path, home, tiny_data, ray_addr
     reference = run_named(ref_home, "reference", deadline)
     assert proc.returncode == 0, out + err
     assert out.count("RESTART") == 2 and "recovered" in out, out
+    assert out.count("2 of them warm standby workers") == 2, out  # both restarts, both ranks
 
     attempts = cli_json("show", chaos, home=home)
     assert attempts["status"] == "completed"

@@ -141,6 +141,11 @@ def test_frozen_rank_is_named_and_the_run_recovers(tmp_path, home, tiny_data, ra
     (d,) = cli_json("diagnose", run_id, home=home)["events"]
     assert (d["verdict"], d["culprits"]) == ("stopped", [0]) and d["action"].startswith("restarted")
     assert d["flight_recorder"]["silent"] == [0]  # a frozen process cannot hand over its recorder
+    # the kernel's word, read on the rank's node: stopped by a signal, named with its pid
+    stall = next(line for line in out.splitlines() if line.startswith("STALL"))
+    assert "process stopped (state T: SIGSTOP or job control)" in stall and f"pid {frozen}" in stall, stall
+    assert d["evidence"]["0"]["process"]["state"] == "T" and d["evidence"]["0"]["process"]["pid"] == frozen
+    assert "stopped (state T)" in d["flight_recorder"]["summary"]
 
 
 @pytest.mark.ray

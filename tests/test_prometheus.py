@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -18,14 +17,9 @@ from actors.metrics_actor import MetricsActor
 from orchestrator.anomaly import AnomalyDetector
 from orchestrator.series import columns
 from orchestrator.store import Store
+from tests.conftest import free_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def query(port: int, expr: str) -> list[dict]:

@@ -26,7 +26,7 @@ from orchestrator.ingest_wire import CONTENT_TYPE, encode, points_op
 from orchestrator.remote_store import BATCH_PATH, RemoteStore
 from orchestrator.store import Store
 from orchestrator.ui.server import start_in_thread
-from tests.conftest import ORCH, REPO, cli_json, run_cli, tiny_config
+from tests.conftest import ORCH, REPO, cli_json, free_port, run_cli, tiny_config
 
 START_WAIT_S = 120  # a busy machine can take long to import and bind
 
@@ -105,12 +105,6 @@ def post(url: str, body: bytes, ctype: str = CONTENT_TYPE, headers: dict | None 
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def new_run(store, run_id: str = "r1") -> None:

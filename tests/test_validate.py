@@ -114,15 +114,101 @@ def test_a_cluster_with_token_authentication_is_reached_without_ray_auth_mode(tm
     assert any(x.startswith("ok: cluster at ") for x in ok.stdout.splitlines()), ok.stdout
 
 
-def test_the_token_is_used_when_one_is_at_hand_and_an_explicit_mode_is_kept(tmp_path, monkeypatch):
+def fake_gcs(refuse: bool):
+    """A gRPC server answering the GCS call cluster.wants_token makes: as a cluster without token
+    authentication does, or refusing it as one with it does (UNAUTHENTICATED)."""
+    from concurrent import futures
+
+    import grpc
+
+    def get_cluster_id(request, context):
+        if refuse:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "token required")
+        return b""
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "ray.rpc.NodeInfoGcsService", {"GetClusterId": grpc.unary_unary_rpc_method_handler(get_cluster_id)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_the_token_is_used_when_the_cluster_asks_and_one_is_at_hand_and_an_explicit_mode_is_kept(tmp_path,
+                                                                                                   monkeypatch):
     from orchestrator import cluster
 
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert cluster.use_token() is False and "RAY_AUTH_MODE" not in os.environ  # no token anywhere
-    (tmp_path / ".ray").mkdir()
-    (tmp_path / ".ray" / "auth_token").write_text("t" * 64)
-    assert cluster.use_token() is True and os.environ["RAY_AUTH_MODE"] == "token"
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's own choice stands
-    assert cluster.use_token() is False and os.environ["RAY_AUTH_MODE"] == "disabled"
+    open_gcs, open_address = fake_gcs(refuse=False)
+    closed_gcs, closed_address = fake_gcs(refuse=True)
+    try:
+        assert cluster.use_token() is False and "RAY_AUTH_MODE" not in os.environ  # no token anywhere
+        assert cluster.use_token(closed_address) is False and "RAY_AUTH_MODE" not in os.environ
+        (tmp_path / ".ray").mkdir()
+        (tmp_path / ".ray" / "auth_token").write_text("t" * 64)
+        # a cluster without authentication: token mode off, also for Ray, which turns it on when a token exists
+        assert cluster.use_token(open_address) is False and os.environ["RAY_AUTH_MODE"] == "disabled"
+        monkeypatch.delenv("RAY_AUTH_MODE")
+        assert cluster.use_token(closed_address) is True and os.environ["RAY_AUTH_MODE"] == "token"
+        monkeypatch.delenv("RAY_AUTH_MODE")
+        assert cluster.use_token() is True and os.environ["RAY_AUTH_MODE"] == "token"  # an embedded cluster
+        monkeypatch.delenv("RAY_AUTH_MODE")
+        with socket.socket() as s:  # nothing answers there: token mode, as for an embedded cluster
+            s.bind(("127.0.0.1", 0))
+            assert cluster.use_token(f"127.0.0.1:{s.getsockname()[1]}") is True
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's own choice stands
+        assert cluster.use_token(closed_address) is False and os.environ["RAY_AUTH_MODE"] == "disabled"
+    finally:
+        open_gcs.stop(None)
+        closed_gcs.stop(None)
+
+
+@pytest.mark.ray
+def test_a_real_cluster_says_whether_it_wants_a_token(ray_address):
+    from orchestrator import cluster
+
+    assert cluster.wants_token(ray_address) is (os.environ.get("RAY_AUTH_MODE") == "token")
+
+
+@pytest.mark.ray
+def test_a_run_on_a_cluster_without_authentication_works_though_a_token_is_at_hand(tmp_path, home, tiny_data):
+    """With RAY_AUTH_MODE=token a driver's actors on such a cluster die at once (it cannot call the
+    driver back): the CLI asks the cluster first and sends no token to one that wants none."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import free_port
+
+    temp = Path("/tmp") / f"orch-noauth-{os.getpid()}"
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    try:
+        started = subprocess.run([ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                                  "--num-cpus", "1", "--include-dashboard", "false", "--temp-dir", str(temp),
+                                  "--disable-usage-stats", "--ray-client-server-port", str(free_port())],
+                                 env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert os.environ.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").is_file()  # at hand
+        cfg = tiny_config(tmp_path, tiny_data, scaling={"num_workers": 1}, train={"max_steps": 2, "eval_every": 0})
+        saved = os.environ.pop("RAY_AUTH_MODE", None)  # the user's shell sets no mode
+        try:
+            proc = run_cli("launch", str(cfg), "--address", f"127.0.0.1:{port}", home=home)
+        finally:
+            if saved is not None:
+                os.environ["RAY_AUTH_MODE"] = saved
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "completed: 2 steps" in proc.stdout, proc.stdout
+    finally:
+        mine = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
+        for pid in mine:  # only the processes of the cluster this test started (its temp dir in their command)
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -20,7 +20,7 @@ def collect_flight_recorder(health, world: int, report: dict, folder: Path, hear
     """Ask every rank for its Flight Recorder buffer and its Python stacks (the heartbeat thread
     answers, even while the training thread is blocked in a collective), wait briefly, analyse,
     keep the dumps in `folder`. A script's stacks are its own process's, not the worker's."""
-    silent = set(report["culprits"]) if report["verdict"] == "stopped" else set()  # frozen: will not answer
+    silent = known_silent(report)
     dumps: dict[int, str | None] = {}
     stacks: dict[int, str | None] = {}
     try:
@@ -34,7 +34,7 @@ def collect_flight_recorder(health, world: int, report: dict, folder: Path, hear
         stacks = ray.get(health.take_stacks.remote(), timeout=5)
     except Exception as e:  # the monitor is gone: report what is known
         return {"summary": f"no dumps ({type(e).__name__})", "ranks": {}, "culprits": []}
-    fr = flight_recorder_summary(dumps, world)
+    fr = flight_recorder_summary(dumps, world, known=silent)
     folder.mkdir(parents=True, exist_ok=True)
     for r, text in dumps.items():
         if text is not None:
@@ -45,6 +45,22 @@ def collect_flight_recorder(health, world: int, report: dict, folder: Path, hear
     fr["stacks"] = {r: "\n".join(text.splitlines()[:STACK_LINES]) for r, text in stacks.items() if text}
     fr["files"] = str(folder)
     return fr
+
+
+def known_silent(report: dict) -> dict[int, str]:
+    """rank -> why it cannot answer a dump request: its process was seen stopped or gone, or its
+    heartbeats stopped (frozen or lost). Nobody waits for those."""
+    silent = {}
+    for r, info in report["ranks"].items():
+        state = (info.get("process") or {}).get("state")
+        if state == "T":
+            silent[r] = "stopped (state T)"
+        elif state in ("Z", "X", "gone"):
+            silent[r] = "gone"
+    if report["verdict"] == "stopped":
+        for r in report["culprits"]:
+            silent.setdefault(r, "heartbeats stopped")
+    return silent
 
 
 def check_suspects(report: dict, group_nodes: list[str], timeout_s: float, out) -> dict | None:

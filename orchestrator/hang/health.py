@@ -41,6 +41,7 @@ class Health:
         self._lock = threading.Lock()
         self.step_started = time.time()
         self.pid = os.getpid()  # the process whose stack a stall report shows (a script's child)
+        self.beat_pid = self.pid  # the process the heartbeat thread runs in (a script's worker)
 
     def completes_later(self, handle) -> None:
         """An issued collective that completes after the host moved on: `handle` is a torch Work
@@ -62,8 +63,12 @@ class Health:
 
     def snapshot(self) -> dict:
         completed = self.coll_completed + self._settle()
-        return {"rank": self.rank, "step": self.step, "phase": self.phase, "progress": self.progress,
-                "coll_entered": self.coll_entered, "coll_completed": completed, "time": time.time()}
+        snap = {"rank": self.rank, "step": self.step, "phase": self.phase, "progress": self.progress,
+                "coll_entered": self.coll_entered, "coll_completed": completed, "time": time.time(),
+                "pid": self.pid}  # whose process state the watchdog reads when the beats are late (procstate.py)
+        if self.beat_pid != self.pid:
+            snap["beat_pid"] = self.beat_pid
+        return snap
 
 
 def flight_recorder_dump(keep: int = 200) -> str | None:

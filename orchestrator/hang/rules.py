@@ -1,7 +1,8 @@
 """Hang diagnosis from heartbeats: pure functions, so every rule is tested one case at a time.
 
 Each rank's heartbeat carries its step, its phase (data, forward, backward, optimizer, eval,
-checkpoint), how many collectives it has entered and completed, and when it was sent.
+checkpoint), how many collectives it has entered and completed, when it was sent, and its pid (so
+the process of a rank whose beats are late can be looked at: procstate.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,37 @@ def stale_after_s(heartbeat_s: float) -> float:
     return 3 * heartbeat_s + 2.0
 
 
+def late_after_s(heartbeat_s: float) -> float:
+    """A rank whose last heartbeat is older than this is late: its process is worth a look
+    (procstate.py). Late proves nothing by itself: a busy host delays beats."""
+    return 2 * heartbeat_s
+
+
+def stopped_for(samples: list[dict], since: float, *, span_s: float) -> dict | None:
+    """Proof of a frozen process: the latest looks at it, all taken after its last heartbeat
+    (`since`, the same node's clock), are state 'T' and span at least `span_s`. Returns the last
+    of them, or None. 't' (a debugger's or py-spy's tracing stop) is no proof."""
+    run: list[dict] = []
+    for s in sorted(samples, key=lambda s: s["at"]):
+        if s["at"] > since:
+            run = run + [s] if s["state"] == "T" else []
+    return run[-1] if len(run) >= 2 and run[-1]["at"] - run[0]["at"] >= span_s else None
+
+
+def process_note(s: dict) -> str | None:
+    """What a look at a rank's process adds to a stall report, when it says something."""
+    pid, state = s["pid"], s["state"]
+    where = f" in {s['wchan']}" if s.get("wchan") else ""
+    return {
+        "T": f"process stopped (state T: SIGSTOP or job control), pid {pid}",
+        "t": f"process in a tracing stop (state t: a debugger or py-spy), pid {pid}",
+        "D": f"process in uninterruptible sleep (state D{where}: stuck in the kernel, e.g. a GPU driver), pid {pid}",
+        "Z": f"process gone (state Z: it exited, not yet reaped), pid {pid}",
+        "X": f"process gone (state X: dead), pid {pid}",
+        "gone": f"process gone (no /proc entry), pid {pid}",
+    }.get(state)
+
+
 def attribute(beats: dict[int, dict], *, now: float, heartbeat_s: float, nodes: dict[int, str] | None = None) -> dict:
     """Who holds the group up, and why. Returns {"culprits": [...], "reason", "verdict", "ranks"}.
 
@@ -29,12 +61,7 @@ def attribute(beats: dict[int, dict], *, now: float, heartbeat_s: float, nodes: 
     (ranks never entered the collective the others wait in), "stuck" (a rank busy outside any
     collective: data loading, checkpoint), or "undecided" (everyone waits in the same collective).
     """
-    nodes = nodes or {}
-    ranks = {
-        r: {**b, "node": nodes.get(r), "age_s": round(now - b["time"], 1),
-            "waiting": b["coll_entered"] > b["coll_completed"]}
-        for r, b in sorted(beats.items())
-    }
+    ranks = _ranks(beats, now, nodes)
     stale_after = stale_after_s(heartbeat_s)
     stopped = [r for r, b in ranks.items() if b["age_s"] > stale_after]
     if stopped:
@@ -55,20 +82,39 @@ def attribute(beats: dict[int, dict], *, now: float, heartbeat_s: float, nodes: 
                    "one out (a network or NCCL problem between nodes?)")
 
 
+def attribute_stopped(beats: dict[int, dict], stopped: dict[int, dict], *, now: float,
+                      nodes: dict[int, str] | None = None) -> dict:
+    """The report for ranks whose processes are proven stopped (`stopped`: rank -> its last look,
+    state 'T'): verdict "stopped", before their heartbeats count as stale."""
+    ranks = _ranks(beats, now, nodes)
+    ages = ", ".join(f"rank {r}: {ranks[r]['age_s']}s ago" for r in sorted(stopped))
+    notes = "; ".join(f"rank {r}: {process_note(s)}" for r, s in sorted(stopped.items()))
+    return _report("stopped", sorted(stopped), ranks, f"heartbeats stopped ({ages}); {notes}")
+
+
+def _ranks(beats: dict[int, dict], now: float, nodes: dict[int, str] | None) -> dict[int, dict]:
+    nodes = nodes or {}
+    return {r: {**b, "node": nodes.get(r), "age_s": round(now - b["time"], 1),
+                "waiting": b["coll_entered"] > b["coll_completed"]}
+            for r, b in sorted(beats.items())}
+
+
 def _report(verdict: str, culprits: list[int], ranks: dict, reason: str) -> dict:
     return {"verdict": verdict, "culprits": culprits, "reason": reason,
             "culprit_nodes": sorted({ranks[r]["node"] for r in culprits if ranks[r]["node"]}), "ranks": ranks}
 
 
-def flight_recorder_summary(dumps: dict[int, str | None], world: int) -> dict:
+def flight_recorder_summary(dumps: dict[int, str | None], world: int, known: dict[int, str] | None = None) -> dict:
     """torch Flight Recorder's view of the same stall: per rank, the last collective it entered on
     each process group; ranks behind the others on a group are missing from the collective the
     others wait in. `dumps`: rank -> the JSON text of `_dump_fr_trace_json`, None if the rank had
-    no recorder, absent if it never answered (a frozen process)."""
+    no recorder, absent if it never answered (a frozen process). `known`: rank -> why it could not
+    answer (e.g. "stopped (state T)"), for ranks not waited for."""
+    known = known or {}
     ranks: dict[int, dict] = {}
     for r in range(world):
         if r not in dumps:
-            ranks[r] = {"dump": "no answer"}
+            ranks[r] = {"dump": "no answer", **({"why": known[r]} if r in known else {})}
             continue
         if dumps[r] is None:
             ranks[r] = {"dump": "no recorder"}
@@ -95,8 +141,10 @@ def flight_recorder_summary(dumps: dict[int, str | None], world: int) -> dict:
     # torch numbers every collective of a group (DDP's start-up broadcasts too), not one per step
     parts = [f"group {g}: rank(s) {', '.join(map(str, rs))} never entered torch's collective #{waiting[g]['seq']} "
              f"({waiting[g]['op']})" for g, rs in missing.items()]
-    if silent:
-        parts.append(f"no dump from rank(s) {', '.join(map(str, silent))} (not answering)")
+    why: dict[str, list[int]] = {}
+    for r in silent:
+        why.setdefault(ranks[r].get("why", "not answering"), []).append(r)
+    parts += [f"no dump from rank(s) {', '.join(map(str, rs))} ({w})" for w, rs in why.items()]
     if not parts:
         have = [r for r, b in ranks.items() if b["dump"] == "ok"]
         parts.append("every rank entered the same collectives" if have else "no rank had a recorder")

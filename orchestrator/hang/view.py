@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from common.labels import node_label
+from orchestrator.hang.procstate import MEANING
 from orchestrator.run_views import out, when
 from orchestrator.store import Store, open_store
 
@@ -39,6 +40,14 @@ def diagnoses(store: Store, run_id: str) -> list[dict]:
                                + placement) if done else "reported")
         out_rows.append(row)
     return out_rows
+
+
+def process_text(look: dict | None) -> str:
+    """The kernel's view of a rank's process, when the watchdog looked (hang/procstate.py)."""
+    if not look:
+        return ""
+    wchan = f" in {look['wchan']}" if look.get("wchan") else ""
+    return f"  process {look['pid']} state {look['state']} ({MEANING.get(look['state'], '?')}{wchan})"
 
 
 def node_check_lines(checks: dict) -> list[str]:
@@ -80,7 +89,7 @@ def cmd_diagnose(args, argv) -> int:
             for rank, b in sorted(r["evidence"].items(), key=lambda kv: int(kv[0])):
                 out(f"  rank {rank:>3}  node {str(b.get('node') or '-')[:12]:<12}  step {b['step']:>6}  "
                     f"phase {b['phase']:<10}  collectives entered {b['coll_entered']} done {b['coll_completed']}  "
-                    f"last heartbeat {b['age_s']}s ago")
+                    f"last heartbeat {b['age_s']}s ago{process_text(b.get('process'))}")
             if r["flight_recorder"]:
                 out(f"  flight recorder: {r['flight_recorder']['summary']}"
                     + (f" (dumps in {r['flight_recorder']['files']})" if r["flight_recorder"].get("files") else ""))

@@ -1,0 +1,66 @@
+"""Warm spare workers (orchestrator/standby.py): where they wait, and which a restart takes. The
+end-to-end path (SIGKILLed ranks replaced by spares, bit for bit) is in test_fault_tolerance."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from orchestrator import standby
+from orchestrator.standby import Standby
+
+
+def node(node_id: str, cpus: float, alive: bool = True) -> dict:
+    return {"NodeID": node_id, "Alive": alive, "Resources": {"CPU": cpus}}
+
+
+def test_spares_wait_beside_each_rank_and_on_nodes_with_room(monkeypatch):
+    nodes = [node("a", 2), node("b", 2), node("c", 4), node("d", 1), node("e", 8, alive=False), node("f", 0.5)]
+    monkeypatch.setattr(standby.ray, "nodes", lambda: nodes)
+    pool = Standby("run", make=None, warm=None)
+    # one per rank on its node; elsewhere as many as the busiest node has ranks (2), at most 3 in all
+    assert pool.wanted(["a", "a", "b"], {"CPU": 1}) == {"a": 2, "b": 1, "c": 2, "d": 1}
+    # a node too small for a worker, or dead, gets none
+    assert pool.wanted(["a"], {"CPU": 3}) == {"a": 1, "c": 1}
+    assert pool.wanted([], {"CPU": 1}) == {}
+
+
+@ray.remote(num_cpus=0)
+class FakeWorker:
+    def node_info(self) -> dict:
+        return {"node_id": ray.get_runtime_context().get_node_id()}
+
+    def execute(self, fn, *args):
+        return fn(*args)
+
+
+@pytest.mark.ray
+def test_a_restart_takes_warm_answering_spares_only(ray_address):
+    here = ray.get_runtime_context().get_node_id()
+    made = []
+
+    def make(name, node_id):
+        made.append(name)
+        return FakeWorker.remote()
+
+    slow = {"next": False}
+
+    def warm(w):  # the third spare is still warming up when the restart comes
+        return w.execute.remote(time.sleep, 60 if slow["next"] else 0)
+
+    pool = Standby("run", make, warm)
+    assert pool.fill({here: 2}) == 2
+    slow["next"] = True
+    assert pool.fill({here: 3}) == 1  # the two it has are kept
+    assert made == ["run:standby0", "run:standby1", "run:standby2"]
+    assert pool.warmed() is None  # the last fill's warm-up is the slow one
+    first, second = (w for w, _ in pool.spares[here][:2])
+    ray.get([first.execute.remote(time.sleep, 0), second.execute.remote(time.sleep, 0)], timeout=120)
+    ray.kill(second)  # a spare that died since: dropped, a new worker instead
+    taken = pool.take([here, here, here])
+    assert taken[0] is first and taken[1] is None and taken[2] is None
+    assert pool.used == 1 and pool.count() == 1  # the warming one stays for later
+    pool.kill()
+    assert pool.count() == 0
