@@ -68,7 +68,7 @@ FLOOR_VENV ?= .venv-rayfloor
 RAY_FLOOR := $(shell sed -n 's/.*"ray\[default,train\]>=\([0-9.]*\)[",].*/\1/p' pyproject.toml)
 FLOOR_TESTS := \
 	tests/test_launch.py::test_launch_trains_and_tracks_both_ranks \
-	tests/test_fault_tolerance.py::test_sigkilled_workers_recover_bit_exact \
+	tests/test_fault_tolerance.py::test_sigkilled_workers_recover_bit_exact_on_standby_workers \
 	tests/test_checkpoint_ray.py::test_launch_writes_committed_checkpoints_and_lists_them \
 	tests/test_hang.py::test_restart_avoids_the_culprit_node_when_there_is_room
 
