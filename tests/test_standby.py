@@ -36,6 +36,18 @@ class FakeWorker:
         return fn(*args)
 
 
+def wait_dead(actor, bound_s: float = 120.0) -> None:
+    """ray.kill only asks the GCS: a call sent right after it may still be answered."""
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.node_info.remote(), timeout=bound_s)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"actor still answers {bound_s:.0f} s after ray.kill")
+
+
 @pytest.mark.ray
 def test_a_restart_takes_warm_answering_spares_only(ray_address):
     here = ray.get_runtime_context().get_node_id()
@@ -59,6 +71,7 @@ def test_a_restart_takes_warm_answering_spares_only(ray_address):
     first, second = (w for w, _ in pool.spares[here][:2])
     ray.get([first.execute.remote(time.sleep, 0), second.execute.remote(time.sleep, 0)], timeout=120)
     ray.kill(second)  # a spare that died since: dropped, a new worker instead
+    wait_dead(second)
     taken = pool.take([here, here, here])
     assert taken[0] is first and taken[1] is None and taken[2] is None
     assert pool.used == 1 and pool.count() == 1  # the warming one stays for later
