@@ -42,9 +42,10 @@ class HealthMonitor:
     def snapshot(self) -> dict[int, dict]:
         return dict(self.beats)
 
-    def request_dumps(self) -> None:
+    def request_dumps(self) -> int:
         self.request += 1
         self.dumps, self.stacks = {}, {}
+        return self.request
 
     def put_dump(self, rank: int, request: int, text: str | None, stack: str | None = None) -> None:
         """A rank's Flight Recorder buffer (JSON text) and its Python stacks (py-spy's text)."""

@@ -313,9 +313,12 @@ def our_phases(lines: list[tuple[float, str]], fault: dict, next_at: float) -> d
         phases["detection"] = at["stall"]
         fr = at.get("flight_recorder", at["stall"])
         phases["flight_recorder"] = fr - at["stall"]
-        checks = at.get("node_checks_end", 0.0) - at.get("node_checks_begin", 0.0)
-        phases["node_checks"] = checks
-        phases["teardown"] = at["restart"] - fr - checks
+        # the node checks run beside the restart once the hung group is gone (controller
+        # _follow_up_stall): a phase of their own only where they ended before the restart
+        begin, end = at.get("node_checks_begin"), at.get("node_checks_end")
+        serial = begin is not None and end is not None and end <= at["restart"]
+        phases["node_checks"] = end - begin if serial else None
+        phases["teardown"] = at["restart"] - fr - (phases["node_checks"] or 0.0)
     else:
         gone = fault["old_group_gone_s"]
         phases["detection"] = min(gone, at["restart"]) if gone is not None else None

@@ -57,6 +57,14 @@ from orchestrator.progress import Progress
 from orchestrator.store import Store
 
 STOPPED = "stopped by `orchestrator stop`"
+KEEP_PLACEMENT = (FailureKind.DIED, FailureKind.EXCEPTION, FailureKind.NON_FINITE, FailureKind.NCCL)
+
+
+def keeps_placement(f: Failure) -> bool:
+    """A rank that Ray saw die, or that raised, leaves its node fit to hold the next group: the
+    placement group stays. A hang's, a lost node's or a GPU's does not, nor a death only inferred
+    from lost connections (its node may be gone without Ray having said so yet)."""
+    return f.kind in KEEP_PLACEMENT and not f.data.get("peer_lost") and not f.data.get("unconfirmed")
 
 
 class RunFailed(UserError):
@@ -220,7 +228,8 @@ class Controller:
         f = self.failure
         if not (f is not None and f.data.get("script_exit") and isinstance(self.next_state, Restarting)
                 and f.kind in (FailureKind.EXCEPTION, FailureKind.NCCL)):
-            self.group.stop()
+            self.group.stop(keep_placement=f is not None and isinstance(self.next_state, Restarting)
+                            and keeps_placement(f))
         elif self.group.stop(in_place=True):
             self.out("restarting in place: the ranks' workers stay, their scripts start anew")
         else:

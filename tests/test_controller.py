@@ -10,7 +10,7 @@ import pytest
 
 from common.errors import ResourceError
 from orchestrator.config import config_from_dict
-from orchestrator.controller import Controller, RunFailed
+from orchestrator.controller import Controller, RunFailed, keeps_placement
 from orchestrator.policy import Failure, FailureKind, GroupError
 from orchestrator.store import Store
 
@@ -37,6 +37,7 @@ class FakeGroup:
         self.alerts = alerts or {}  # step -> alerts the metrics actor reports then
         self.frozen_rank = frozen_rank
         self.reserved, self.started, self.stops, self.checked = [], [], 0, []
+        self.kept_placement = []  # per stop: whether the placement group was to stay
         self.nodes: list[str] = []
         self.world = 0
 
@@ -121,8 +122,9 @@ class FakeGroup:
     def node(self, rank):
         return self.nodes[rank] if rank is not None and 0 <= rank < len(self.nodes) else None
 
-    def stop(self):
+    def stop(self, *, keep_placement=False):
         self.stops += 1
+        self.kept_placement.append(keep_placement)
 
     def request_stop(self):
         self.stop_requests = getattr(self, "stop_requests", 0) + 1
@@ -169,6 +171,7 @@ def test_two_deaths_restart_from_the_latest_checkpoint_and_complete(tmp_path):
     assert attempts[0]["cause"] == "died" and attempts[0]["steps_lost"] == 1  # step 1 done, checkpoint at 1
     assert [a["resumed_from_step"] for a in attempts] == [None, 1, 1]
     assert group.stops == 2 and group.started == [0, 1, 2]
+    assert group.kept_placement == [True, True]  # a dead rank's node still holds the next group
     assert attempts[2]["recovery_s"] is not None
     assert [e["kind"] for e in store.events("r1")] == ["failure_died", "failure_died"]
     assert sum("RESTART" in line for line in lines) == 2
@@ -198,6 +201,17 @@ def test_a_frozen_rank_is_named_checked_and_avoided_on_restart(tmp_path):
     assert group.checked == [["node-1"]]
     assert group.reserved[1] == (2, ("node-1",))
     assert store.attempts("r1")[0]["cause"] == "hang"
+    assert group.kept_placement == [False]  # a hung group's placement goes (its frozen worker may never die)
+
+
+def test_the_placement_group_stays_only_where_the_node_is_known_to_be_fine():
+    assert keeps_placement(Failure(FailureKind.DIED, "rank 1 died"))  # Ray saw the process die
+    assert keeps_placement(Failure(FailureKind.EXCEPTION, "rank 0 raised"))
+    # inferred from lost connections: the node may be gone before Ray says so
+    assert not keeps_placement(Failure(FailureKind.DIED, "rank 1 stopped answering", data={"unconfirmed": True}))
+    assert not keeps_placement(Failure(FailureKind.EXCEPTION, "reset by peer", data={"peer_lost": True}))
+    assert not keeps_placement(Failure(FailureKind.NODE_LOST, "node gone"))
+    assert not keeps_placement(Failure(FailureKind.GPU, "Xid 79"))
 
 
 def test_a_stall_without_evidence_names_nobody_and_avoids_no_node(tmp_path):

@@ -72,6 +72,35 @@ def test_flight_recorder_names_the_rank_behind_and_the_silent_one():
     assert "no dump from rank(s) 3" in fr["summary"]
 
 
+class Recorded:
+    """A stand-in for the health monitor's handle: what put_dump was sent."""
+
+    def __init__(self):
+        self.sent = []
+        self.put_dump = self
+
+    def remote(self, *args):
+        self.sent.append(args[:2])
+
+
+def test_a_stall_s_dump_request_is_served_at_once_and_once(monkeypatch):
+    from orchestrator.hang import health
+
+    monitor = Recorded()
+    beat = health.Heartbeat(monitor, health.Health(rank=3), every_s=1.0)
+    monkeypatch.setattr(health, "_running", None)
+    assert health.serve_dump_now(1) is False  # no rank in this process (a script's runs in the script's)
+    monkeypatch.setattr(health, "_running", beat)
+    assert health.serve_dump_now(2) is True
+    assert monitor.sent == [(3, 2)]
+    beat._serve(2)  # the same request, arriving with the next beat: not dumped twice
+    beat._serve(3)
+    assert monitor.sent == [(3, 2), (3, 3)]
+    late = health.Heartbeat(monitor, health.Health(rank=4), every_s=1.0)
+    late._serve(3)  # the first request a new rank's beat brings is an earlier group's
+    assert monitor.sent == [(3, 2), (3, 3)]
+
+
 def test_flight_recorder_without_evidence_says_so():
     fr = flight_recorder_summary({0: fr_dump(1, 2), 1: fr_dump(1, 2)}, 2)
     assert fr["culprits"] == [] and fr["summary"] == "every rank entered the same collectives"

@@ -66,9 +66,10 @@ def controller(tmp_path, scripts, *, keeps=True, **cfg):
     c, group, store, lines = setup(tmp_path, scripts, cfg={"entrypoint": {"script": PROBE}, **cfg})
     group.in_place_calls = []
 
-    def stop(*, in_place=False):  # the real group keeps its workers only if they all answer
+    def stop(*, in_place=False, keep_placement=False):  # the real group keeps its workers only if they all answer
         group.stops += 1
         group.in_place_calls.append(in_place)
+        group.kept_placement.append(keep_placement)
         return in_place and keeps
 
     group.stop = stop
@@ -94,6 +95,7 @@ def test_dead_workers_hangs_and_giving_up_replace_the_group(tmp_path):
     with pytest.raises(RunFailed, match="after 2 restarts"):
         c.run()
     assert group.in_place_calls == [False, False, False]  # the last: no restart follows
+    assert group.kept_placement == [True, False, False]  # a GPU fault's node is not trusted; no restart, none kept
     assert not any("in place" in line for line in lines)
 
 

@@ -4,6 +4,7 @@ the ranks, and checks of the suspect nodes. Apart from the control loop, which o
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -16,15 +17,19 @@ STACKS_WAIT_S = 15.0  # how long to wait for the ranks' dumps (each runs py-spy 
 STACK_LINES = 25  # of each rank's stacks kept in the stored report (all of it in the files)
 
 
-def collect_flight_recorder(health, world: int, report: dict, folder: Path, heartbeat_s: float) -> dict:
+def collect_flight_recorder(health, world: int, report: dict, folder: Path, heartbeat_s: float,
+                            nudge: Callable[[int], None] | None = None) -> dict:
     """Ask every rank for its Flight Recorder buffer and its Python stacks (the heartbeat thread
     answers, even while the training thread is blocked in a collective), wait briefly, analyse,
-    keep the dumps in `folder`. A script's stacks are its own process's, not the worker's."""
+    keep the dumps in `folder`. A script's stacks are its own process's, not the worker's.
+    nudge(request): have the ranks serve the request now rather than at their next beats."""
     silent = known_silent(report)
     dumps: dict[int, str | None] = {}
     stacks: dict[int, str | None] = {}
     try:
-        ray.get(health.request_dumps.remote(), timeout=5)
+        request = ray.get(health.request_dumps.remote(), timeout=5)
+        if nudge is not None:
+            nudge(request)
         deadline = time.monotonic() + max(STACKS_WAIT_S, 3 * heartbeat_s)  # py-spy takes a second or two
         while time.monotonic() < deadline:
             dumps = ray.get(health.take_dumps.remote(), timeout=5)

@@ -118,10 +118,13 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._answered: int | None = None  # the last dump request served; None: not seen one yet
+        self._serving = threading.Lock()  # the beat thread and serve_dump_now may both serve a request
         self.direct_beats = 0  # sent to the monitor while a relay was set (its fallback)
 
     def start(self) -> Heartbeat:
+        global _running
         self._thread.start()
+        _running = self
         return self
 
     def _run(self) -> None:
@@ -165,14 +168,33 @@ class Heartbeat:
             self._serve(answer["request"])
         return True, answer["ok"]
 
-    def _serve(self, request: int) -> None:
-        if self._answered is None:  # requests made before this rank started were for an earlier group
-            self._answered = request
-        elif request > self._answered:
-            self._answered = request
-            self.monitor.put_dump.remote(self.health.rank, request, flight_recorder_dump(),
-                                         stack_dump(self.health.pid))
+    def _serve(self, request: int, *, fresh: bool = False) -> None:
+        """fresh: the request is known to be this group's (served at once, not taken as an old one)."""
+        with self._serving:
+            if self._answered is None and not fresh:  # requests made before this rank started were for an earlier group
+                self._answered = request
+            elif request > (self._answered or 0):
+                self._answered = request
+                self.monitor.put_dump.remote(self.health.rank, request, flight_recorder_dump(),
+                                             stack_dump(self.health.pid))
 
     def stop(self) -> None:
+        global _running
         self._stop.set()
         self._thread.join(timeout=self.every_s + 2)
+        if _running is self:
+            _running = None
+
+
+_running: Heartbeat | None = None  # this process's rank's heartbeat, for serve_dump_now
+
+
+def serve_dump_now(request: int) -> bool:
+    """Run in a worker's control lane at a stall: this rank's dump for `request` goes to the monitor
+    now, not at the next beat (through a relay the request takes up to two beats to arrive).
+    False when this process has no heartbeat (a script's runs in the script's process)."""
+    beat = _running
+    if beat is None:
+        return False
+    beat._serve(request, fresh=True)
+    return True
