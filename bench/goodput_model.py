@@ -14,7 +14,7 @@ snapshots every tau_m (stall delta_m) and durable checkpoints every tau_d, a fai
 snapshot replica survived (fraction p) costs D + R_m + tau_m / 2, the rest D + R + tau_d / 2 + c;
 each interval is Young/Daly's for the failures it serves (MTTF / p and MTTF / (1 - p)).
 
-    python bench/goodput_model.py [--bench goodput.json] [--out docs/scale_goodput.png]
+    python bench/goodput_model.py [--bench goodput.json [--system ours_standby]] [--out docs/scale_goodput.png]
 
 --bench: a file whose last line is bench/goodput.py's JSON (its medians replace the defaults
 below, which are the figures recorded in docs/BENCHMARKS.md).
@@ -140,16 +140,18 @@ def at_scale(measured: Costs, gpus: int, sc: Scenario) -> Costs:
                    snapshot_stall_s=stall, snapshot_recover_s=recover + stall)
 
 
-def from_bench(path: Path) -> Costs:
-    """The medians of bench/goodput.py's ours run (the last line of `path`)."""
+def from_bench(path: Path, system: str = "ours") -> Costs:
+    """The medians of one of our systems' runs in bench/goodput.py's output (the last line of `path`)."""
     report = json.loads(path.read_text().strip().splitlines()[-1])
-    ours = report["systems"]["ours"]
+    if system not in report["systems"]:
+        sys.exit(f"{path}: no system {system!r} (it has {', '.join(report['systems'])})")
+    ours = report["systems"][system]
     faults = [f for f in ours.get("faults", []) if f.get("recovered") and f.get("phases")]
     if not faults:
-        sys.exit(f"{path}: no recovered fault with phases in systems.ours.faults")
+        sys.exit(f"{path}: no recovered fault with phases in systems.{system}.faults")
     detect = statistics.median(f["phases"]["detection"] for f in faults if f["phases"].get("detection") is not None)
     recover = statistics.median(f["recovery_s"] - (f["phases"].get("detection") or 0) for f in faults)
-    snap = report["systems"].get("ours_memory", {})
+    snap = ours if "snapshot_blocked_s_median" in ours else report["systems"].get("ours_memory", {})
     return Costs(detect_s=detect, recover_s=recover, ckpt_stall_s=ours.get("blocked_s_median", MEASURED.ckpt_stall_s),
                  ckpt_lag_s=ours.get("upload_s_median", MEASURED.ckpt_lag_s),
                  snapshot_stall_s=snap.get("snapshot_blocked_s_median"))
@@ -212,11 +214,12 @@ def plot(measured: Costs, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bench", type=Path, help="a file whose last line is bench/goodput.py's JSON")
+    p.add_argument("--system", default="ours", help="which of our systems in --bench (e.g. ours_standby)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "scale_goodput.png")
     args = p.parse_args(argv)
     if args.bench is not None and not args.bench.is_file():
         sys.exit(f"goodput_model: --bench {args.bench}: no such file (expected bench/goodput.py's output)")
-    measured = from_bench(args.bench) if args.bench else MEASURED
+    measured = from_bench(args.bench, args.system) if args.bench else MEASURED
     rows = table(measured)
     plot(measured, args.out)
     print("| GPUs | MTTF | scenario | interval | checkpoint overhead | cost per failure | ETTR | with snapshots |")

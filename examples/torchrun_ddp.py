@@ -4,6 +4,7 @@ own snapshot file to resume from. It runs unchanged under `torchrun --nproc-per-
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -19,6 +20,7 @@ p.add_argument("--save-every", type=int, default=5)
 p.add_argument("--sleep", type=float, default=0.0)
 p.add_argument("--fail-at", type=int, default=None, help="exit 3 at this step")
 p.add_argument("--hang-at", type=int, default=None, help="rank 1 sleeps forever at this step, once")
+p.add_argument("--stop-at", type=int, default=None, help="rank 1 stops itself (SIGSTOP) at this step, once")
 p.add_argument("--report", action="store_true", help="use orchestrator.worker.log")
 args = p.parse_args()
 
@@ -49,6 +51,9 @@ for step in range(start, args.steps):
     if args.hang_at == step and rank == 1 and args.snapshot and not os.path.exists(args.snapshot + ".hung"):
         open(args.snapshot + ".hung", "w").close()
         time.sleep(3600)
+    if args.stop_at == step and rank == 1 and args.snapshot and not os.path.exists(args.snapshot + ".stopped"):
+        open(args.snapshot + ".stopped", "w").close()
+        os.kill(os.getpid(), signal.SIGSTOP)  # frozen as by job control: only SIGCONT or SIGKILL ends it
     x = torch.randn(16, 8, generator=g)
     loss = ((model(x) - x.sum(dim=1, keepdim=True)) ** 2).mean()
     opt.zero_grad()

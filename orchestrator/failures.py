@@ -24,10 +24,15 @@ def describe(e: Exception, r: int | None, phase: str, nodes: list[str], *, sdc_e
         where = node(r)
         alive = where is None or where in cluster.node_ips()
         kind = FailureKind.DIED if alive else FailureKind.NODE_LOST
-        what = (f"on node {cluster.node_label(where)} died (process killed or out of memory)" if alive
-                else f"was lost with its node {where}")
+        # unavailable: Ray lost its connection but has not said the actor died (its node may be
+        # going: a node crash reads like this until the GCS declares the node dead)
+        unavailable = isinstance(e, ray.exceptions.ActorUnavailableError)
+        what = (f"was lost with its node {where}" if not alive
+                else f"on node {cluster.node_label(where)} became unreachable (its process or node is gone)"
+                if unavailable else f"on node {cluster.node_label(where)} died (process killed or out of memory)")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return Failure(kind, f"rank {r} {what} during {phase}: {first}", rank=r, node_id=where)
+        return Failure(kind, f"rank {r} {what} during {phase}: {first}", rank=r, node_id=where,
+                       data={"unconfirmed": True} if unavailable and alive else {})
     cause = e.cause if getattr(e, "cause", None) is not None else e
     if isinstance(cause, SilentCorruption):
         return _corruption(cause, node, sdc_every)

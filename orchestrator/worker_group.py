@@ -72,8 +72,9 @@ class WorkerGroup:
                 out("fault_tolerance.standby_workers: not for GPU ranks (Ray hides GPUs from a spare); "
                     "restarts start new workers")
             else:
+                config = cfg.to_dict()  # once, not per spare
                 self.standby = Standby(f"{cfg.run.name}:{run_id}", self._new_spare,
-                                       lambda w: w.execute.remote(rank.with_config, rank.warm, cfg.to_dict()))
+                                       lambda w: w.execute.remote(rank.with_config, rank.warm, config))
 
     # --- the run's actors (once per run) ----------------------------------------------------
 

@@ -44,3 +44,22 @@ def test_one_address_for_every_rank_names_the_lowest_silent_one():
 def test_ranks_on_dead_nodes():
     assert peer_loss.ranks_on(["a", "b", "c", "b"], {"b"}) == [1, 3]
     assert peer_loss.ranks_on(["a", "b"], set()) == []
+
+
+def test_an_unreachable_actor_is_a_death_ray_has_not_confirmed(monkeypatch):
+    """A crashing node's actors first read "temporarily unavailable": the restart must not count on
+    that node (the placement group is not kept); an actor Ray saw die leaves its node trusted."""
+    import ray.exceptions as rx
+
+    from orchestrator import cluster
+    from orchestrator.controller import keeps_placement
+    from orchestrator.failures import describe
+
+    monkeypatch.setattr(cluster, "node_ips", lambda: {"node-a": "10.0.0.1", "node-b": "10.0.0.2"})
+    gone = describe(rx.ActorUnavailableError("RpcError: Socket closed rpc_code: 14", None), 1, "training",
+                    ["node-a", "node-b"], sdc_every=0)
+    assert gone.kind.value == "died" and gone.data == {"unconfirmed": True} and not keeps_placement(gone)
+    assert "rank 1 on node" in gone.message and "became unreachable" in gone.message
+    died = describe(rx.ActorDiedError(), 1, "training", ["node-a", "node-b"], sdc_every=0)
+    assert died.kind.value == "died" and died.data == {} and keeps_placement(died)
+    assert "died (process killed or out of memory)" in died.message

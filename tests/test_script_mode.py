@@ -107,6 +107,25 @@ def test_a_hung_script_is_found_without_its_help_and_restarted(tmp_path, home, t
     assert "torchrun_ddp.py" in stacks["1"], stacks
 
 
+def test_a_stopped_script_is_named_by_its_process_state_while_its_worker_still_beats(tmp_path, home, tiny_data,
+                                                                                    ray_address):
+    snap = tmp_path / "snap.pt"
+    cfg = script_config(tmp_path, tiny_data, ["--steps", "12", "--snapshot", str(snap), "--stop-at", "6",
+                                              "--report"],
+                        hang={"timeout_s": 120, "heartbeat_s": 0.5, "node_checks": False})
+    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "RESTART 1/3" in proc.stdout
+    stall = next(line for line in proc.stdout.splitlines() if line.startswith("STALL"))
+    # the kernel's word, not the 120 s threshold: the worker's beats were fresh all along
+    assert "the script of rank(s) 1 made no progress (its worker still beats)" in stall, stall
+    assert "rank 1: process stopped (state T: SIGSTOP or job control)" in stall, stall
+    run_id = cli_json("runs", home=home)[-1]["id"]
+    (d,) = cli_json("diagnose", run_id, home=home)["events"]
+    assert (d["verdict"], d["culprits"]) == ("stopped", [1]) and d["evidence"]["1"]["process"]["state"] == "T"
+    assert lines_of(home, run_id, rank=0, attempt=1)[-1]["line"] == "done"
+
+
 def test_launch_script_without_a_config_file(tmp_path, home):
     bad = run_cli("launch", "--workers", "2", home=home, timeout=120)
     assert bad.returncode == 2 and "give a config file, or --script PATH" in bad.stderr

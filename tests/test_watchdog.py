@@ -256,3 +256,31 @@ def test_a_stalled_group_has_every_process_looked_at():
     report = check(dog, {0: pbeat(0, clock=clock), 1: pbeat(1, phase="data", entered=9, completed=9, clock=clock)})
     assert report["verdict"] == "missing_collective" and report["culprits"] == [1] and not report["early"]
     assert "state D in nv_wait" in report["reason"]
+
+
+def sbeat(rank, *, clock, **kw):
+    """A script rank's beat: its worker (pid 4240+rank) beats for the script (pid 5000+rank)."""
+    return {**beat(rank, clock=clock, **kw), "pid": 5000 + rank, "beat_pid": 4240 + rank}
+
+
+def test_a_stopped_script_whose_worker_still_beats_is_named_once_the_group_stalls():
+    dog, clock, probe = make_probed()
+    check(dog, {0: sbeat(0, clock=clock), 1: sbeat(1, clock=clock)})
+    clock.t = 4.0  # fresh beats, no progress: too soon to look at anyone
+    assert check(dog, {0: sbeat(0, clock=clock), 1: sbeat(1, clock=clock)}) is None and probe.asked == []
+    clock.t = 5.5  # 3 beats + 2 s without progress: every rank's script is looked at, not its worker
+    assert check(dog, {0: sbeat(0, clock=clock), 1: sbeat(1, clock=clock)}) is None
+    assert sorted((r, pid) for _, pids in probe.asked for r, pid in pids.items()) == [(0, 5000), (1, 5001)]
+    # the worker's own process stopped proves nothing about the script; the script's does
+    probe.queued = {0: [look("S", WALL + 5.5, pid=5000)],
+                    1: [look("T", WALL + 5.5, pid=4241), look("T", WALL + 6.0, pid=4241)]}
+    clock.t = 6.1
+    assert check(dog, {0: sbeat(0, clock=clock), 1: sbeat(1, clock=clock)}) is None
+    probe.queued = {1: [look("T", WALL + 6.2, pid=5001), look("T", WALL + 6.7, pid=5001)]}
+    clock.t = 6.8
+    report = check(dog, {0: sbeat(0, clock=clock), 1: sbeat(1, clock=clock)})
+    assert report is not None and report["early"] and report["verdict"] == "stopped" and report["culprits"] == [1]
+    assert "the script of rank(s) 1 made no progress (its worker still beats)" in report["reason"]
+    assert "rank 1: process stopped (state T: SIGSTOP or job control), pid 5001" in report["reason"]
+    assert "heartbeats stopped" not in report["reason"]
+    assert report["stalled_s"] < 10.0  # the fixed threshold (45 s) is not waited for

@@ -85,11 +85,19 @@ def attribute(beats: dict[int, dict], *, now: float, heartbeat_s: float, nodes: 
 def attribute_stopped(beats: dict[int, dict], stopped: dict[int, dict], *, now: float,
                       nodes: dict[int, str] | None = None) -> dict:
     """The report for ranks whose processes are proven stopped (`stopped`: rank -> its last look,
-    state 'T'): verdict "stopped", before their heartbeats count as stale."""
+    state 'T'): verdict "stopped", before their heartbeats count as stale. A script's process
+    can be stopped while its worker still beats for it: that rank's reason says so."""
     ranks = _ranks(beats, now, nodes)
-    ages = ", ".join(f"rank {r}: {ranks[r]['age_s']}s ago" for r in sorted(stopped))
-    notes = "; ".join(f"rank {r}: {process_note(s)}" for r, s in sorted(stopped.items()))
-    return _report("stopped", sorted(stopped), ranks, f"heartbeats stopped ({ages}); {notes}")
+    silent = [r for r in sorted(stopped) if stopped[r]["pid"] == beats[r].get("beat_pid", beats[r].get("pid"))]
+    scripts = [r for r in sorted(stopped) if r not in silent]
+    why = []
+    if silent:
+        ages = ", ".join(f"rank {r}: {ranks[r]['age_s']}s ago" for r in silent)
+        why.append(f"heartbeats stopped ({ages})")
+    if scripts:
+        why.append(f"the script of rank(s) {', '.join(map(str, scripts))} made no progress (its worker still beats)")
+    why += [f"rank {r}: {process_note(s)}" for r, s in sorted(stopped.items())]
+    return _report("stopped", sorted(stopped), ranks, "; ".join(why))
 
 
 def _ranks(beats: dict[int, dict], now: float, nodes: dict[int, str] | None) -> dict[int, dict]:

@@ -8,8 +8,9 @@ hang.first_step_timeout_s before a group's first step. It decides and writes the
 controller acts on it.
 
 Looks at processes (procstate.py) go to ranks whose heartbeat is late while another rank's is
-fresh, and to every rank once the group has stalled for 3 heartbeats; what they found (a stuck
-'D' thread and its kernel function, a process gone) goes into the report, whoever is named."""
+fresh, and to every rank once the group has stalled for 3 heartbeats (to a script's own process
+then: its worker beats for it, so a stopped script is found there); what they found (a stuck 'D'
+thread and its kernel function, a process gone) goes into the report, whoever is named."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ class Watchdog:
             self.seen_progress, self.advanced_at = moved, now
         stalled = now - self.advanced_at
         self._look(beats, nodes, wall, stalled)
-        frozen = self._frozen(beats) if self.evidence_factor else {}
+        frozen = self._frozen(beats, wall - stalled) if self.evidence_factor else {}
         if progressed and not frozen:
             return None
         limit = stall_threshold_s(self.timeout_s, [median_step_s] if median_step_s else [], self.step_time_factor)
@@ -132,22 +133,28 @@ class Watchdog:
         fresh = [r for r, a in age.items() if a <= late_after]
         self.late = sorted((r for r, a in age.items() if a > late_after), key=lambda r: -age[r]) if fresh else []
         self.due = min((beats[r]["time"] + late_after for r in fresh), default=None)
-        wanted = self.late
+        wanted, everyone = self.late, False
         if not wanted and stalled >= stale_after_s(self.heartbeat_s) and self.seen_progress:
-            wanted = sorted(known)
+            wanted, everyone = sorted(known), True
         now = self.clock()
         by_node: dict[str, dict[int, int]] = {}
         for r in wanted[:MAX_PROBED]:
             if now - self.asked.get(r, -1e9) >= self.heartbeat_s:  # one look a heartbeat per rank
                 node, pid = known[r]
-                by_node.setdefault(node, {})[r] = pid
+                # a stalled group: the process that computes (a script's own, whose worker may still beat)
+                by_node.setdefault(node, {})[r] = beats[r].get("pid", pid) if everyone else pid
         for node, pids in by_node.items():
             self.probe.request(node, pids)
             self.asked.update(dict.fromkeys(pids, now))
 
-    def _frozen(self, beats: dict[int, dict]) -> dict[int, dict]:
-        """rank -> its last look, for the ranks whose processes are proven stopped since their last beat."""
+    def _frozen(self, beats: dict[int, dict], stalled_since: float) -> dict[int, dict]:
+        """rank -> its last look, for the ranks whose processes are proven stopped: since their last
+        beat, or, for a script whose worker still beats for it, since the group last made progress."""
         proven = {r: stopped_for(self.looks.get(r, []), beats[r]["time"], span_s=CONFIRM_S) for r in self.late}
+        for r, b in beats.items():
+            if r not in proven and b.get("beat_pid") not in (None, b.get("pid")):
+                own = [s for s in self.looks.get(r, []) if s["pid"] == b["pid"]]
+                proven[r] = stopped_for(own, stalled_since, span_s=CONFIRM_S)
         return {r: s for r, s in proven.items() if s is not None}
 
     def _add_looks(self, report: dict, wall: float) -> None:
