@@ -90,15 +90,20 @@ def test_a_failing_script_is_restarted_then_reported_with_its_last_words(tmp_pat
     assert [a["status"] for a in cli_json("show", run_id, home=home)["attempts"]] == ["failed", "failed"]
 
 
-def test_a_hung_script_is_found_without_its_help_and_restarted(tmp_path, home, tiny_data, ray_address):
+def stall_once(tmp_path, home, tiny_data, ray_address, fault: str, timeout_s: float):
+    """A 12-step script whose rank 1 hangs or stops itself at step 6 (`fault`: --hang-at, --stop-at),
+    launched to the end; the run restarts once. Returns (its stdout, the run id)."""
     snap = tmp_path / "snap.pt"
-    cfg = script_config(tmp_path, tiny_data, ["--steps", "12", "--snapshot", str(snap), "--hang-at", "6",
-                                              "--report"],
-                        hang={"timeout_s": 5, "heartbeat_s": 0.5, "node_checks": False})
+    cfg = script_config(tmp_path, tiny_data, ["--steps", "12", "--snapshot", str(snap), fault, "6", "--report"],
+                        hang={"timeout_s": timeout_s, "heartbeat_s": 0.5, "node_checks": False})
     proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "STALL" in proc.stdout and "RESTART 1/3" in proc.stdout
-    run_id = cli_json("runs", home=home)[-1]["id"]
+    return proc.stdout, cli_json("runs", home=home)[-1]["id"]
+
+
+def test_a_hung_script_is_found_without_its_help_and_restarted(tmp_path, home, tiny_data, ray_address):
+    _, run_id = stall_once(tmp_path, home, tiny_data, ray_address, "--hang-at", timeout_s=5)
     events = cli_json("diagnose", run_id, home=home)["events"]
     assert len(events) == 1, [{k: e.get(k) for k in ("kind", "message", "step", "rank")} for e in events]
     (stall,) = events
@@ -109,18 +114,11 @@ def test_a_hung_script_is_found_without_its_help_and_restarted(tmp_path, home, t
 
 def test_a_stopped_script_is_named_by_its_process_state_while_its_worker_still_beats(tmp_path, home, tiny_data,
                                                                                     ray_address):
-    snap = tmp_path / "snap.pt"
-    cfg = script_config(tmp_path, tiny_data, ["--steps", "12", "--snapshot", str(snap), "--stop-at", "6",
-                                              "--report"],
-                        hang={"timeout_s": 120, "heartbeat_s": 0.5, "node_checks": False})
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=400)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "RESTART 1/3" in proc.stdout
-    stall = next(line for line in proc.stdout.splitlines() if line.startswith("STALL"))
+    out, run_id = stall_once(tmp_path, home, tiny_data, ray_address, "--stop-at", timeout_s=120)
+    stall = next(line for line in out.splitlines() if line.startswith("STALL"))
     # the kernel's word, not the 120 s threshold: the worker's beats were fresh all along
     assert "the script of rank(s) 1 made no progress (its worker still beats)" in stall, stall
     assert "rank 1: process stopped (state T: SIGSTOP or job control)" in stall, stall
-    run_id = cli_json("runs", home=home)[-1]["id"]
     (d,) = cli_json("diagnose", run_id, home=home)["events"]
     assert (d["verdict"], d["culprits"]) == ("stopped", [1]) and d["evidence"]["1"]["process"]["state"] == "T"
     assert lines_of(home, run_id, rank=0, attempt=1)[-1]["line"] == "done"
