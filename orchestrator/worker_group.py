@@ -410,7 +410,7 @@ class WorkerGroup:
         (a script run whose failure took only scripts down): end the scripts but keep the workers
         and the placement group, if every worker is alive and answers; returns whether it did.
         keep_placement (a rank died or raised, its node is fine): kill the workers but keep the
-        placement group for the next group, which saves removing and reserving it again (0.3-1 s);
+        placement group for the next group, which saves removing and reserving it again (up to 1 s);
         reserve() still replaces it when it no longer fits."""
         self.kept = in_place and self._end_scripts()
         if not self.kept:
