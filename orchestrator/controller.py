@@ -226,10 +226,9 @@ class Controller:
         anything else (a dead worker, a lost node, a hang, a GPU fault, a resize) replaces the
         group. The attempt, its logs, the restart count and backoff are the same either way."""
         f = self.failure
-        if not (f is not None and f.data.get("script_exit") and isinstance(self.next_state, Restarting)
-                and f.kind in (FailureKind.EXCEPTION, FailureKind.NCCL)):
-            self.group.stop(keep_placement=f is not None and isinstance(self.next_state, Restarting)
-                            and keeps_placement(f))
+        restarting = f is not None and isinstance(self.next_state, Restarting)
+        if not (restarting and f.data.get("script_exit") and f.kind in (FailureKind.EXCEPTION, FailureKind.NCCL)):
+            self.group.stop(keep_placement=restarting and keeps_placement(f))
         elif self.group.stop(in_place=True):
             self.out("restarting in place: the ranks' workers stay, their scripts start anew")
         else:

@@ -150,9 +150,8 @@ class WorkerGroup:
     def _still_fits(placement, n: int, avoid_nodes: tuple[str, ...]) -> bool:
         """A placement group kept across a restart serves the next group if it has the size
         wanted and none of its bundles is on a node to avoid or a node that is gone."""
-        alive = {x["NodeID"] for x in ray.nodes() if x.get("Alive")}
         nodes = set(placement.bundle_nodes)
-        return len(placement.bundle_nodes) == n and nodes <= alive and not nodes & set(avoid_nodes)
+        return len(placement.bundle_nodes) == n and nodes <= cluster.node_ips().keys() and not nodes & set(avoid_nodes)
 
     def _reserve_group(self, n: int, timeout_s: float, avoid_nodes: tuple[str, ...]) -> str | None:
         """After a stall with a culprit node, first try without that node (hang.avoid_culprit_node),

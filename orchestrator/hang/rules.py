@@ -40,6 +40,11 @@ def stopped_for(samples: list[dict], since: float, *, span_s: float) -> dict | N
     return run[-1] if len(run) >= 2 and run[-1]["at"] - run[0]["at"] >= span_s else None
 
 
+def beat_pid(beat: dict) -> int | None:
+    """The process whose heartbeats these are (in script mode the worker beats for its script)."""
+    return beat.get("beat_pid", beat.get("pid"))
+
+
 def process_note(s: dict) -> str | None:
     """What a look at a rank's process adds to a stall report, when it says something."""
     pid, state = s["pid"], s["state"]
@@ -88,7 +93,7 @@ def attribute_stopped(beats: dict[int, dict], stopped: dict[int, dict], *, now: 
     state 'T'): verdict "stopped", before their heartbeats count as stale. A script's process
     can be stopped while its worker still beats for it: that rank's reason says so."""
     ranks = _ranks(beats, now, nodes)
-    silent = [r for r in sorted(stopped) if stopped[r]["pid"] == beats[r].get("beat_pid", beats[r].get("pid"))]
+    silent = [r for r in sorted(stopped) if stopped[r]["pid"] == beat_pid(beats[r])]
     scripts = [r for r in sorted(stopped) if r not in silent]
     why = []
     if silent:

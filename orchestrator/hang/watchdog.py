@@ -20,6 +20,7 @@ from collections.abc import Callable
 from orchestrator.hang.rules import (
     attribute,
     attribute_stopped,
+    beat_pid,
     late_after_s,
     process_note,
     stale_after_s,
@@ -127,8 +128,8 @@ class Watchdog:
         for rank, found in self.probe.answers().items():
             self.looks[rank] = (self.looks.get(rank, []) + found)[-KEEP_LOOKS:]
         late_after = late_after_s(self.heartbeat_s)
-        known = {r: (nodes[r], _pid(b)) for r, b in beats.items()
-                 if _pid(b) is not None and 0 <= r < len(nodes) and nodes[r]}
+        known = {r: (nodes[r], beat_pid(b)) for r, b in beats.items()
+                 if beat_pid(b) is not None and 0 <= r < len(nodes) and nodes[r]}
         age = {r: wall - beats[r]["time"] for r in known}
         fresh = [r for r, a in age.items() if a <= late_after]
         self.late = sorted((r for r, a in age.items() if a > late_after), key=lambda r: -age[r]) if fresh else []
@@ -152,7 +153,7 @@ class Watchdog:
         beat, or, for a script whose worker still beats for it, since the group last made progress."""
         proven = {r: stopped_for(self.looks.get(r, []), beats[r]["time"], span_s=CONFIRM_S) for r in self.late}
         for r, b in beats.items():
-            if r not in proven and b.get("beat_pid") not in (None, b.get("pid")):
+            if r not in proven and beat_pid(b) != b.get("pid"):  # a script: its worker beats for it
                 own = [s for s in self.looks.get(r, []) if s["pid"] == b["pid"]]
                 proven[r] = stopped_for(own, stalled_since, span_s=CONFIRM_S)
         return {r: s for r, s in proven.items() if s is not None}
@@ -194,7 +195,3 @@ class Watchdog:
             return report
         return None
 
-
-def _pid(beat: dict) -> int | None:
-    """The process whose heartbeats these are (in script mode the worker beats for its script)."""
-    return beat.get("beat_pid", beat.get("pid"))
