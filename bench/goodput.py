@@ -223,8 +223,9 @@ class Injector(SideThread):
 # --- analysis: the same rules for every system --------------------------------------------------
 
 
-def analyse(log_dir: Path, faults: list[Fault], max_steps: int) -> dict:
-    """Productive time, ETTR, steps lost and per-fault recovery from the step logs."""
+def analyse(log_dir: Path, faults: list[Fault], max_steps: int, intervals: dict[str, int] | None = None) -> dict:
+    """Productive time, ETTR, steps lost, the time between steps and per-fault recovery from the
+    step logs. `intervals`: {kind: every K steps} of what runs between steps (see between_steps)."""
     procs = read_logs(log_dir)
     runs = [(t, s, b) for p in procs if p["rank"] == 0 for (s, t), b in zip(p["steps"], p["begins"], strict=True)]
     runs.sort()
@@ -248,9 +249,28 @@ def analyse(log_dir: Path, faults: list[Fault], max_steps: int) -> dict:
         "step_s_median": round(statistics.median(t - b for t, b in last.values()), 4),
         "first_step_begin": first_begin,
     }
+    out["between_steps"] = between_steps(procs, intervals or {})
     out["faults"] = [fault_recovery(procs, f, faults[i + 1].at if i + 1 < len(faults) else math.inf)
                      for i, f in enumerate(faults)]
     return out
+
+
+def between_steps(procs: list[dict], intervals: dict[str, int]) -> dict:
+    """Rank 0's gaps from one step's end to the next step's first forward in the same process (a
+    restart's gap is the recovery's, not counted here), summed by what ran in them: the first
+    kind of `intervals` whose K divides the steps done (e.g. {"checkpoint": 10, "snapshot": 2}),
+    else "plain" (data, metrics)."""
+    by_kind: dict[str, list[float]] = {}
+    for p in procs:
+        if p["rank"] != 0:
+            continue
+        for (s, end), (s2, _), b2 in zip(p["steps"], p["steps"][1:], p["begins"][1:], strict=False):
+            if s2 != s + 1 or b2 is None:
+                continue
+            kind = next((k for k, every in intervals.items() if every and (s + 1) % every == 0), "plain")
+            by_kind.setdefault(kind, []).append(b2 - end)
+    return {k: {"n": len(g), "total_s": round(sum(g), 2), "median_ms": round(1e3 * statistics.median(g), 2),
+                "max_ms": round(1e3 * max(g), 1)} for k, g in sorted(by_kind.items())}
 
 
 def fault_recovery(procs: list[dict], f: Fault, next_at: float) -> dict:
@@ -266,10 +286,14 @@ def fault_recovery(procs: list[dict], f: Fault, next_at: float) -> dict:
     if len(firsts) < WORLD:
         return {**out, "recovered": False}
     resumed = min(s for s, _, _ in firsts.values())
+    # lost = what rank 0 of the old group finished and the new one redoes: the run's total counts
+    # rank 0's executions, and rank 0 may finish a step in flight after the fault hit its peer
+    new_start = min(p["start"] for p in new)
+    rank0 = [s for p in old if p["rank"] == 0 for s, ts in p["steps"] if ts < new_start]
     out.update({
         "recovered": True,
         "resumed_at_step": resumed,
-        "steps_lost": None if last_done is None else last_done + 1 - resumed,
+        "steps_lost": None if last_done is None else max(rank0, default=last_done) + 1 - resumed,
         "recovery_s": max(t for _, t, _ in firsts.values()) - f.at,
         "new_model_built_s": min(p["start"] for p in new) - f.at,
         "first_forward_s": (firsts[0][2] - f.at) if firsts[0][2] is not None else None,
@@ -370,14 +394,16 @@ def run_ours(label: str, args, *, data_uri: str, tmp: Path, address: str, cluste
 
     home, log_dir, ckpt = (Path(tempfile.mkdtemp(prefix=f"{label}-{what}-", dir=tmp)) for what in ("home", "steps", "ckpt"))
     cfg = home / "goodput.yaml"
+    memory = label in ("ours_memory", "ours_standby")
     our_config(cfg, args, data_uri=data_uri, log_dir=log_dir, ckpt_dir=ckpt, steps=steps, name=f"goodput-{label}",
-               memory=label in ("ours_memory", "ours_standby"), standby=label == "ours_standby")
+               memory=memory, standby=label == "ours_standby")
     t0 = time.time()
     injector = Injector(log_dir, kinds=kinds, every_s=args.fault_every_s, max_steps=steps, cluster=cluster,
                         deadline=t0 + args.run_timeout, hang_bound_s=args.hang_bound_s, min_gap_s=args.min_gap_s)
     returncode, lines, stderr = drive(cfg, home, address, injector, timeout_s=args.run_timeout, overrides=args.ours_set)
+    intervals = {"checkpoint": args.ckpt_every, "snapshot": args.memory_every if memory else 0}
     out = {"system": label, "faulted": bool(kinds), "wall_s": round(time.time() - t0, 2),
-           **analyse(log_dir, injector.faults, steps)}
+           **analyse(log_dir, injector.faults, steps, intervals)}
     if returncode != 0 or injector.error:
         out["run_error"] = f"exit {returncode}: {stderr.strip()[-500:]}" if returncode else injector.error
     if "first_step_begin" in out:
@@ -426,7 +452,7 @@ def run_ray_train(label: str, args, *, data_uri: str, tmp: Path, address: str, c
     injector.stop.set()
     injector.join(timeout=30)
     out = {"system": label, "faulted": bool(kinds), "wall_s": round(time.time() - t0, 2),
-           **analyse(log_dir, injector.faults, steps)}
+           **analyse(log_dir, injector.faults, steps, {"checkpoint": args.ckpt_every})}
     if error or injector.error:
         out["run_error"] = error or injector.error
     if "first_step_begin" in out:

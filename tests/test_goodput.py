@@ -60,5 +60,9 @@ def test_kill_and_freeze_recover_bit_exact(tmp_path, tiny_data, ray_address, goo
     # the redone steps in the step log are exactly what the two faults lost
     assert faulted["steps_lost"] == sum(lost), (faulted["steps_lost"], lost)
     assert reference["steps_lost"] == 0 and reference["step_executions"] == STEPS
+    # every gap of the fault-free run is itemised: after a checkpoint's step or a plain one
+    gaps = reference["between_steps"]
+    assert gaps["checkpoint"]["n"] == STEPS // CKPT_EVERY - 1, gaps
+    assert gaps["checkpoint"]["n"] + gaps["plain"]["n"] == STEPS - 1, gaps
     assert 0 < faulted["effective_training_time"] <= 1
     assert faulted["productive_s"] > 0 and faulted["train_window_s"] > faulted["productive_s"]
