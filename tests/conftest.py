@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.grouping import group_file_fixture_users, loadgroup
 from tests.pg_server import pg_server, pg_uri, store_uri  # noqa: F401 (a session PostgreSQL; a store per backend)
 
 # Before anything imports ray: keep Ray's node address on loopback (see orchestrator/cluster.py).
@@ -59,24 +60,9 @@ ORCH = [sys.executable, "-m", "orchestrator.cli"]
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    if getattr(config.option, "dist", "no") == "loadgroup":
-        _group_file_fixture_users(items)
+    if loadgroup(config):
+        group_file_fixture_users(items)
     _skip_gpu_tests_without_gpus(items)
-
-
-def _group_file_fixture_users(items) -> None:
-    """Under pytest-xdist's --dist loadgroup (`make test`): the tests that share a module- or
-    session-scoped fixture of their own file (a launched run, the namespaced cluster) go to one
-    worker, so that fixture starts once; every other test goes to whichever worker is free. The
-    fixtures of this conftest (Ray cluster, PostgreSQL, dataset) start once per worker."""
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        defs = getattr(item, "_fixtureinfo", None)
-        for chain in (defs.name2fixturedefs.values() if defs else ()):
-            if chain[-1].scope != "function" and chain[-1].baseid.endswith(".py"):
-                item.add_marker(pytest.mark.xdist_group(item.path.name))
-                break
 
 
 def _skip_gpu_tests_without_gpus(items) -> None:

@@ -66,3 +66,30 @@ def test_kill_and_freeze_recover_bit_exact(tmp_path, tiny_data, ray_address, goo
     assert gaps["checkpoint"]["n"] + gaps["plain"]["n"] == STEPS - 1, gaps
     assert 0 < faulted["effective_training_time"] <= 1
     assert faulted["productive_s"] > 0 and faulted["train_window_s"] > faulted["productive_s"]
+
+
+def proc(rank: int, pid: int, start: float, steps: list[tuple[int, float, float]]) -> dict:
+    """A step log as bench.recovery.read_logs gives it: [(step, begin, end)] in."""
+    return {"rank": rank, "pid": pid, "start": start, "steps": [(s, end) for s, _, end in steps],
+            "begins": [b for _, b, _ in steps]}
+
+
+def test_a_step_rank_0_finishes_after_its_peer_froze_counts_as_lost(goodput):
+    # rank 1 froze at t=6 in step 21; rank 0 still finished step 21 (at 6.5); the new group resumes at 20
+    old = [proc(0, 10, 0.0, [(20, 4.0, 5.0), (21, 5.2, 6.5)]), proc(1, 11, 0.0, [(20, 4.0, 5.0)])]
+    new = [proc(0, 20, 8.0, [(20, 8.5, 9.0)]), proc(1, 21, 8.0, [(20, 8.6, 9.1)])]
+    fault = goodput.Fault(kind="stop", rank=1, pid=11, at=6.0, group_pids=[10, 11])
+    got = goodput.fault_recovery(old + new, fault, next_at=float("inf"))
+    assert got["recovered"] and got["after_step"] == 20 and got["resumed_at_step"] == 20, got
+    assert got["steps_lost"] == 2, got  # rank 0 redoes 20 and 21: as the run's total counts
+    assert got["recovery_s"] == 9.1 - 6.0
+
+
+def test_time_between_steps_is_summed_by_what_ran_in_it(goodput):
+    # gaps 0.1, 0.3, 0.8, 0.4 after steps 0-3; 4 -> 7 is a restart's (the recovery's, not counted)
+    steps = [(0, 0.5, 1.0), (1, 1.1, 2.0), (2, 2.3, 3.0), (3, 3.8, 4.0), (4, 4.4, 5.0), (7, 9.0, 9.5)]
+    gaps = goodput.between_steps([proc(0, 1, 0.0, steps), proc(1, 2, 0.0, steps)],
+                                 {"checkpoint": 4, "snapshot": 2})  # a checkpoint's step is named as such
+    assert gaps["plain"]["n"] == 2 and gaps["plain"]["total_s"] == 0.9, gaps  # after 0 and 2; rank 0's only
+    assert gaps["snapshot"] == {"n": 1, "total_s": 0.3, "median_ms": 300.0, "max_ms": 300.0}, gaps  # after 1
+    assert gaps["checkpoint"] == {"n": 1, "total_s": 0.4, "median_ms": 400.0, "max_ms": 400.0}, gaps  # after 3
