@@ -56,8 +56,9 @@ sysdeps:
 
 # Two pytest-xdist workers: one test's waits (Ray start-up, rendezvous, fault bounds) overlap
 # another's work; on 2 cores the gain is small (README). With loadgroup, the tests that share a
-# fixture of their own file stay on one worker (tests/conftest.py). Serially: `make test PYTEST_ARGS=`.
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+# fixture of their own file stay on one worker (tests/grouping.py); the 30 slowest are listed at
+# the end. Serially: `make test PYTEST_ARGS=`.
+PYTEST_ARGS ?= -n 2 --dist loadgroup --durations=30
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 	$(MAKE) test-ray-floor
