@@ -28,7 +28,8 @@ log: when the model was built, and each optimizer step's first forward and end):
 - effective training time (ETTR) = productive time / wall time from the first step's forward to
   the last step's end (the one-off start-up before the first step is reported apart);
 - per fault: recovery (fault -> every rank of the new group finished its first step), steps lost
-  (last step the old group finished + 1 - the step the new group resumed at), and for ours the
+  (last step rank 0 of the old group finished + 1 - the step the new group resumed at: what the
+  run's total, counted from rank 0's executions, counts), and for ours the
   phases from the driver's lines: detection, diagnosis, teardown, reservation, rendezvous,
   restore, first step;
 - bit-exactness: final loss and final weights of the faulted run against the fault-free one.
@@ -295,7 +296,7 @@ def fault_recovery(procs: list[dict], f: Fault, next_at: float) -> dict:
         "resumed_at_step": resumed,
         "steps_lost": None if last_done is None else max(rank0, default=last_done) + 1 - resumed,
         "recovery_s": max(t for _, t, _ in firsts.values()) - f.at,
-        "new_model_built_s": min(p["start"] for p in new) - f.at,
+        "new_model_built_s": new_start - f.at,
         "first_forward_s": (firsts[0][2] - f.at) if firsts[0][2] is not None else None,
     })
     return out

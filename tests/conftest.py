@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.grouping import group_file_fixture_users, loadgroup
+from tests.grouping import tag_groups
 from tests.pg_server import pg_server, pg_uri, store_uri  # noqa: F401 (a session PostgreSQL; a store per backend)
 
 # Before anything imports ray: keep Ray's node address on loopback (see orchestrator/cluster.py).
@@ -60,8 +60,7 @@ ORCH = [sys.executable, "-m", "orchestrator.cli"]
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    if loadgroup(config):
-        group_file_fixture_users(items)
+    tag_groups(config, items)
     _skip_gpu_tests_without_gpus(items)
 
 

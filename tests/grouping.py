@@ -1,9 +1,16 @@
 """How `make test` keeps a file's shared fixture on one pytest-xdist worker (tests/conftest.py's
-hook calls this; tests/test_suite_grouping.py checks that it takes effect)."""
+hook calls tag_groups; tests/test_suite_grouping.py checks that it takes effect)."""
 
 from __future__ import annotations
 
 import pytest
+
+
+def tag_groups(config, items) -> None:
+    """What a conftest's pytest_collection_modifyitems calls (tryfirst, before xdist reads the
+    groups): under --dist loadgroup, the shared-fixture groups below."""
+    if loadgroup(config):
+        group_file_fixture_users(items)
 
 
 def loadgroup(config) -> bool:

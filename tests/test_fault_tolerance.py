@@ -39,16 +39,18 @@ def wait_for_step(home, run_id, step, deadline):
     call takes seconds on a busy machine, and a short run can end in that time."""
     from orchestrator.store import Store
 
-    while time.monotonic() < deadline:
-        if (home / "store.db").exists():
-            store = Store(home, create=False)
-            try:
-                pts = store.series(run_id, "train/loss", rank=0)
-            finally:
-                store.close()
+    store = None
+    try:
+        while time.monotonic() < deadline:
+            if store is None and (home / "store.db").exists():
+                store = Store(home, create=False)
+            pts = store.series(run_id, "train/loss", rank=0) if store is not None else []
             if pts and pts[-1]["step"] >= step:
                 return
-        time.sleep(0.2)
+            time.sleep(0.2)
+    finally:
+        if store is not None:
+            store.close()
     raise AssertionError(f"run never reached step {step}")
 
 

@@ -16,11 +16,10 @@ def test_a_files_module_fixture_is_built_once_under_loadgroup(tmp_path):
     built = tmp_path / "built"
     (tmp_path / "conftest.py").write_text(
         "import pytest\n"
-        "from tests.grouping import group_file_fixture_users, loadgroup\n\n"
+        "from tests.grouping import tag_groups\n\n"
         "@pytest.hookimpl(tryfirst=True)\n"
         "def pytest_collection_modifyitems(config, items):\n"
-        "    if loadgroup(config):\n"
-        "        group_file_fixture_users(items)\n")
+        "    tag_groups(config, items)\n")
     body = [
         "import os, time", "import pytest", "",
         "@pytest.fixture(scope='module')",
