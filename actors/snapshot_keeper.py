@@ -1,8 +1,8 @@
 """One per node of a run: holds other ranks' in-memory snapshots (checkpointing/memory.py).
 
 A Ray object dies with the worker that owns it, so a snapshot must not stay an object of the
-rank that took it: the rank sends the bytes, and this actor, pinned to its node, keeps its own
-copy. It lives as long as the run (or its node). Per rank it keeps the two newest snapshots: a
+rank that took it: the rank sends its parts (a header's bytes and a buffer: checkpointing/flat.py),
+and this actor, pinned to its node, keeps its own copy of them. It lives as long as the run (or its node). Per rank it keeps the two newest snapshots: a
 newer one is still arriving when a failure may strike, and the older one must then still be whole.
 
 Before a rank sends, it asks for room (`reserve`): refused when the node would be left with less
@@ -14,6 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 KEEP = 2  # snapshots kept per rank
+Parts = tuple[bytes, ...]
+
+
+def size(parts) -> int:
+    return sum(memoryview(p).nbytes for p in parts)
 
 
 def node_free_bytes() -> int:
@@ -35,7 +40,7 @@ class SnapshotKeeper:
         self.node_id = node_id
         self.free_bytes = free_bytes
         self.headroom = default_headroom() if headroom_bytes is None else headroom_bytes
-        self.held: dict[int, dict[int, tuple[int, int, bytes]]] = {}  # rank -> step -> (world, attempt, data)
+        self.held: dict[int, dict[int, tuple[int, int, Parts]]] = {}  # rank -> step -> (world, attempt, parts)
         self.reserved: dict[tuple[int, int], int] = {}  # (rank, step) -> bytes promised, not yet arrived
         self.attempt = 0
 
@@ -59,7 +64,7 @@ class SnapshotKeeper:
             return f"attempt {attempt} is over (attempt {self.attempt} runs)"
         snaps = self.held.get(rank, {})
         older = sorted(s for s in snaps if s < step)[: max(0, len(snaps) - (KEEP - 1))]
-        freed = sum(len(snaps[s][2]) for s in older)
+        freed = sum(size(snaps[s][2]) for s in older)
         free = self.free_bytes() + freed - sum(self.reserved.values())
         if free - nbytes < self.headroom:
             return (f"node {self.node_id[:12]} has {free / 2**20:.1f} MB free; the replica needs "
@@ -69,26 +74,31 @@ class SnapshotKeeper:
         self.reserved[(rank, step)] = nbytes
         return None
 
-    def put(self, rank: int, step: int, world_size: int, attempt: int, data: bytes) -> str | None:
+    def put(self, rank: int, step: int, world_size: int, attempt: int, parts: list) -> str | None:
+        """Keep a snapshot's parts (bytes-like: a numpy array arrives as read-only shared memory,
+        which dies with the rank that sent it, hence the copy)."""
         if attempt < self.attempt:
             return f"attempt {attempt} is over (attempt {self.attempt} runs)"
-        if self.reserved.pop((rank, step), None) != len(data):
-            return f"no room was reserved for {len(data)} bytes of rank {rank}'s step {step}"
-        self.held.setdefault(rank, {})[step] = (world_size, attempt, bytes(data))
+        if self.reserved.pop((rank, step), None) != size(parts):
+            return f"no room was reserved for {size(parts)} bytes of rank {rank}'s step {step}"
+        self.held.setdefault(rank, {})[step] = (world_size, attempt, tuple(bytes(p) for p in parts))
         return None
 
     def inventory(self) -> list[dict]:
-        return [{"rank": r, "step": s, "world_size": w, "attempt": a, "bytes": len(d)}
+        return [{"rank": r, "step": s, "world_size": w, "attempt": a, "bytes": size(d)}
                 for r, snaps in sorted(self.held.items()) for s, (w, a, d) in sorted(snaps.items())]
 
-    def get(self, rank: int, step: int) -> bytes:
+    def get(self, rank: int, step: int) -> list:
+        """The parts as numpy views of what is kept: Ray sends an array out of band, bytes it would pickle."""
+        import numpy as np
+
         held = self.held.get(rank, {}).get(step)
         if held is None:
             raise KeyError(f"no snapshot of rank {rank} at step {step} on node {self.node_id[:12]}")
-        return held[2]
+        return [np.frombuffer(p, dtype=np.uint8) for p in held[2]]
 
     def held_bytes(self) -> int:
-        return sum(len(d) for snaps in self.held.values() for _, _, d in snaps.values())
+        return sum(size(d) for snaps in self.held.values() for _, _, d in snaps.values())
 
 
 class Keepers:

@@ -4,10 +4,11 @@ sends it to a keeper on another node (actors/snapshot_keeper.py), which outlives
 a failure the group restores from the newest step every rank has a surviving snapshot of, if it
 is newer than the newest durable checkpoint (orchestrator/snapshots.py's `choose`).
 
-The training thread only pays for the copy to host memory; a background thread encodes the copy
-(torch.save, read back with weights_only, like a checkpoint file), flushes the rank's metrics
-(so nothing before the snapshot's step is lost with the rank) and sends it. At most one snapshot
-is in flight per rank: the next take() waits for the previous one.
+The training thread only pays for the copy to host memory, into one flat buffer it reuses
+(checkpointing/flat.py: why not torch.save); a background thread encodes a small header,
+flushes the rank's metrics (so nothing before the snapshot's step is lost with the rank) and
+sends header and buffer. At most one snapshot is in flight per rank: the next take() waits for
+the previous one.
 
 A sharded state (FSDP2: DTensors) is snapshotted shard by shard: each rank copies only its own
 slice of each tensor (the DTensor's local tensor), never a gathered whole. It restores onto the
@@ -31,10 +32,10 @@ from typing import Any
 
 import torch
 
-from checkpointing import format, loader
+from checkpointing import flat, format, loader
 from checkpointing.loader import LoadedCheckpoint
 
-# What one rank's snapshots take at most: its own copy while it is sent, and the two newest the
+# What one rank's snapshots take at most: its own copy (the buffer it keeps for the next), and the two newest the
 # keeper holds (so one still arriving never leaves a rank without a complete one).
 HOLDINGS = 3
 LogFn = Callable[[int, dict[str, float]], None]
@@ -64,29 +65,16 @@ def state_bytes(*objs: Any) -> int:
     return total
 
 
-@torch.no_grad()
-def local_to_host(obj: Any) -> Any:
-    """format.to_host, but a DTensor becomes a host copy of this rank's slice (its local tensor):
-    what a sharded snapshot keeps. Nothing is gathered across ranks."""
-    dtensor = format._dtensor_type()
-    if dtensor is not None and isinstance(obj, dtensor):
-        return obj.to_local().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: local_to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(local_to_host(v) for v in obj)
-    return format.to_host(obj)
-
-
-def capture(*, step: int, rank: int, world_size: int, run_id: str, model_state: dict, optim_state: dict | None,
-            sampler_state: dict, sharded: bool = False) -> dict[str, Any]:
-    """A host copy of this rank's whole resumable state (the same as a checkpoint holds): the
-    model's and optimizer's state dicts (a function's ctx.save state as the model's), RNG, sampler.
-    `sharded`: the state dicts hold DTensors, of which this rank's slices are kept."""
-    copy = local_to_host if sharded else format.to_host
-    return {"step": step, "rank": rank, "world_size": world_size, "run_id": run_id, "sharded": sharded,
-            "model": copy(model_state), "optim": copy(optim_state),
-            "rng": format.rng_state(), "sampler": format.plain(dict(sampler_state))}
+def capture(packer: flat.Packer, *, step: int, rank: int, world_size: int, run_id: str, model_state: dict,
+            optim_state: dict | None, sampler_state: dict, sharded: bool = False) -> tuple[dict[str, Any], torch.Tensor]:
+    """This rank's whole resumable state (the same as a checkpoint holds) as (header, buffer): the
+    model's and optimizer's state dicts (a function's ctx.save state as the model's) packed into
+    the packer's buffer (of a DTensor, this rank's slice: nothing is gathered), with RNG and
+    sampler in the header. `sharded`: the state dicts hold DTensors."""
+    skeleton, table, data = packer.pack({"model": model_state, "optim": optim_state})
+    header = {"step": step, "rank": rank, "world_size": world_size, "run_id": run_id, "sharded": sharded,
+              "state": skeleton, "table": table, "rng": format.rng_state(), "sampler": format.plain(dict(sampler_state))}
+    return header, data
 
 
 @dataclass
@@ -102,9 +90,11 @@ class LoadedSnapshot(LoadedCheckpoint):
         return self.local is not None
 
 
-def as_loaded(data: bytes, *, where: str) -> LoadedCheckpoint:
-    """A snapshot's bytes as what restore_state takes (never unpickles arbitrary objects)."""
-    snap = format.decode(data)
+def as_loaded(parts: list, *, where: str) -> LoadedCheckpoint:
+    """A snapshot as a keeper holds it ([header, buffer]: flat.to_wire) as what restore_state
+    takes (never unpickles arbitrary objects)."""
+    snap, data = flat.from_wire(parts)
+    snap.update(flat.unpack(snap.pop("state"), snap.pop("table"), data))
     common = dict(step=int(snap["step"]), uri=where, manifest={},
                   meta={"step": snap["step"], "run_id": snap["run_id"], "world_size": snap["world_size"], "config": {}},
                   rank_state={"rng": snap["rng"], "sampler": snap["sampler"]})
@@ -195,6 +185,7 @@ class Snapshotter:
         self.keeper, self.report, self.flush, self.where, self.clock = keeper, report, flush, where, clock
         self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.thread: threading.Thread | None = None
+        self.packer = flat.Packer()  # its buffer outlives a snapshot: HOLDINGS counts it as the rank's own copy
         self.skipping: str | None = None  # the reason last reported, so a skip is said once, not every K steps
         self.sent: list[int] = []  # steps the keeper took
         self.blocked: list[float] = []
@@ -216,14 +207,15 @@ class Snapshotter:
         if need > self.limit:
             return self._skip(step, "limit", need, f"{HOLDINGS} x its size (its own copy and the keeper's two newest) "
                               f"is {mb(need)}, over checkpoint.memory_limit_mb={self.limit / 2**20:g}")
-        host = capture(step=step, rank=self.rank, world_size=self.world_size, run_id=self.run_id,
-                       model_state=model_state, optim_state=optim_state, sampler_state=sampler_state, sharded=sharded)
+        header, data = capture(self.packer, step=step, rank=self.rank, world_size=self.world_size, run_id=self.run_id,
+                               model_state=model_state, optim_state=optim_state, sampler_state=sampler_state,
+                               sharded=sharded)
         blocked = self.clock() - t0
         self.blocked.append(blocked)
         if log is not None:
             log(step - 1, {"ckpt/snapshot_blocked_s": blocked})
-        # handed over in a box the thread empties, so the host copy is freed once it is encoded
-        self.thread = threading.Thread(target=self._send, args=(step, [host], log), name=f"snapshot-{step}",
+        # the buffer is the packer's, reused by the next take(), which first waits for this send
+        self.thread = threading.Thread(target=self._send, args=(step, header, data, log), name=f"snapshot-{step}",
                                        daemon=True)
         self.thread.start()
 
@@ -237,20 +229,21 @@ class Snapshotter:
 
     # --- background thread -----------------------------------------------------------------
 
-    def _send(self, step: int, box: list, log: LogFn | None) -> None:
+    def _send(self, step: int, header: dict, data: torch.Tensor, log: LogFn | None) -> None:
         t0 = self.clock()
         try:
-            data = format.encode(box.pop())
-            if HOLDINGS * len(data) > self.limit:
-                return self._skip(step, "limit", HOLDINGS * len(data),
-                                  f"{HOLDINGS} x its encoded size is {mb(HOLDINGS * len(data))}, over "
+            parts = flat.to_wire(header, data)
+            size = flat.nbytes(parts)
+            if HOLDINGS * size > self.limit:
+                return self._skip(step, "limit", HOLDINGS * size,
+                                  f"{HOLDINGS} x its encoded size is {mb(HOLDINGS * size)}, over "
                                   f"checkpoint.memory_limit_mb={self.limit / 2**20:g}")
             self.flush()  # what a restore from this snapshot will not replay is stored first
-            refused = self.keeper.call("reserve", self.rank, step, len(data), self.attempt)
+            refused = self.keeper.call("reserve", self.rank, step, size, self.attempt)
             if refused is None:
-                refused = self.keeper.call("put", self.rank, step, self.world_size, self.attempt, data)
+                refused = self.keeper.call("put", self.rank, step, self.world_size, self.attempt, parts)
             if refused is not None:
-                return self._skip(step, "keeper", len(data), refused)
+                return self._skip(step, "keeper", size, refused)
         except Exception as e:  # the keeper's node is gone, a timeout: the next snapshot tries again
             first = (str(e).strip().splitlines() or [""])[0]
             return self._skip(step, "error", 0, f"{type(e).__name__}: {first}")
@@ -259,7 +252,7 @@ class Snapshotter:
             self.skipping = None
             self.warn(f"rank {self.rank}: in-memory snapshots are taken again (step {step})")
         if log is not None:
-            log(step - 1, {"ckpt/snapshot_send_s": self.clock() - t0, "ckpt/snapshot_bytes": float(len(data))})
+            log(step - 1, {"ckpt/snapshot_send_s": self.clock() - t0, "ckpt/snapshot_bytes": float(size)})
 
     def _skip(self, step: int, reason: str, nbytes: int, why: str) -> None:
         if self.skipping == reason:

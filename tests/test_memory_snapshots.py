@@ -93,10 +93,10 @@ def test_keeper_keeps_the_two_newest_and_drops_a_replayed_future():
     k = SnapshotKeeper("node-a", free_bytes=lambda: 100 * MB, headroom_bytes=0)
     for step in (4, 8, 12):
         assert k.reserve(0, step, 3, attempt=0) is None
-        assert k.put(0, step, 2, 0, b"abc") is None
-    assert [s["step"] for s in k.inventory()] == [8, 12]
-    assert k.get(0, 12) == b"abc"
-    assert k.put(0, 16, 2, 0, b"abc") is not None  # nothing sent without a reservation
+        assert k.put(0, step, 2, 0, [b"a", np.frombuffer(b"bc", dtype=np.uint8)]) is None
+    assert [s["step"] for s in k.inventory()] == [8, 12] and k.inventory()[0]["bytes"] == 3
+    assert [bytes(p) for p in k.get(0, 12)] == [b"a", b"bc"]
+    assert k.put(0, 16, 2, 0, [b"abc"]) is not None  # nothing sent without a reservation
     assert k.begin(1, keep_through=8) == 1  # the new group resumes at 8: step 12 is a future it replays
     assert [s["step"] for s in k.inventory()] == [8]
     assert "attempt 0 is over" in k.reserve(0, 12, 3, attempt=0)  # a send of the killed group, late
@@ -107,14 +107,14 @@ def test_keeper_refuses_what_its_node_has_no_room_for():
     free = [60 * MB]
     k = SnapshotKeeper("node-abcdef123456", free_bytes=lambda: free[0], headroom_bytes=50 * MB)
     assert k.reserve(0, 4, 8 * MB, attempt=0) is None  # 60 - 8 >= 50
-    k.put(0, 4, 2, 0, b"x" * (8 * MB))
+    k.put(0, 4, 2, 0, [b"x" * (8 * MB)])
     free[0] -= 8 * MB
     why = k.reserve(1, 4, 8 * MB, attempt=0)
     assert why is not None and "52.0 MB free" in why and "8.0 MB" in why and "50 MB must stay free" in why
     assert [s["rank"] for s in k.inventory()] == [0]  # nothing of rank 1 was taken
     # rank 0's next snapshot may use the room of its oldest, which it lets go (two are kept)
     k.reserve(0, 8, 1, attempt=0)
-    k.put(0, 8, 2, 0, b"y")
+    k.put(0, 8, 2, 0, [b"y"])
     free[0] = 52 * MB + 1
     assert k.reserve(0, 12, 8 * MB, attempt=0) is None  # step 4's 8 MB freed first
     assert [s["step"] for s in k.inventory()] == [8]
