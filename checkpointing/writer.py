@@ -111,8 +111,10 @@ class Checkpointer:
     def __init__(self, *, fs, root: str, client, rank: int, world_size: int, run_id: str, config: dict,
                  cfg: CheckpointConfig, node: str = "local", sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.perf_counter, rng: random.Random | None = None,
-                 poll_s: float = 0.05, warn: Callable[[str], None] | None = None):
+                 poll_s: float = 0.05, warn: Callable[[str], None] | None = None,
+                 flush: Callable[[], Any] = lambda: None):
         self.fs = fs
+        self.flush = flush  # the rank's metrics, delivered before its part of a checkpoint is reported
         self.root = root.rstrip("/")
         self.client = client
         self.rank = rank
@@ -209,6 +211,9 @@ class Checkpointer:
             report = {"error": result.error}
         del host  # free the host copy before waiting for the other ranks
         try:
+            # what a restore from this checkpoint will not replay is stored before it can commit: here,
+            # not on the training thread, where the round trip (through the node's relay) stalled the step
+            self.flush()
             self.client.call("report", result.step, self.rank, report)
             if self.rank == 0:
                 self._commit(result, metrics)

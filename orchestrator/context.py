@@ -333,7 +333,6 @@ class TrainContext:
         phase, health.phase = health.phase, "checkpoint"
         checkpointer.save(done, **self._layout(state, objects, done, sharded=holds_dtensors(state)),
                           metrics=self._logged if self._logged_step == int(step) else None, log=self._services.sender)
-        self._services.sender.flush()  # what a restore will not replay must reach the store now
         health.phase = phase
         if stop:
             self._stopped(done)

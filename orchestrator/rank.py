@@ -48,7 +48,7 @@ def services(cfg: Config, *, metrics, checkpoints=None, health_monitor=None, res
     checkpointer = None
     if checkpoints is not None:
         checkpointer = make_checkpointer(cfg.checkpoint, config=redact(cfg.to_dict()), rank=me.rank,
-                                         world_size=me.world_size, coordinator=checkpoints)
+                                         world_size=me.world_size, coordinator=checkpoints, flush=sender.flush)
     health = Health(me.rank)
     beats = Heartbeat(health_monitor, health, cfg.hang.heartbeat_s, relay=relay).start() if health_monitor else None
     health.phase = "checkpoint" if restore_step is not None else "start"

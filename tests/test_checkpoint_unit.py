@@ -223,6 +223,30 @@ def test_a_checkpoint_that_cannot_be_written_is_failed_and_training_goes_on(tmp_
     assert scan(fs, root).partial == []  # the failed step's leftovers were cleaned after step 15 committed
 
 
+def test_the_ranks_metrics_are_flushed_before_its_part_is_reported(tmp_path):
+    """The flush runs in the upload thread (not on the training thread), and a checkpoint commits
+    only after it: a restore never skips metrics that were never stored."""
+    from checkpointing.client import LocalClient
+    from checkpointing.writer import Checkpointer
+
+    order = []
+
+    class Recording(LocalClient):
+        def call(self, method, *args, **kwargs):
+            order.append(method)
+            return super().call(method, *args, **kwargs)
+
+    coord = CheckpointCoordinator("r", str(tmp_path / "ck"), 1, max_concurrent_writes=1, per_node_writes=1,
+                                  slot_lease_s=5)
+    ck = Checkpointer(fs=fsspec.filesystem("file"), root=str(tmp_path / "ck"), client=Recording(coord), rank=0,
+                      world_size=1, run_id="r", config={}, cfg=fast_cfg(), flush=lambda: order.append("flush"))
+    model = torch.nn.Linear(2, 2)
+    ck.save(5, model=model, optimizer=None, sampler_state={})
+    assert ck.wait().status == "committed"
+    assert "flush" in order and "report" in order
+    assert order.index("flush") < order.index("report") and order.count("flush") == 1
+
+
 def test_retention_keeps_the_right_steps_and_best(tmp_path):
     fs, root = fsspec.filesystem("file"), str(tmp_path / "ck")
     cfg = fast_cfg(every_steps=5, keep_last=2, keep_every=20, keep_best="eval/loss")
