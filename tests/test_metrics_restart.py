@@ -73,6 +73,14 @@ def series_of_attempt(store: Store, run_id: str, key: str, rank: int, attempt: i
     return sum(n for _, r, a, n in store.points.find(run_id, key) if (r, a) == (rank, attempt))
 
 
+def committed(store: Store, run_id: str) -> list[int]:
+    records = store.checkpoint_records()
+    try:
+        return [c["step"] for c in records.list(run_id) if c["status"] == "committed"]
+    finally:
+        records.close()
+
+
 def test_a_real_run_keeps_every_point_when_its_metrics_actor_dies_in_attempt_1(tmp_path, home, tiny_data,
                                                                               ray_address):
     import ray
@@ -92,6 +100,7 @@ def test_a_real_run_keeps_every_point_when_its_metrics_actor_dies_in_attempt_1(t
         store = Store(home, create=False)
         run_id = wait_until("the run", lambda: [r["id"] for r in store.runs()], deadline)[0]
         wait_until("step 8", lambda: series_of_attempt(store, run_id, "train/loss", 0, 0) > 8, deadline)
+        wait_until("a committed checkpoint", lambda: committed(store, run_id), deadline)  # so attempt 1 resumes
         victim = store.run(run_id)["meta"]["workers"][1]
         os.kill(victim["pid"], signal.SIGKILL)  # a worker of our test cluster: attempt 1 follows
         wait_until("attempt 1 logging", lambda: series_of_attempt(store, run_id, "train/loss", 0, 1) >= 2, deadline)
