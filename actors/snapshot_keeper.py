@@ -137,6 +137,11 @@ class Keepers:
     def _each(self, method: str, args: tuple, timeout_s: float) -> dict:
         import ray
 
+        # a keeper whose node Ray already counts as dead is not asked: the answer, an actor error, can
+        # take seconds to arrive, and a restart after a lost node waits for this inventory
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        for node in [n for n in self.by_node if n not in alive]:
+            del self.by_node[node]
         refs = {node: getattr(k, method).remote(*args) for node, k in self.by_node.items()}
         out = {}
         for node, ref in refs.items():

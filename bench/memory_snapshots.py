@@ -99,9 +99,9 @@ def stall(steps: int, every: int) -> dict:
     modes = ("ours", "durable", "sync")  # in turn, one per snapshot point, so each runs on a quiet thread
     for i in range(1, steps + 1):
         took = step()
-        if snap.thread is not None and snap.thread.is_alive():
+        if snap.sender.busy:
             overlapped.append(took)
-        elif durable.thread is not None and durable.thread.is_alive():
+        elif durable.uploader.busy:
             durable_overlapped.append(took)
         else:
             plain.append(took)
@@ -197,7 +197,7 @@ def _strategy_rank(rank: int, world: int, port: int, strategy: str, steps: int, 
         step()
     plain, overlapped = [], []
     for i in range(1, steps + 1):
-        busy = snap.thread is not None and snap.thread.is_alive()
+        busy = snap.sender.busy
         (overlapped if busy else plain).append(step())
         if snap.due(i):
             snap.take(i, model=model, optimizer=opt, sampler_state={"samples_consumed": i})

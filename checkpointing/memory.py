@@ -24,7 +24,6 @@ node has no room for. Either way training goes on, with durable checkpoints only
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from checkpointing import flat, format, loader
+from checkpointing.background import Background
 from checkpointing.loader import LoadedCheckpoint
 
 # What one rank's snapshots take at most: its own copy (the buffer it keeps for the next), and the two newest the
@@ -184,7 +184,7 @@ class Snapshotter:
         self.rank, self.world_size, self.run_id, self.attempt = rank, world_size, run_id, attempt
         self.keeper, self.report, self.flush, self.where, self.clock = keeper, report, flush, where, clock
         self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.thread: threading.Thread | None = None
+        self.sender = Background(f"snapshot-sender-{rank}")
         self.packer = flat.Packer()  # its buffer outlives a snapshot: HOLDINGS counts it as the rank's own copy
         self.skipping: str | None = None  # the reason last reported, so a skip is said once, not every K steps
         self.sent: list[int] = []  # steps the keeper took
@@ -215,17 +215,13 @@ class Snapshotter:
         if log is not None:
             log(step - 1, {"ckpt/snapshot_blocked_s": blocked})
         # the buffer is the packer's, reused by the next take(), which first waits for this send
-        self.thread = threading.Thread(target=self._send, args=(step, header, data, log), name=f"snapshot-{step}",
-                                       daemon=True)
-        self.thread.start()
+        self.sender.submit(self._send, step, header, data, log)
 
     def wait(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
+        self.sender.wait()
 
     def close(self) -> None:
-        self.wait()
+        self.sender.close()
 
     # --- background thread -----------------------------------------------------------------
 

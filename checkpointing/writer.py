@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import random
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from checkpointing import format, manifest
+from checkpointing.background import Background
 from checkpointing.config import CheckpointConfig
 from checkpointing.errors import WriteFailed
 from checkpointing.layout import MANIFEST, step_dir
@@ -127,7 +127,7 @@ class Checkpointer:
         self.poll_s = poll_s
         self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.files = FileWriter(fs, client, rank=rank, node=node, cfg=cfg, sleep=sleep, rng=rng, poll_s=poll_s)
-        self.thread: threading.Thread | None = None
+        self.uploader = Background(f"ckpt-upload-{rank}")
         self.current: SaveResult | None = None
         self.results: list[SaveResult] = []
         self.process_group = None  # for sharded saves; made on the first one, by every rank at once
@@ -154,25 +154,22 @@ class Checkpointer:
             log(step - 1, {"ckpt/blocked_s": blocked})
         self.current = SaveResult(step=step, status="running", blocked_s=blocked)
         plain_metrics = {k: float(v) for k, v in (metrics or {}).items()}
-        # handed over in a box the thread empties, so the host copy is freed as soon as it is written
-        self.thread = threading.Thread(target=self._upload, args=(self.current, [host], plain_metrics),
-                                       name=f"ckpt-upload-{step}", daemon=True)
-        self.thread.start()
+        # handed over in a box the job empties, so the host copy is freed as soon as it is written
+        self.uploader.submit(self._upload, self.current, [host], plain_metrics)
 
     def wait(self) -> SaveResult | None:
         """Wait for the checkpoint in flight (if any) and return its result."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
+        self.uploader.wait()
         return self.current
 
     def close(self, log: LogFn | None = None) -> list[SaveResult]:
         """Wait for the last checkpoint; call at the end of training."""
         self._finish_previous(log)
+        self.uploader.close()
         return self.results
 
     def _finish_previous(self, log: LogFn | None) -> None:
-        if self.thread is None:
+        if self.current is None:
             return
         result = self.wait()
         self.current = None

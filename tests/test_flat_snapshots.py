@@ -1,6 +1,6 @@
 """A snapshot's wire form (checkpointing/flat.py): tensors of every dtype and shape come back bit
 for bit in their places, the reused buffer holds only the newest pack, and a damaged header is
-refused with a clear error."""
+refused with a clear error; and the writers' background thread (checkpointing/background.py)."""
 
 from __future__ import annotations
 
@@ -76,3 +76,24 @@ def test_a_damaged_table_is_refused():
         flat.unpack(skeleton, [(buffer.numel(), table[0][1], [4])] + table[1:], buffer)
     with pytest.raises(ValueError, match=r"a snapshot is \[header, buffer\]"):
         flat.from_wire(b"not parts")
+
+
+def test_background_runs_jobs_in_order_and_survives_a_failing_one(capsys):
+    import threading
+
+    from checkpointing.background import Background
+
+    ran, gate = [], threading.Event()
+    bg = Background("test-writer")
+    bg.submit(lambda: (gate.wait(30), ran.append(1)))
+    assert bg.busy  # the first job waits for the gate
+    bg.submit(lambda: 1 / 0)  # a job that raises: its traceback is printed, the thread goes on
+    bg.submit(ran.append, 3)
+    gate.set()
+    bg.wait()
+    assert ran == [1, 3] and not bg.busy
+    thread = bg.thread
+    bg.submit(ran.append, 4)
+    bg.close()
+    assert ran == [1, 3, 4] and thread is not None and not thread.is_alive() and bg.thread is None
+    assert "ZeroDivisionError" in capsys.readouterr().err
