@@ -1,5 +1,5 @@
 """One long-lived thread that runs a writer's jobs one at a time (a checkpoint's upload, a
-snapshot's send), started with the first job.
+snapshot's send), started with the first job and ended after a minute without one.
 
 Not a new thread per job: `Thread.start()` waits until the new thread runs, and a thread that then
 goes straight into Python work (encoding, pickling, Ray calls) keeps the GIL for up to the
@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 
 class Background:
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, *, idle_exit_s: float = 60.0):
+        self.name, self.idle_exit_s = name, idle_exit_s
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.idle = threading.Event()
         self.idle.set()
@@ -28,12 +28,12 @@ class Background:
 
     def submit(self, fn: Callable[..., object], *args) -> None:
         """Run fn(*args) after the jobs before it; returns at once."""
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
-            self.thread.start()
         with self.lock:
             self.pending += 1
             self.idle.clear()
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+                self.thread.start()
         self.jobs.put((fn, args))
 
     @property
@@ -45,17 +45,26 @@ class Background:
         self.idle.wait()
 
     def close(self) -> None:
+        """Wait for the jobs, then end the thread (a later submit starts another)."""
         self.wait()
-        if self.thread is not None:
+        with self.lock:
+            thread = self.thread
+        if thread is not None:
             self.jobs.put(None)
-            self.thread.join()
-            self.thread = None
+            thread.join()
 
     def _serve(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
+            try:
+                job = self.jobs.get(timeout=self.idle_exit_s)
+            except queue.Empty:  # idle this long: the thread ends (a writer dropped without close() leaves none)
+                job = None
+            if job is None:  # close(), or idle
+                with self.lock:
+                    if self.pending == 0:
+                        self.thread = None
+                        return
+                continue  # a job came in meanwhile (or the None was a stale close's)
             fn, args = job
             try:
                 fn(*args)

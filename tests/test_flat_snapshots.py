@@ -97,3 +97,24 @@ def test_background_runs_jobs_in_order_and_survives_a_failing_one(capsys):
     bg.close()
     assert ran == [1, 3, 4] and thread is not None and not thread.is_alive() and bg.thread is None
     assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_an_idle_background_thread_ends_and_a_new_job_starts_another():
+    import time
+
+    from checkpointing.background import Background
+
+    ran = []
+    bg = Background("test-idle", idle_exit_s=0.05)
+    bg.submit(ran.append, 1)
+    bg.wait()
+    first = bg.thread
+    deadline = time.monotonic() + 30
+    while bg.thread is not None and time.monotonic() < deadline:  # ends on its own once idle
+        time.sleep(0.01)
+    assert bg.thread is None and first is not None
+    first.join(timeout=30)
+    assert not first.is_alive()
+    bg.submit(ran.append, 2)
+    bg.close()
+    assert ran == [1, 2]
