@@ -312,6 +312,9 @@ OURS_LINES = {  # the driver's lines that end a phase of a recovery
 }
 
 
+DRIVER_KEPT = re.compile(r"^(standby: |rendezvous done: |RESTART |recovered: |STALL)")
+
+
 def our_phases(lines: list[tuple[float, str]], fault: dict, next_at: float) -> dict:
     """Split one of our recoveries at the driver's lines and the step log (seconds; None where
     not seen). A hang: detection (STALL), flight recorder, teardown, node checks; a dead rank or
@@ -413,6 +416,8 @@ def run_ours(label: str, args, *, data_uri: str, tmp: Path, address: str, cluste
     for i, f in enumerate(out.get("faults", [])):
         next_at = out["faults"][i + 1]["at"] if i + 1 < len(out["faults"]) else math.inf
         f["phases"] = our_phases(lines, f, next_at)
+    # what a recovery found: warm spares or not (kept in the JSON, as the step log does not say it)
+    out["driver_lines"] = [[round(t - t0, 2), line] for t, line in lines if DRIVER_KEPT.search(line)]
     store = Store(home)
     try:
         runs = store.runs()
