@@ -177,6 +177,16 @@ def test_two_deaths_restart_from_the_latest_checkpoint_and_complete(tmp_path):
     assert sum("RESTART" in line for line in lines) == 2
 
 
+def test_a_restart_that_found_no_warm_spare_says_so(tmp_path):
+    c, group, store, lines = setup(tmp_path, [["ckpt", "step", died()], ["step", "done"]],
+                                   cfg={"fault_tolerance": {"standby_workers": True}})
+    c.run()
+    rendezvous = [line for line in lines if line.startswith("rendezvous done")]
+    assert len(rendezvous) == 2
+    assert "no warm standby worker" not in rendezvous[0]  # a first start is cold anyway: not worth a word
+    assert "no warm standby worker was ready" in rendezvous[1] and "resuming at step 1" in rendezvous[1]
+
+
 def test_the_restart_budget_ends_the_run_with_a_clear_message(tmp_path):
     c, group, store, _ = setup(tmp_path, [[died()], [died()]], cfg={"fault_tolerance": {"max_restarts": 1}})
     with pytest.raises(RunFailed, match=r"rank 1 died .* \(after 1 restart; fault_tolerance.max_restarts=1\)"):
