@@ -2,8 +2,9 @@
 
 A Ray object dies with the worker that owns it, so a snapshot must not stay an object of the
 rank that took it: the rank sends its parts (a header's bytes and a buffer: checkpointing/flat.py),
-and this actor, pinned to its node, keeps its own copy of them. It lives as long as the run (or its node). Per rank it keeps the two newest snapshots: a
-newer one is still arriving when a failure may strike, and the older one must then still be whole.
+and this actor, pinned to its node, keeps its own copy of them. It lives as long as the run (or
+its node). Per rank it keeps the two newest snapshots: a newer one is still arriving when a
+failure may strike, and the older one must then still be whole.
 
 Before a rank sends, it asks for room (`reserve`): refused when the node would be left with less
 free memory than `headroom_bytes`, so a replica never gets this node OOM-killed.
@@ -137,11 +138,6 @@ class Keepers:
     def _each(self, method: str, args: tuple, timeout_s: float) -> dict:
         import ray
 
-        # a keeper whose node Ray already counts as dead is not asked: the answer, an actor error, can
-        # take seconds to arrive, and a restart after a lost node waits for this inventory
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        for node in [n for n in self.by_node if n not in alive]:
-            del self.by_node[node]
         refs = {node: getattr(k, method).remote(*args) for node, k in self.by_node.items()}
         out = {}
         for node, ref in refs.items():

@@ -68,7 +68,7 @@ class Background:
             fn, args = job
             try:
                 fn(*args)
-            except Exception:  # a job says what went wrong itself; this one did not: its traceback, and on
+            except Exception:  # jobs report their own errors; one that did not still must not end the thread
                 traceback.print_exc()
             finally:
                 with self.lock:

@@ -109,10 +109,6 @@ def from_wire(parts: list) -> tuple[dict, torch.Tensor]:
     return header, torch.from_numpy(np.frombuffer(parts[1], dtype=np.uint8).copy())
 
 
-def nbytes(parts: list) -> int:
-    return sum(memoryview(p).nbytes for p in parts)
-
-
 def _strip(obj: Any, tensors: list[torch.Tensor], dtensor: type | None = None) -> Any:
     if isinstance(obj, torch.Tensor):
         if dtensor is not None and isinstance(obj, dtensor):

@@ -35,8 +35,8 @@ from checkpointing import flat, format, loader
 from checkpointing.background import Background
 from checkpointing.loader import LoadedCheckpoint
 
-# What one rank's snapshots take at most: its own copy (the buffer it keeps for the next), and the two newest the
-# keeper holds (so one still arriving never leaves a rank without a complete one).
+# What one rank's snapshots take at most: its own copy (the buffer it keeps for the next), and the
+# two newest the keeper holds (so one still arriving never leaves a rank without a complete one).
 HOLDINGS = 3
 LogFn = Callable[[int, dict[str, float]], None]
 ReportFn = Callable[[str, str, str, int, dict], None]  # (kind, severity, message, step, data)
@@ -229,7 +229,7 @@ class Snapshotter:
         t0 = self.clock()
         try:
             parts = flat.to_wire(header, data)
-            size = flat.nbytes(parts)
+            size = len(parts[0]) + data.nbytes  # the header's bytes and the buffer
             if HOLDINGS * size > self.limit:
                 return self._skip(step, "limit", HOLDINGS * size,
                                   f"{HOLDINGS} x its encoded size is {mb(HOLDINGS * size)}, over "
