@@ -211,11 +211,14 @@ class Controller:
         self.store.update_meta(self.run_id, workers=info["workers"])
         resumed = f", resuming at step {step0}" if step0 is not None else ""
         resumed += " from in-memory snapshots" if snapshot is not None else ""
-        if info.get("standby_used"):
+        if info.get("standby_boosted"):  # spares taken before their warm-up ended, at a rank's priority now
+            resumed += (f"; {info['standby_used']} of them standby workers, {info['standby_boosted']} still "
+                        "warming up (finishing at full priority)")
+        elif info.get("standby_used"):
             resumed += f"; {info['standby_used']} of them warm standby workers"
         elif a.recovering and self.cfg.fault_tolerance.standby_workers and not info.get("in_place"):
-            # the spares start after a group's first step; a fault before they warmed up meets cold workers
-            resumed += "; no warm standby worker was ready (the spares were still warming up): started cold"
+            # spares start after a group's first step: a fault before that meets none
+            resumed += "; no standby worker was there yet (they start once a group trains): started cold"
         self.out(f"rendezvous done: {info['world']} ranks on {info['nodes']} node(s), backend {info['backend']}, "
                  f"master {info['master']} ({info['seconds']:.1f}s){resumed}")
         # the durable step stays the ranks' fallback, should a snapshot be unreadable after all

@@ -8,7 +8,11 @@ each other node with room for a worker as many as the busiest node has ranks (a 
 node's ranks land on one of them), at most as many in all as the group has ranks.
 
 A spare asks Ray for no CPU: it runs only once it replaces a rank, on the CPU that rank's
-placement-group bundle holds and no process of its own uses. Spares are for CPU ranks: Ray hides
+placement-group bundle holds and no process of its own uses. It warms up at the niceness Ray gives
+workers, so the training ranks go first; on a busy node that can take longer than the time to the
+next failure. A restart that finds no warm spare on a node takes one still warming up and boosts it
+to a rank's priority: it finishes its imports at full speed, which beats a new process that starts
+them all over. Spares are for CPU ranks: Ray hides
 every GPU from an actor that asked for none (CUDA_VISIBLE_DEVICES=""), so a GPU rank still gets a
 new worker in its bundle."""
 
@@ -24,13 +28,16 @@ PING_S = 10.0  # a spare that does not answer this fast at a restart is dropped,
 
 
 class Standby:
-    def __init__(self, prefix: str, make: Callable[[str, str], object], warm: Callable[[object], object]):
+    def __init__(self, prefix: str, make: Callable[[str, str], object], warm: Callable[[object], object],
+                 boost: Callable[[object], object] | None = None):
         """make(name, node_id): a new worker actor on that node asking for no resources;
-        warm(worker): the ref of its warm-up call."""
-        self.prefix, self.make, self.warm = prefix, make, warm
+        warm(worker): the ref of its warm-up call; boost(worker): the ref of a call, beside the
+        warm-up, that gives the worker a rank's priority (none: a warming spare is never taken)."""
+        self.prefix, self.make, self.warm, self.boost = prefix, make, warm, boost
         self.spares: dict[str, list[tuple[object, object]]] = {}  # node -> (worker, its warm-up's ref)
         self.made = 0
         self.used = 0
+        self.boosted = 0  # of the last take's spares, those taken still warming up
         self.warming: tuple[float, list] | None = None  # the last fill: when, and its warm-ups' refs
 
     def wanted(self, group_nodes: list[str], bundle: dict[str, float]) -> dict[str, int]:
@@ -79,14 +86,24 @@ class Standby:
         return len(refs), time.monotonic() - t0
 
     def take(self, nodes: list[str]) -> list[object | None]:
-        """A warm spare for each of `nodes` (a node may repeat), or None where there is none: its
-        warm-up not done yet, failed, or the spare does not answer (dropped)."""
+        """A spare for each of `nodes` (a node may repeat), or None where there is none: a warm one
+        first, else one still warming up (boosted, see the module's doc); one that does not answer
+        is dropped."""
         chosen: list[object | None] = []
-        for node in nodes:
+        pings, boosted = {}, set()
+        for i, node in enumerate(nodes):
             pool = self.spares.get(node, [])
-            ready = [i for i, (_, ref) in enumerate(pool) if ray.wait([ref], timeout=0)[0]]
-            chosen.append(pool.pop(ready[0])[0] if ready else None)
-        pings = {i: w.node_info.remote() for i, w in enumerate(chosen) if w is not None}
+            done = [j for j, (_, ref) in enumerate(pool) if ray.wait([ref], timeout=0)[0]]
+            if done:
+                w, _ = pool.pop(done[0])
+                pings[i] = w.node_info.remote()  # its warm-up's error, if any, shows at the rendezvous
+            elif pool and self.boost is not None:
+                w, _ = pool.pop(0)
+                pings[i] = self.boost(w)  # answered beside the warm-up, which it speeds up
+                boosted.add(i)
+            else:
+                w = None
+            chosen.append(w)
         if pings:
             done, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=PING_S)
             for i, ref in pings.items():
@@ -97,7 +114,9 @@ class Standby:
                 except Exception:  # a dead or stuck spare: a new worker instead
                     self._kill([(chosen[i], None)])
                     chosen[i] = None
-        self.used += sum(w is not None for w in chosen)
+        taken = {i for i, w in enumerate(chosen) if w is not None}
+        self.boosted = len(taken & boosted)
+        self.used += len(taken)
         return chosen
 
     def count(self) -> int:

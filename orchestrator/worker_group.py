@@ -21,7 +21,7 @@ from actors.train_worker import TrainWorker
 from checkpointing.layout import scan
 from checkpointing.storage import open_fs
 from common.errors import ResourceError, UserCodeError, UserError
-from orchestrator import cluster, entrypoints, peer_loss, rank, rendezvous, script, stopping, visibility
+from orchestrator import cluster, entrypoints, peer_loss, priority, rank, rendezvous, script, stopping, visibility
 from orchestrator.anomaly import AnomalyDetector
 from orchestrator.config import Config
 from orchestrator.failures import describe
@@ -73,8 +73,10 @@ class WorkerGroup:
                     "restarts start new workers")
             else:
                 config = cfg.to_dict()  # once, not per spare
-                self.standby = Standby(f"{cfg.run.name}:{run_id}", self._new_spare,
-                                       lambda w: w.execute.remote(rank.with_config, rank.warm, config))
+                self.standby = Standby(
+                    f"{cfg.run.name}:{run_id}", self._new_spare,
+                    warm=lambda w: w.execute.remote(rank.with_config, rank.warm, config),
+                    boost=lambda w: w.execute.options(concurrency_group=CONTROL).remote(priority.normal_priority))
 
     # --- the run's actors (once per run) ----------------------------------------------------
 
@@ -205,8 +207,9 @@ class WorkerGroup:
                 for b, spare in zip(by_rank, spares, strict=True)
             ]
             warm = sum(w is not None for w in spares)
+            boosted = self.standby.boosted if self.standby else 0
         else:
-            warm = 0
+            warm = boosted = 0
         self.nodes = [ranks[b]["node_id"] for b in by_rank]
         config, is_script = cfg.to_dict(), cfg.entrypoint.kind == "script"  # a script joins the group itself
         # first: the warm script processes' imports overlap the rest of the start
@@ -242,7 +245,7 @@ class WorkerGroup:
         return {"workers": [{"rank": r, **info} for r, info in enumerate(infos)], "world": world,
                 "nodes": len({i["node_id"] for i in infos}), "backend": backends[0],
                 "master": f"{master_addr}:{master_port}", "seconds": time.time() - t0, "in_place": in_place,
-                "standby_used": warm}
+                "standby_used": warm, "standby_boosted": boosted}
 
     def _new_spare(self, name: str, node: str):
         """A standby worker: on `node`, asking for no resources (orchestrator/standby.py)."""

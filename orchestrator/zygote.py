@@ -230,7 +230,7 @@ def serve(fd: int, nice: int):
     """The zygote's loop. Returns only in a forked child: the job it is to run.
 
     nice: the niceness of the worker's parent (the raylet). Ray starts workers at 15; a rank
-    goes back to its raylet's (training.normal_priority), and so do its scripts, when allowed."""
+    goes back to its raylet's (priority.normal_priority), and so do its scripts, when allowed."""
     sock = socket.socket(fileno=fd)
     try:
         if os.getpriority(os.PRIO_PROCESS, 0) > nice:

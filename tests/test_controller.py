@@ -40,6 +40,7 @@ class FakeGroup:
         self.kept_placement = []  # per stop: whether the placement group was to stay
         self.nodes: list[str] = []
         self.world = 0
+        self.spares: list[dict] = []  # per start: the standby counts it reports, if any
 
     # what the controller calls
     def reserve(self, sizes, avoid_nodes):
@@ -67,7 +68,7 @@ class FakeGroup:
         if self.script and self.script[0] == "fail-start":
             raise GroupError(Failure(FailureKind.DIED, "rank 0 died during start", rank=0, node_id="node-0"))
         return {"workers": [], "world": self.world, "nodes": self.world, "backend": "gloo", "master": "x:1",
-                "seconds": 0.1}
+                "seconds": 0.1, **(self.spares.pop(0) if self.spares else {})}
 
     def train(self, step0, source_uri, skipped):
         self.step0, self.skipped = step0, skipped
@@ -183,8 +184,19 @@ def test_a_restart_that_found_no_warm_spare_says_so(tmp_path):
     c.run()
     rendezvous = [line for line in lines if line.startswith("rendezvous done")]
     assert len(rendezvous) == 2
-    assert "no warm standby worker" not in rendezvous[0]  # a first start is cold anyway: not worth a word
-    assert "no warm standby worker was ready" in rendezvous[1] and "resuming at step 1" in rendezvous[1]
+    assert "no standby worker" not in rendezvous[0]  # a first start is cold anyway: not worth a word
+    assert "no standby worker was there yet" in rendezvous[1] and "resuming at step 1" in rendezvous[1]
+
+
+def test_a_restart_says_how_many_spares_it_took_and_how_many_were_still_warming(tmp_path):
+    c, group, store, lines = setup(tmp_path, [["ckpt", "step", died()], ["step", died()], ["step", "done"]],
+                                   cfg={"fault_tolerance": {"standby_workers": True}})
+    group.spares = [{}, {"standby_used": 2, "standby_boosted": 1}, {"standby_used": 2, "standby_boosted": 0}]
+    c.run()
+    rendezvous = [line for line in lines if line.startswith("rendezvous done")]
+    assert len(rendezvous) == 3
+    assert rendezvous[1].endswith("; 2 of them standby workers, 1 still warming up (finishing at full priority)")
+    assert rendezvous[2].endswith("; 2 of them warm standby workers")
 
 
 def test_the_restart_budget_ends_the_run_with_a_clear_message(tmp_path):

@@ -3,12 +3,13 @@ end-to-end path (SIGKILLed ranks replaced by spares, bit for bit) is in test_fau
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 import ray
 
-from orchestrator import standby
+from orchestrator import priority, standby
 from orchestrator.standby import Standby
 
 
@@ -27,7 +28,7 @@ def test_spares_wait_beside_each_rank_and_on_nodes_with_room(monkeypatch):
     assert pool.wanted([], {"CPU": 1}) == {}
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, concurrency_groups={"control": 1})  # as the real worker's
 class FakeWorker:
     def node_info(self) -> dict:
         return {"node_id": ray.get_runtime_context().get_node_id()}
@@ -77,3 +78,34 @@ def test_a_restart_takes_warm_answering_spares_only(ray_address):
     assert pool.used == 1 and pool.count() == 1  # the warming one stays for later
     pool.kill()
     assert pool.count() == 0
+
+
+def thread_niceness() -> list[int]:
+    return sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")})
+
+
+@pytest.mark.ray
+def test_with_no_warm_spare_a_restart_takes_a_warming_one_at_a_ranks_priority(ray_address):
+    here = ray.get_runtime_context().get_node_id()
+    started = []
+
+    def make(name, node_id):
+        started.append(FakeWorker.remote())
+        return started[-1]
+
+    def boost(w):
+        return w.execute.options(concurrency_group="control").remote(priority.normal_priority)
+
+    pool = Standby("run", make, warm=lambda w: w.execute.remote(time.sleep, 60), boost=boost)
+    assert pool.fill({here: 1}) == 1
+    before = ray.get(started[0].execute.options(concurrency_group="control").remote(thread_niceness), timeout=120)
+    taken = pool.take([here, here])  # its warm-up has 60 s to go: taken anyway, one node's only spare
+    assert taken[0] is started[0] and taken[1] is None
+    assert pool.boosted == 1 and pool.used == 1 and pool.count() == 0
+    after = ray.get(taken[0].execute.options(concurrency_group="control").remote(thread_niceness), timeout=120)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert before and max(before) > mine  # Ray started it niced (worker_niceness)
+    if os.geteuid() == 0:  # lowering niceness needs privileges: every thread, the warming one too
+        assert after == [mine]
+    pool.kill()
+    ray.kill(taken[0])

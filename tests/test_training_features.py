@@ -236,7 +236,7 @@ def test_a_rank_started_niced_as_ray_does_runs_at_its_parents_priority():
 
     code = ("import os, threading, time\n"
             "t = threading.Thread(target=time.sleep, args=(5,), daemon=True); t.start()\n"  # a thread started before
-            "from orchestrator.training import normal_priority\n"
+            "from orchestrator.priority import normal_priority\n"
             "normal_priority()\n"
             "print(sorted({os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir('/proc/self/task')}))\n")
     out = subprocess.run([sys.executable, "-c", code], preexec_fn=lambda: os.nice(15), capture_output=True, text=True,
