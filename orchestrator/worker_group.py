@@ -21,7 +21,17 @@ from actors.train_worker import TrainWorker
 from checkpointing.layout import scan
 from checkpointing.storage import open_fs
 from common.errors import ResourceError, UserCodeError, UserError
-from orchestrator import cluster, entrypoints, peer_loss, priority, rank, rendezvous, script, stopping, visibility
+from orchestrator import (
+    cluster,
+    entrypoints,
+    peer_loss,
+    priority,
+    rank,
+    rendezvous,
+    script,
+    stopping,
+    visibility,
+)
 from orchestrator.anomaly import AnomalyDetector
 from orchestrator.config import Config
 from orchestrator.failures import describe
