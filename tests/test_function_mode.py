@@ -19,28 +19,24 @@ def function_config(tmp_path, tiny_data, steps=40, **kwargs):
                        entrypoint={"function": FN, "kwargs": kwargs})
 
 
-def test_a_function_trains_logs_and_checkpoints_through_ctx(tmp_path, home, tiny_data, ray_address):
-    cfg = function_config(tmp_path, tiny_data, steps=30, lr=0.02)
-    proc = run_cli("launch", str(cfg), "--address", ray_address, home=home, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    run_id = cli_json("runs", home=home)[-1]["id"]
-    for rank in (0, 1):
-        pts = losses(home, run_id, rank=rank)
-        assert [s for s, _ in pts] == list(range(30))
-        first, last = [v for _, v in pts[:5]], [v for _, v in pts[-10:]]
-        assert sum(last) / len(last) < sum(first) / len(first)  # it learns
-    firsts = [cli_json("metrics", run_id, "--key", "data/first_x", "--rank", str(r), home=home)["points"][0]["value"]
-              for r in (0, 1)]
-    assert firsts[0] != firsts[1]  # each rank gets its own slice of the global batch
-    steps = [c["step"] for c in cli_json("checkpoints", run_id, home=home)["checkpoints"] if c["status"] == "committed"]
-    assert steps and steps[-1] == 30 and all(s % 5 == 0 for s in steps)
-
-
-def test_a_function_sigkilled_twice_ends_bit_identical(tmp_path, home, tiny_data, ray_address):
+def test_a_function_trains_logs_checkpoints_and_sigkilled_twice_ends_bit_identical(tmp_path, home, tiny_data,
+                                                                                     ray_address):
     steps = 40
-    cfg = function_config(tmp_path, tiny_data, steps=steps, pause_s=0.1)
+    cfg = function_config(tmp_path, tiny_data, steps=steps, lr=0.02, pause_s=0.1)
     run_cli("launch", str(cfg), "--address", ray_address, home=home, check=True, timeout=600)
     reference = cli_json("runs", home=home)[-1]["id"]
+    # the uninterrupted run: it trains, logs and checkpoints through ctx
+    for rank in (0, 1):
+        pts = losses(home, reference, rank=rank)
+        assert [s for s, _ in pts] == list(range(steps))
+        first, last = [v for _, v in pts[:5]], [v for _, v in pts[-10:]]
+        assert sum(last) / len(last) < sum(first) / len(first)  # it learns
+    firsts = [cli_json("metrics", reference, "--key", "data/first_x", "--rank", str(r), home=home)["points"][0]["value"]
+              for r in (0, 1)]
+    assert firsts[0] != firsts[1]  # each rank gets its own slice of the global batch
+    saved = [c["step"] for c in cli_json("checkpoints", reference, home=home)["checkpoints"] if c["status"] == "committed"]
+    assert saved and saved[-1] == steps and all(s % 5 == 0 for s in saved)
+
     chaos, code, out, err = launch_killed_twice(cfg, home=home, address=ray_address, steps=steps, margin=7, seed=11)
     assert code == 0, out + err
     assert out.count("RESTART") == 2
