@@ -216,10 +216,10 @@ class WorkerGroup:
                 ).remote()
                 for b, spare in zip(by_rank, spares, strict=True)
             ]
-            warm = sum(w is not None for w in spares)
+            used = sum(w is not None for w in spares)
             boosted = self.standby.boosted if self.standby else 0
         else:
-            warm = boosted = 0
+            used = boosted = 0
         self.nodes = [ranks[b]["node_id"] for b in by_rank]
         config, is_script = cfg.to_dict(), cfg.entrypoint.kind == "script"  # a script joins the group itself
         # first: the warm script processes' imports overlap the rest of the start
@@ -255,7 +255,7 @@ class WorkerGroup:
         return {"workers": [{"rank": r, **info} for r, info in enumerate(infos)], "world": world,
                 "nodes": len({i["node_id"] for i in infos}), "backend": backends[0],
                 "master": f"{master_addr}:{master_port}", "seconds": time.time() - t0, "in_place": in_place,
-                "standby_used": warm, "standby_boosted": boosted}
+                "standby_used": used, "standby_boosted": boosted}
 
     def _new_spare(self, name: str, node: str):
         """A standby worker: on `node`, asking for no resources (orchestrator/standby.py)."""
