@@ -308,7 +308,7 @@ OURS_LINES = {  # the driver's lines that end a phase of a recovery
     "node_checks_begin": re.compile(r"^checking node "),
     "node_checks_end": re.compile(r"^\s+node checks: "),
     "restart": re.compile(r"^RESTART \d+/\d+: .* in ([\d.]+)s$"),
-    "rendezvous": re.compile(r"^rendezvous done: .*\(([\d.]+)s\), resuming at step (\d+)"),
+    "rendezvous": re.compile(r"^rendezvous done: .*\(([\d.]+)s[:)].*, resuming at step (\d+)"),
 }
 
 

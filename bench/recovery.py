@@ -374,7 +374,7 @@ def ray_train_phases(run_name: str, kill_time: float) -> dict:
 
 OURS_LINES = {
     "restart": re.compile(r"^RESTART \d+/\d+: .* in ([\d.]+)s$"),
-    "rendezvous": re.compile(r"^rendezvous done: .*\(([\d.]+)s\), resuming at step (\d+)"),
+    "rendezvous": re.compile(r"^rendezvous done: .*\(([\d.]+)s[:)].*, resuming at step (\d+)"),
     "recovered": re.compile(r"^recovered: step (\d+) done ([\d.]+)s after the failure"),
 }
 

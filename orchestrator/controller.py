@@ -219,8 +219,9 @@ class Controller:
         elif a.recovering and self.cfg.fault_tolerance.standby_workers and not info.get("in_place"):
             # spares start after a group's first step: a fault before that meets none
             resumed += "; no standby worker was there yet (they start once a group trains): started cold"
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in info.get("stages", {}).items())
         self.out(f"rendezvous done: {info['world']} ranks on {info['nodes']} node(s), backend {info['backend']}, "
-                 f"master {info['master']} ({info['seconds']:.1f}s){resumed}")
+                 f"master {info['master']} ({info['seconds']:.1f}s{': ' + stages if stages else ''}){resumed}")
         # the durable step stays the ranks' fallback, should a snapshot be unreadable after all
         self.group.train(durable, source_uri, a.skipped, **({"snapshot": snapshot} if snapshot else {}))
         self.watchdog.reset()

@@ -229,8 +229,10 @@ class WorkerGroup:
         self.ips = [i["ip"] for i in infos]
         master_addr = infos[0]["ip"]
         master_port = self._gather([h.workers[0].execute.remote(rendezvous.free_port)], "start")[0]
+        stages = {"workers": time.time() - t0}  # where a slow start went, in the controller's line
         if not in_place:  # the same workers saw the storage a moment ago
             self._check_storage(infos)
+            stages["storage check"] = time.time() - t0 - sum(stages.values())
         joins = [
             w.execute.remote(rank.with_config, rendezvous.join, config, rank=ranks[b]["rank"],
                              local_rank=ranks[b]["local_rank"], world_size=world,
@@ -243,6 +245,7 @@ class WorkerGroup:
         hosted = [h.workers[0].execute.remote(rendezvous.host_store, master_addr, master_port,
                                               cfg.distributed.timeout_s)] if is_script else []
         backends = self._gather(joins, "rendezvous")
+        stages["process group"] = time.time() - t0 - sum(stages.values())
         if hosted and (why := self._gather(hosted, "rendezvous")[0]):
             self.out(f"rendezvous: cannot host the scripts' store in rank 0's worker ({why}); "
                      "rank 0's script hosts it")
@@ -255,7 +258,7 @@ class WorkerGroup:
         return {"workers": [{"rank": r, **info} for r, info in enumerate(infos)], "world": world,
                 "nodes": len({i["node_id"] for i in infos}), "backend": backends[0],
                 "master": f"{master_addr}:{master_port}", "seconds": time.time() - t0, "in_place": in_place,
-                "standby_used": used, "standby_boosted": boosted}
+                "standby_used": used, "standby_boosted": boosted, "stages": stages}
 
     def _new_spare(self, name: str, node: str):
         """A standby worker: on `node`, asking for no resources (orchestrator/standby.py)."""

@@ -191,10 +191,12 @@ def test_a_restart_that_found_no_warm_spare_says_so(tmp_path):
 def test_a_restart_says_how_many_spares_it_took_and_how_many_were_still_warming(tmp_path):
     c, group, store, lines = setup(tmp_path, [["ckpt", "step", died()], ["step", died()], ["step", "done"]],
                                    cfg={"fault_tolerance": {"standby_workers": True}})
-    group.spares = [{}, {"standby_used": 2, "standby_boosted": 1}, {"standby_used": 2, "standby_boosted": 0}]
+    group.spares = [{}, {"standby_used": 2, "standby_boosted": 1}, {"standby_used": 2, "standby_boosted": 0,
+                    "stages": {"workers": 0.44, "storage check": 0.06, "process group": 1.25}}]
     c.run()
     rendezvous = [line for line in lines if line.startswith("rendezvous done")]
     assert len(rendezvous) == 3
+    assert "s: workers 0.4, storage check 0.1, process group 1.2), resuming at step" in rendezvous[2]  # where it went
     assert rendezvous[1].endswith("; 2 of them standby workers, 1 still warming up (finishing at full priority)")
     assert rendezvous[2].endswith("; 2 of them warm standby workers")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -183,6 +184,8 @@ def test_sigkilled_workers_recover_bit_exact_on_standby_workers(tmp_path, home, 
     assert out.count("RESTART") == 2 and "recovered" in out, out
     restarts = [line for line in out.splitlines() if line.startswith("rendezvous done") and "resuming" in line]
     assert len(restarts) == 2, out
+    assert all(re.search(r"\(\d+\.\ds: workers [\d.]+, storage check [\d.]+, process group [\d.]+\)", r)
+               for r in restarts), out  # where each restart's start went
     assert restarts[0].endswith("; 2 of them warm standby workers"), out  # both ranks
     # taken warm, or (as a rule) still warming up and finished at a rank's priority: bit-exact either way
     assert restarts[1].endswith(("; 2 of them warm standby workers", "still warming up (finishing at full priority)"))
