@@ -341,8 +341,8 @@ def our_phases(lines: list[tuple[float, str]], fault: dict, next_at: float) -> d
         phases["detection"] = at["stall"]
         fr = at.get("flight_recorder", at["stall"])
         phases["flight_recorder"] = fr - at["stall"]
-        # the node checks run beside the restart once the hung group is gone (controller
-        # _follow_up_stall): a phase of their own only where they ended before the restart
+        # the node checks start once the restarted group recovered (controller _start_checks):
+        # a phase of their own only where they ended before the restart (an older build's order)
         begin, end = at.get("node_checks_begin"), at.get("node_checks_end")
         serial = begin is not None and end is not None and end <= at["restart"]
         phases["node_checks"] = end - begin if serial else None

@@ -115,6 +115,7 @@ class FakeGroup:
 
     def check_suspects(self, report):
         self.checked.append(list(report["culprit_nodes"]))
+        self.checked_at = (self.attempt, self.step)
         return {"problems": []}
 
     def free_resources(self):
@@ -223,6 +224,7 @@ def test_a_frozen_rank_is_named_checked_and_avoided_on_restart(tmp_path):
     assert stall[0]["data"]["node_checks"] == {"problems": []}
     assert stall[0]["data"]["placement"] == "restarted without node node-1"
     assert group.checked == [["node-1"]]
+    assert group.checked_at[0] == 1 and group.checked_at[1] >= 0  # once the next group did a step, not beside its restore
     assert group.reserved[1] == (2, ("node-1",))
     assert store.attempts("r1")[0]["cause"] == "hang"
     assert group.kept_placement == [False]  # a hung group's placement goes (its frozen worker may never die)
