@@ -93,3 +93,14 @@ def test_time_between_steps_is_summed_by_what_ran_in_it(goodput):
     assert gaps["plain"]["n"] == 2 and gaps["plain"]["total_s"] == 0.9, gaps  # after 0 and 2; rank 0's only
     assert gaps["snapshot"] == {"n": 1, "total_s": 0.3, "median_ms": 300.0, "max_ms": 300.0}, gaps  # after 1
     assert gaps["checkpoint"] == {"n": 1, "total_s": 0.4, "median_ms": 400.0, "max_ms": 400.0}, gaps  # after 3
+
+
+def test_a_recovery_is_split_at_the_driver_s_lines_with_or_without_stages(goodput):
+    fault = {"at": 100.0, "recovered": True, "recovery_s": 6.0, "first_forward_s": 5.0, "old_group_gone_s": 0.3}
+    for seconds in ("4.1s", "4.1s: workers 3.9, storage check 0.0, process group 0.2"):
+        lines = [(100.4, "RESTART 1/3: rank 0 died during training; restoring the latest checkpoint in 0.0s"),
+                 (104.6, f"rendezvous done: 2 ranks on 2 node(s), backend gloo, master 127.0.0.1:1 ({seconds}), "
+                         "resuming at step 88 from in-memory snapshots; 2 of them warm standby workers")]
+        phases = goodput.our_phases(lines, fault, next_at=200.0)
+        assert phases["rendezvous"] == 4.1 and phases["detection"] == 0.3, phases
+        assert phases["backoff_and_reservation"] == 0.1 and phases["restore"] == 0.4, phases
