@@ -255,7 +255,10 @@ class Controller:
             self.max_step = max(self.max_step, p.get("max_step", -1))
         resume_at = self._latest()  # where a restart would pick up
         if self.cfg.checkpoint.memory_every_steps and self.world:
-            newest = snapshots.choose(self.group.snapshot_inventory(), world_size=self.world, durable_step=resume_at)
+            # a node lost or out of reach: its keeper is not asked (each call would take ~2 s to fail)
+            gone = (f.node_id,) if f.node_id and (f.kind is FailureKind.NODE_LOST or f.data.get("unconfirmed")) else ()
+            newest = snapshots.choose(self.group.snapshot_inventory(unreachable=gone), world_size=self.world,
+                                      durable_step=resume_at)
             resume_at = newest.step if newest.step is not None else resume_at
         lost = max(0, self.max_step + 1 - (resume_at or 0))
         self.store.end_attempt(self.run_id, a.attempt, a.status, cause=f.kind.value, message=f.message, rank=f.rank,

@@ -361,9 +361,10 @@ class WorkerGroup:
                 a["snapshot_from"] = source
         return args
 
-    def snapshot_inventory(self) -> dict[str, list[dict]]:
-        """node -> the snapshots its keeper holds, for every keeper still alive."""
-        return self.h.keepers.inventory() if self.h.keepers is not None else {}
+    def snapshot_inventory(self, unreachable: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+        """node -> the snapshots its keeper holds, for every keeper still alive and not on an
+        unreachable node."""
+        return self.h.keepers.inventory(unreachable=unreachable) if self.h.keepers is not None else {}
 
     def wait(self, timeout_s: float) -> list[dict] | None:
         """The ranks' summaries once every rank has finished, else None after at most timeout_s.

@@ -69,7 +69,7 @@ def test_a_shrunk_fsdp_group_falls_back_to_the_durable_checkpoint(tmp_path):
         return reserve(sizes, avoid)
 
     group.reserve = shrinking
-    group.snapshot_inventory = lambda: {"node-0": snaps((1, 4), (1, 8)), "node-1": snaps((0, 4), (0, 8))}
+    group.snapshot_inventory = lambda unreachable=(): {"node-0": snaps((1, 4), (1, 8)), "node-1": snaps((0, 4), (0, 8))}
     c.run()
     assert [n for n, _ in group.reserved] == [2, 1]
     assert group.step0 == 4  # the durable checkpoint, not the snapshots of step 8
@@ -78,6 +78,36 @@ def test_a_shrunk_fsdp_group_falls_back_to_the_durable_checkpoint(tmp_path):
     assert fallback["data"]["durable_step"] == 4 and "restoring the durable checkpoint (step 4)" in fallback["message"]
     assert not store.events("r1", kind="snapshot_restore")
     assert any(line.startswith("SNAPSHOT in-memory snapshots not used") for line in lines)
+
+
+def test_the_keeper_on_a_node_out_of_reach_is_not_asked_after_its_rank_is_lost(tmp_path):
+    """Ray takes ~2 s to fail each call to an actor on a node it lost its connection to: the
+    attempt's bookkeeping must not ask that node's keeper (the restart waits on it)."""
+    from orchestrator.failures import Failure, FailureKind
+    from tests.test_controller import died, setup
+
+    unreachable = Failure(FailureKind.DIED, "rank 1 on node node-1 became unreachable", rank=1, node_id="node-1",
+                          data={"unconfirmed": True})
+    c, group, store, lines = setup(tmp_path, [["step"] * 3 + ["ckpt"] + ["step"] * 5 + [unreachable], ["step", died()],
+                                              ["done"]], cfg={"checkpoint": {"memory_every_steps": 4}})
+    asked = []
+
+    def inventory(unreachable=()):
+        asked.append(unreachable)
+        return {"node-0": snaps((1, 4), (1, 8)), "node-1": snaps((0, 4), (0, 8))}
+
+    group.snapshot_inventory = inventory
+    train = group.train
+    group.train = lambda step0, source_uri, skipped, snapshot=None: train(step0, source_uri, skipped)
+    c.run()
+    assert asked[0] == ("node-1",)  # the unconfirmed loss: that node's keeper is left out
+    assert ("node-1",) not in asked[1:] and asked[1:], asked  # a confirmed death (its node fine): every keeper
+
+
+def test_keepers_forget_a_node_out_of_reach_without_calling_it():
+    k = Keepers("run:id")
+    k.by_node = {"gone": object()}  # any call to it would fail the test (no such method)
+    assert k.inventory(unreachable=("gone",)) == {} and k.by_node == {}
 
 
 def test_ring_of_peers():
