@@ -255,8 +255,8 @@ class Controller:
             self.max_step = max(self.max_step, p.get("max_step", -1))
         resume_at = self._latest()  # where a restart would pick up
         if self.cfg.checkpoint.memory_every_steps and self.world:
-            # a node lost or out of reach: its keeper is not asked (each call would take ~2 s to fail)
-            gone = (f.node_id,) if f.node_id and (f.kind is FailureKind.NODE_LOST or f.data.get("unconfirmed")) else ()
+            # a node lost, or one Ray cannot reach: its keeper is not asked (each call takes ~2 s to fail)
+            gone = (f.node_id,) if f.node_id and (f.kind is FailureKind.NODE_LOST or f.data.get("unreachable")) else ()
             newest = snapshots.choose(self.group.snapshot_inventory(unreachable=gone), world_size=self.world,
                                       durable_step=resume_at)
             resume_at = newest.step if newest.step is not None else resume_at

@@ -32,7 +32,7 @@ def describe(e: Exception, r: int | None, phase: str, nodes: list[str], *, sdc_e
                 if unavailable else f"on node {cluster.node_label(where)} died (process killed or out of memory)")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return Failure(kind, f"rank {r} {what} during {phase}: {first}", rank=r, node_id=where,
-                       data={"unconfirmed": True} if unavailable and alive else {})
+                       data={"unconfirmed": True, "unreachable": True} if unavailable and alive else {})
     cause = e.cause if getattr(e, "cause", None) is not None else e
     if isinstance(cause, SilentCorruption):
         return _corruption(cause, node, sdc_every)

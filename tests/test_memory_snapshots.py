@@ -87,7 +87,7 @@ def test_the_keeper_on_a_node_out_of_reach_is_not_asked_after_its_rank_is_lost(t
     from tests.test_controller import died, setup
 
     unreachable = Failure(FailureKind.DIED, "rank 1 on node node-1 became unreachable", rank=1, node_id="node-1",
-                          data={"unconfirmed": True})
+                          data={"unconfirmed": True, "unreachable": True})
     c, group, store, lines = setup(tmp_path, [["step"] * 3 + ["ckpt"] + ["step"] * 5 + [unreachable], ["step", died()],
                                               ["done"]], cfg={"checkpoint": {"memory_every_steps": 4}})
     asked = []

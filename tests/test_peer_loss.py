@@ -58,7 +58,7 @@ def test_an_unreachable_actor_is_a_death_ray_has_not_confirmed(monkeypatch):
     monkeypatch.setattr(cluster, "node_ips", lambda: {"node-a": "10.0.0.1", "node-b": "10.0.0.2"})
     gone = describe(rx.ActorUnavailableError("RpcError: Socket closed rpc_code: 14", None), 1, "training",
                     ["node-a", "node-b"], sdc_every=0)
-    assert gone.kind.value == "died" and gone.data == {"unconfirmed": True} and not keeps_placement(gone)
+    assert gone.kind.value == "died" and gone.data == {"unconfirmed": True, "unreachable": True} and not keeps_placement(gone)
     assert "rank 1 on node" in gone.message and "became unreachable" in gone.message
     died = describe(rx.ActorDiedError(), 1, "training", ["node-a", "node-b"], sdc_every=0)
     assert died.kind.value == "died" and died.data == {} and keeps_placement(died)
