@@ -487,7 +487,7 @@ class Controller:
         if beats is None:
             return None
         report = self.watchdog.check(beats, median_step_s=progress.get("median_step_time_s"), world=self.world,
-                                     nodes=self.group.nodes)
+                                     nodes=self.group.nodes, finished=self.group.finished_ranks())
         if report is None:
             return None
         culprit = report["culprits"][0] if report["culprits"] else None

@@ -378,6 +378,13 @@ class WorkerGroup:
                 raise GroupError(self._lost_peer(failure) if failure.data.get("peer_lost") else failure) from None
         return None if self.pending else self._gather(self.refs, "training")
 
+    def finished_ranks(self) -> frozenset[int]:
+        """Ranks whose training call has returned (or failed: wait() says so next)."""
+        if not self.refs:
+            return frozenset()
+        ready, _ = ray.wait(self.pending, num_returns=len(self.pending), timeout=0) if self.pending else ([], [])
+        return frozenset(r for r, ref in enumerate(self.refs) if ref not in self.pending or ref in ready)
+
     def poll(self) -> dict | None:
         """Progress and new alerts from the metrics actor; None while it restarts."""
         try:

@@ -78,8 +78,11 @@ class Watchdog:
         return min(normal_s, max(FAST_LOOK_S, self.due - self.wall() + 0.05))
 
     def check(self, beats: dict[int, dict], *, median_step_s: float | None, world: int,
-              nodes: list[str]) -> dict | None:
-        """The stall report, or None while the group is making progress and no evidence names a rank."""
+              nodes: list[str], finished: frozenset[int] = frozenset()) -> dict | None:
+        """The stall report, or None while the group is making progress and no evidence names a rank.
+        finished: ranks whose training call has returned. They beat no more, by design: at a run's
+        end one rank may be done while another still commits the final checkpoint."""
+        beats = {r: b for r, b in beats.items() if r not in finished}
         now, wall = self.clock(), self.wall()
         step = max((b["step"] for b in beats.values()), default=-1)
         moved = max((b.get("progress", 0) for b in beats.values()), default=0)  # steps and eval batches
@@ -104,7 +107,7 @@ class Watchdog:
             report = early
         else:
             beats = dict(beats)
-            for r in range(world):  # a rank that never reported counts as stopped since the start
+            for r in set(range(world)) - finished:  # a rank that never reported counts as stopped since the start
                 beats.setdefault(r, {"rank": r, "step": -1, "phase": "start", "progress": 0, "coll_entered": 0,
                                      "coll_completed": 0, "time": wall - stalled})
             report = attribute(beats, now=wall, heartbeat_s=self.heartbeat_s, nodes=dict(enumerate(nodes)))
