@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))  # bench.recovery, by the name the workers import 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import git_state, machine  # noqa: E402
 
+from bench.recovery import OURS_LINES as RECOVERY_LINES  # noqa: E402
 from bench.recovery import (  # noqa: E402
     STDLIB,
     SideThread,
@@ -307,8 +308,8 @@ OURS_LINES = {  # the driver's lines that end a phase of a recovery
     "flight_recorder": re.compile(r"^\s+flight recorder: "),
     "node_checks_begin": re.compile(r"^checking node "),
     "node_checks_end": re.compile(r"^\s+node checks: "),
-    "restart": re.compile(r"^RESTART \d+/\d+: .* in ([\d.]+)s$"),
-    "rendezvous": re.compile(r"^rendezvous done: .*\(([\d.]+)s[:)].*, resuming at step (\d+)"),
+    "restart": RECOVERY_LINES["restart"],  # one pattern per driver line, shared with bench/recovery.py
+    "rendezvous": RECOVERY_LINES["rendezvous"],
 }
 
 

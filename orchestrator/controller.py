@@ -104,8 +104,8 @@ class Controller:
         self.acting_on: tuple[int, dict] | None = None  # (event id, data) of the stall or straggler acted on
         self.progress: Progress | None = None
         self.stopping_since: float | None = None  # when the ranks were asked to stop (`orchestrator stop`)
-        # node checks of a stall: (event id, report, their future once started after the next recovery)
-        self.checks: tuple[int, dict, Future | None] | None = None
+        self.checks_due: tuple[int, dict] | None = None  # a stall's node checks, to start once the next group recovered
+        self.checks: tuple[int, dict, Future] | None = None  # those checks, running
         self._check_pool: ThreadPoolExecutor | None = None
         self.next_state: State | None = None  # the state the actions being carried out lead to
         self.failure: Failure | None = None  # the failure those actions answer, if any
@@ -285,12 +285,13 @@ class Controller:
         if not self.cfg.hang.node_checks:
             return
         self._collect_checks(wait=True)  # an earlier stall's first: one set of checks at a time
-        self.checks = (event_id, report, None)
+        self.checks_due = (event_id, report)
 
     def _start_checks(self) -> None:
-        if self.checks is None or self.checks[2] is not None:
+        if self.checks_due is None:
             return
-        event_id, report, _ = self.checks
+        event_id, report = self.checks_due
+        self.checks_due = None
         self._check_pool = self._check_pool or ThreadPoolExecutor(1, thread_name_prefix="node-checks")
         self.checks = (event_id, report, self._check_pool.submit(self.group.check_suspects, dict(report)))
 
@@ -299,7 +300,7 @@ class Controller:
         when they end: they are bounded by hang.node_check_timeout_s)."""
         if wait:
             self._start_checks()
-        if self.checks is None or not (wait or (self.checks[2] is not None and self.checks[2].done())):
+        if self.checks is None or not (wait or self.checks[2].done()):
             return
         event_id, report, future = self.checks
         self.checks = None

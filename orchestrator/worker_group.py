@@ -380,10 +380,11 @@ class WorkerGroup:
 
     def finished_ranks(self) -> frozenset[int]:
         """Ranks whose training call has returned (or failed: wait() says so next)."""
-        if not self.refs:
-            return frozenset()
-        ready, _ = ray.wait(self.pending, num_returns=len(self.pending), timeout=0) if self.pending else ([], [])
-        return frozenset(r for r, ref in enumerate(self.refs) if ref not in self.pending or ref in ready)
+        if not self.pending:
+            return frozenset(range(len(self.refs)))
+        _, running = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+        running = set(running)  # each watchdog look: sets, not lists, at 1,000+ ranks
+        return frozenset(r for r, ref in enumerate(self.refs) if ref not in running)
 
     def poll(self) -> dict | None:
         """Progress and new alerts from the metrics actor; None while it restarts."""
