@@ -246,6 +246,7 @@ def analyse(log_dir: Path, faults: list[Fault], max_steps: int, intervals: dict[
         "productive_s": round(productive, 2),
         "train_window_s": round(window, 2),
         "effective_training_time": round(productive / window, 4),
+        "faults_per_min": round(len(faults) / (window / 60), 2) if window > 0 else None,
         "step_executions": len(runs),
         "steps_lost": len(runs) - max_steps,
         "step_s_median": round(statistics.median(t - b for t, b in last.values()), 4),
@@ -561,7 +562,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fault-every-s", type=float, default=60, help="seconds of training between faults")
     p.add_argument("--plan", default="kill,stop,kill,node",
                    help="kinds of the first faults (kill, stop, node); SIGKILLs after them")
-    p.add_argument("--max-faults", type=int, default=None, help="at most this many faults per run (default: as time allows)")
+    p.add_argument("--max-faults", type=int, default=None,
+                   help="at most this many faults per run (default: one every --fault-every-s until the run ends)")
     p.add_argument("--ckpt-every", type=int, default=10, help="durable checkpoint interval in steps (both systems)")
     p.add_argument("--memory-every", type=int, default=2, help="ours_memory: in-memory snapshot interval in steps")
     p.add_argument("--systems", default="ours,ray_train",
@@ -632,7 +634,9 @@ def main(argv: list[str] | None = None) -> None:
             step_s = calibrate(args, data_uri=data_uri, tmp=tmp, cluster=cluster)
             steps = max(2 * args.ckpt_every, int(args.minutes * 60 / step_s))
             log(f"calibration: {step_s:.3f} s/step -> {steps} steps for {args.minutes:g} min")
-        n = args.max_faults if args.max_faults is not None else max(1, int(args.minutes * 60 / args.fault_every_s))
+        # a fault every fault_every_s for as long as the run lasts: a faulted run is slower than its
+        # --minutes (restarts, steps redone), and a fixed count would leave its tail fault free
+        n = args.max_faults if args.max_faults is not None else max(1, int(3 * args.minutes * 60 / args.fault_every_s))
         kinds = plan_kinds(args.plan, n)
         order = [("ours_reference", "ours", [])] if any(s.startswith("ours") for s in systems) else []
         order += [(s, s, kinds) for s in systems if s.startswith("ours")]
