@@ -1,4 +1,5 @@
-"""One per node of a run: holds other ranks' in-memory snapshots (checkpointing/memory.py).
+"""One per node of a run: holds in-memory snapshots (checkpointing/memory.py) of its own node's
+ranks and of the previous node's.
 
 A Ray object dies with the worker that owns it, so a snapshot must not stay an object of the
 rank that took it: the rank sends its parts (a header's bytes and a buffer: checkpointing/flat.py),
@@ -122,11 +123,13 @@ class Keepers:
                 ).remote(node)
 
     @staticmethod
-    def peers(nodes: list[str]) -> dict[str, str]:
-        """Where each node's ranks send their snapshots: the next node of the group, in a ring
-        (one node: itself)."""
+    def targets(nodes: list[str]) -> dict[str, tuple[str, ...]]:
+        """Where each node's ranks send their snapshots: its own keeper (a killed rank's snapshot
+        outlives it there) and the next node's in a ring (for the loss of its own node). With one
+        keeper per rank, losing node i would also take node i-1's ranks' snapshots, and a group
+        restores only when every rank has one. One node: its own keeper only."""
         order = list(dict.fromkeys(nodes))
-        return {n: order[(i + 1) % len(order)] for i, n in enumerate(order)}
+        return {n: tuple(dict.fromkeys((n, order[(i + 1) % len(order)]))) for i, n in enumerate(order)}
 
     def begin(self, attempt: int, keep_through: int | None, timeout_s: float = 30.0) -> None:
         self._each("begin", (attempt, keep_through), timeout_s)

@@ -79,7 +79,7 @@ def stall(steps: int, every: int) -> dict:
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
     keeper = ray.remote(SnapshotKeeper).options(num_cpus=0).remote("bench-node")
     snap = Snapshotter(every_steps=every, limit_bytes=2**40, rank=0, world_size=1, run_id="bench", attempt=0,
-                       keeper=RayClient(keeper), report=lambda *a: log(f"event {a[:3]}"))
+                       keepers=[("", RayClient(keeper))], report=lambda *a: log(f"event {a[:3]}"))
     folder = tempfile.mkdtemp(prefix="bench-snap-")
     ckpt_cfg = CheckpointConfig(uri=folder, start_jitter_s=0.0)
     coordinator = CheckpointCoordinator("bench", folder, 1, max_concurrent_writes=4, per_node_writes=4, slot_lease_s=60)
@@ -184,7 +184,7 @@ def _strategy_rank(rank: int, world: int, port: int, strategy: str, steps: int, 
                           generator=torch.Generator().manual_seed(rank))
     keeper = SnapshotKeeper(f"bench-{rank}", headroom_bytes=0)
     snap = Snapshotter(every_steps=every, limit_bytes=2**40, rank=rank, world_size=world, run_id="bench", attempt=0,
-                       keeper=LocalClient(keeper), report=lambda *a: log(f"rank {rank}: event {a[:3]}"))
+                       keepers=[("", LocalClient(keeper))], report=lambda *a: log(f"rank {rank}: event {a[:3]}"))
 
     def step() -> float:
         t = time.perf_counter()

@@ -20,12 +20,14 @@ class CheckpointConfig:
     every_steps: int = option(0, min=0, max=MAX_STEPS, help="0 saves only at the end")
     memory_every_steps: int = option(0, min=0, max=MAX_STEPS,
                                      help="0: off. Also snapshot every rank's state to host memory every N steps, kept "
-                                          "by a keeper on another node and used first on recovery; independent of "
+                                          "by keepers on its own node and the next (any one node may be lost) and used "
+                                          "first on recovery; independent of "
                                           "every_steps, usually a fraction of it (durable checkpoints still survive "
                                           "losing every node)")
     memory_limit_mb: float = option(2048.0, min=1, max=2**30,
                                     help="host memory one rank's snapshots may take: its own copy while sent plus the "
-                                         "two newest a keeper holds (3x a snapshot); over it snapshots are skipped")
+                                         "two newest each of its two keepers holds (5x a snapshot; 3x on one node); "
+                                         "over it snapshots are skipped")
     storage_options: dict[str, Any] = option({}, help="passed to fsspec, e.g. {client_kwargs: {endpoint_url: ...}}")
     max_concurrent_writes: int = option(8, min=1, max=100_000, help="write requests in flight across the whole run")
     per_node_writes: int = option(2, min=1, max=10_000, help="write requests in flight per node")

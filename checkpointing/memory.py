@@ -2,13 +2,15 @@
 resumable state (weights, optimizer, sampler position, RNG streams, step) to host memory and
 sends it to a keeper on another node (actors/snapshot_keeper.py), which outlives the rank. After
 a failure the group restores from the newest step every rank has a surviving snapshot of, if it
-is newer than the newest durable checkpoint (orchestrator/snapshots.py's `choose`).
+is not older than the newest durable checkpoint (orchestrator/snapshots.py's `choose`).
 
 The training thread only pays for the copy to host memory, into one flat buffer it reuses
 (checkpointing/flat.py: why not torch.save); a background thread encodes a small header,
 flushes the rank's metrics (so nothing before the snapshot's step is lost with the rank) and
-sends header and buffer. At most one snapshot is in flight per rank: the next take() waits for
-the previous one.
+sends header and buffer to each of the rank's keepers: the one on its own node (a killed rank
+restores from there) and one on the next node (for when its own node is lost: the snapshots of
+every rank must survive a node loss, not only those of the ranks on it). At most one snapshot is
+in flight per rank: the next take() waits for the previous one.
 
 A sharded state (FSDP2: DTensors) is snapshotted shard by shard: each rank copies only its own
 slice of each tensor (the DTensor's local tensor), never a gathered whole. It restores onto the
@@ -36,8 +38,9 @@ from checkpointing.background import Background
 from checkpointing.loader import LoadedCheckpoint
 
 # What one rank's snapshots take at most: its own copy (the buffer it keeps for the next), and the
-# two newest the keeper holds (so one still arriving never leaves a rank without a complete one).
-HOLDINGS = 3
+# two newest each of its keepers holds (so one still arriving never leaves a rank without a complete
+# one; actors/snapshot_keeper.py's KEEP).
+KEPT_PER_KEEPER = 2
 LogFn = Callable[[int, dict[str, float]], None]
 ReportFn = Callable[[str, str, str, int, dict], None]  # (kind, severity, message, step, data)
 
@@ -172,23 +175,36 @@ def _fill(template: Any, saved: Any, path: str, unread: list[str]) -> Any:
 class Snapshotter:
     """What the training loop calls: due(), take() and close().
 
-    `keeper` answers call("reserve", rank, step, nbytes, attempt) and call("put", rank, step,
-    world_size, attempt, data) with None (taken) or why not (checkpointing.client's clients);
-    `report(kind, severity, message, step, data)` records an event; `flush()` delivers the
-    rank's buffered metrics."""
+    `keepers`: [(where, client)], each client answering call("reserve", rank, step, nbytes,
+    attempt) and call("put", rank, step, world_size, attempt, data) with None (taken) or why not
+    (checkpointing.client's clients); `where` names its node in events. `stage(parts)` turns a
+    snapshot's parts into what every keeper's put gets (over Ray: one object, not one copy per
+    keeper). `report(kind, severity, message, step, data)` records an event; `flush()` delivers
+    the rank's buffered metrics."""
 
     def __init__(self, *, every_steps: int, limit_bytes: int, rank: int, world_size: int, run_id: str, attempt: int,
-                 keeper, report: ReportFn, flush: Callable[[], Any] = lambda: None, where: str = "",
+                 keepers: list[tuple[str, Any]], report: ReportFn, flush: Callable[[], Any] = lambda: None,
+                 stage: Callable[[list], Any] = lambda parts: parts,
                  clock: Callable[[], float] = time.perf_counter, warn: Callable[[str], None] | None = None):
+        if not keepers:
+            raise ValueError("a Snapshotter needs at least one keeper")
         self.every, self.limit = every_steps, limit_bytes
         self.rank, self.world_size, self.run_id, self.attempt = rank, world_size, run_id, attempt
-        self.keeper, self.report, self.flush, self.where, self.clock = keeper, report, flush, where, clock
+        self.keepers, self.report, self.flush, self.stage, self.clock = keepers, report, flush, stage, clock
         self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.sender = Background(f"snapshot-sender-{rank}")
-        self.packer = flat.Packer()  # its buffer outlives a snapshot: HOLDINGS counts it as the rank's own copy
-        self.skipping: str | None = None  # the reason last reported, so a skip is said once, not every K steps
-        self.sent: list[int] = []  # steps the keeper took
+        self.packer = flat.Packer()  # its buffer outlives a snapshot: holdings() counts it as the rank's own copy
+        self.skipping: str | None = None  # the reasons last reported, so a skip is said once, not every K steps
+        self.sent: list[int] = []  # steps every keeper took
         self.blocked: list[float] = []
+
+    def holdings(self) -> int:
+        """How many copies of one snapshot the rank's snapshots take at most (its buffer, and each keeper's two)."""
+        return 1 + KEPT_PER_KEEPER * len(self.keepers)
+
+    def _over(self, what: str = "its size") -> str:
+        holders = "its keeper" if len(self.keepers) == 1 else f"each of its {len(self.keepers)} keepers"
+        return f"{self.holdings()} x {what} (its own copy and the two newest {holders} holds)"
 
     def due(self, steps_done: int) -> bool:
         return self.every > 0 and steps_done % self.every == 0
@@ -203,10 +219,10 @@ class Snapshotter:
         model_state = model.state_dict()  # FSDP2: this rank's DTensors (nothing gathered)
         optim_state = optimizer.state_dict() if optimizer is not None else None
         sharded = format.holds_dtensors(model_state) or format.holds_dtensors(optim_state)
-        need = HOLDINGS * state_bytes(model_state, optim_state)
+        need = self.holdings() * state_bytes(model_state, optim_state)
         if need > self.limit:
-            return self._skip(step, "limit", need, f"{HOLDINGS} x its size (its own copy and the keeper's two newest) "
-                              f"is {mb(need)}, over checkpoint.memory_limit_mb={self.limit / 2**20:g}")
+            return self._skip(step, "limit", need, f"{self._over()} is {mb(need)}, over "
+                              f"checkpoint.memory_limit_mb={self.limit / 2**20:g}")
         header, data = capture(self.packer, step=step, rank=self.rank, world_size=self.world_size, run_id=self.run_id,
                                model_state=model_state, optim_state=optim_state, sampler_state=sampler_state,
                                sharded=sharded)
@@ -230,19 +246,26 @@ class Snapshotter:
         try:
             parts = flat.to_wire(header, data)
             size = len(parts[0]) + data.nbytes  # the header's bytes and the buffer
-            if HOLDINGS * size > self.limit:
-                return self._skip(step, "limit", HOLDINGS * size,
-                                  f"{HOLDINGS} x its encoded size is {mb(HOLDINGS * size)}, over "
-                                  f"checkpoint.memory_limit_mb={self.limit / 2**20:g}")
+            if self.holdings() * size > self.limit:
+                return self._skip(step, "limit", self.holdings() * size,
+                                  f"{self._over('its encoded size')} is "
+                                  f"{mb(self.holdings() * size)}, over checkpoint.memory_limit_mb={self.limit / 2**20:g}")
             self.flush()  # what a restore from this snapshot will not replay is stored first
-            refused = self.keeper.call("reserve", self.rank, step, size, self.attempt)
-            if refused is None:
-                refused = self.keeper.call("put", self.rank, step, self.world_size, self.attempt, parts)
-            if refused is not None:
-                return self._skip(step, "keeper", size, refused)
-        except Exception as e:  # the keeper's node is gone, a timeout: the next snapshot tries again
-            first = (str(e).strip().splitlines() or [""])[0]
-            return self._skip(step, "error", 0, f"{type(e).__name__}: {first}")
+            staged = self.stage(parts)
+        except Exception as e:
+            return self._skip(step, "error", 0, _first_line(e))
+        refusals = {}
+        for where, keeper in self.keepers:
+            try:
+                refused = keeper.call("reserve", self.rank, step, size, self.attempt)
+                if refused is None:
+                    refused = keeper.call("put", self.rank, step, self.world_size, self.attempt, staged)
+                if refused is not None:
+                    refusals[where] = ("keeper", refused)
+            except Exception as e:  # that keeper's node is gone, a timeout: the next snapshot tries again
+                refusals[where] = ("error", _first_line(e))
+        if refusals:
+            return self._refused(step, size, refusals)
         self.sent.append(step)
         if self.skipping is not None:
             self.skipping = None
@@ -250,12 +273,34 @@ class Snapshotter:
         if log is not None:
             log(step - 1, {"ckpt/snapshot_send_s": self.clock() - t0, "ckpt/snapshot_bytes": float(size)})
 
-    def _skip(self, step: int, reason: str, nbytes: int, why: str) -> None:
-        if self.skipping == reason:
+    def _refused(self, step: int, size: int, refusals: dict[str, tuple[str, str]]) -> None:
+        """Some keeper did not take the snapshot: said once per set of refusing keepers and reasons."""
+        kept = [w for w, _ in self.keepers if w not in refusals]
+        why = "; ".join(f"{'keeper on ' + w + ': ' if w else ''}{msg}" for w, (_, msg) in refusals.items())
+        reasons = sorted({reason for reason, _ in refusals.values()})
+        key = "/".join(reasons) + ":" + ",".join(sorted(refusals))
+        if not kept:
+            return self._skip(step, reasons[0] if len(reasons) == 1 else "/".join(reasons), size, why, key=key)
+        if self.skipping == key:
             return
-        self.skipping = reason
+        self.skipping = key
+        msg = (f"rank {self.rank}: in-memory snapshot of step {step} kept on {', '.join(kept)} only ({why}); "
+               f"it survives a killed rank, but maybe not the loss of that node")
+        self.report("snapshot_skipped", "warning", msg, step,
+                    {"reason": "/".join(reasons), "bytes": size, "limit_bytes": self.limit, "why": why,
+                     "kept_on": kept, "refused_by": sorted(refusals)})
+
+    def _skip(self, step: int, reason: str, nbytes: int, why: str, key: str | None = None) -> None:
+        if self.skipping == (key or reason):
+            return
+        self.skipping = key or reason
         msg = f"rank {self.rank}: in-memory snapshot of step {step} skipped ({why}); durable checkpoints only"
-        if self.where:
-            msg += f" (keeper on {self.where})"
+        wheres = [w for w, _ in self.keepers if w]
+        if wheres and key is None:
+            msg += f" (keeper{'s' if len(wheres) > 1 else ''} on {', '.join(wheres)})"
         self.report("snapshot_skipped", "warning", msg, step,
                     {"reason": reason, "bytes": nbytes, "limit_bytes": self.limit, "why": why})
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"

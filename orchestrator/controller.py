@@ -335,7 +335,7 @@ class Controller:
 
     def _snapshot(self, a: StartGroup, durable: int | None) -> snapshots.Choice | None:
         """After a failure, with checkpoint.memory_every_steps: the in-memory snapshots to restore,
-        if every rank has one of a step newer than the durable checkpoint (snapshots.choose)."""
+        if every rank has one of a step not older than the durable checkpoint (snapshots.choose)."""
         if not self.cfg.checkpoint.memory_every_steps or a.restore != "latest":
             return None
         choice = snapshots.choose(self.group.snapshot_inventory(), world_size=a.world, durable_step=durable,
@@ -347,13 +347,13 @@ class Controller:
             self.store.add_event(self.run_id, kind="snapshot_fallback", severity="warning", message=msg, step=durable,
                                  data={"why": choice.why, "durable_step": durable, "attempt": a.attempt})
             return None
-        nodes = sorted(set(choice.holders.values()))
+        nodes = sorted({n for held in choice.holders.values() for n in held})
         msg = (f"restoring step {choice.step} from in-memory snapshots on node(s) {node_labels(nodes)} "
                f"(newest durable checkpoint: {'step ' + str(durable) if durable is not None else 'none'})")
         self.out(f"SNAPSHOT {msg}")
         self.store.add_event(self.run_id, kind="snapshot_restore", severity="info", message=msg, step=choice.step,
                              data={"step": choice.step, "nodes": nodes, "durable_step": durable, "attempt": a.attempt,
-                                   "holders": {str(r): n for r, n in choice.holders.items()}})
+                                   "holders": {str(r): list(n) for r, n in choice.holders.items()}})
         return choice
 
     def _latest(self) -> int | None:

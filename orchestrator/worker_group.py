@@ -338,8 +338,9 @@ class WorkerGroup:
         self.fill_after = resume if resume is not None else 0
 
     def _snapshot_args(self, resume_at: int | None, snapshot) -> list[dict]:
-        """Per rank: where its snapshots go (a keeper on the next node; on one node, its own) and
-        the snapshot to restore. Keepers drop what is newer than where this group resumes."""
+        """Per rank: where its snapshots go (the keeper on its own node and the one on the next
+        node: Keepers.targets) and the snapshot to restore. Keepers drop what is newer than where
+        this group resumes."""
         world = len(self.h.workers)
         if not self.cfg.checkpoint.memory_every_steps:
             return [{} for _ in range(world)]
@@ -347,16 +348,16 @@ class WorkerGroup:
         k.ensure(self.nodes)
         k.begin(self.attempt, resume_at)
         k.ensure(self.nodes)  # again: begin() forgets keepers that did not answer
-        peer = Keepers.peers(self.nodes)
+        targets = Keepers.targets(self.nodes)
         if len(set(self.nodes)) == 1 and not k.said_alone:
             k.said_alone = True
             self.alert("snapshot_local_only", "warning", "in-memory snapshots: the group is on one node, so they are "
                        "kept on it only and do not survive its loss (durable checkpoints do)")
-        args = [{"snapshot_to": {"keeper": k.by_node[peer[n]], "node": peer[n], "attempt": self.attempt,
+        args = [{"snapshot_to": {"keepers": [(t, k.by_node[t]) for t in targets[n]], "attempt": self.attempt,
                                  "run_id": self.run_id}} for n in self.nodes]
-        if snapshot is not None:
-            source = {"step": snapshot.step, "nodes": [snapshot.holders[r] for r in range(world)],
-                      "keepers": [k.by_node.get(snapshot.holders[r]) for r in range(world)]}  # None: gone since
+        if snapshot is not None:  # a keeper gone since the choice is None: the rank tries the next copy
+            source = {"step": snapshot.step,
+                      "holders": [[(n, k.by_node.get(n)) for n in snapshot.holders[r]] for r in range(world)]}
             for a in args:
                 a["snapshot_from"] = source
         return args

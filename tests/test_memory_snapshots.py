@@ -8,6 +8,7 @@ group that shrank falls back to the durable checkpoint."""
 from __future__ import annotations
 
 import random
+import subprocess
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def snaps(*pairs, world=2):
 def test_choose_takes_the_newest_step_every_rank_has():
     inv = {"a": snaps((0, 8), (0, 12), (1, 8)), "b": snaps((1, 12), (1, 16))}
     c = choose(inv, world_size=2, durable_step=5)
-    assert (c.step, c.holders) == (12, {0: "a", 1: "b"})
+    assert (c.step, c.holders) == (12, {0: ("a",), 1: ("b",)})
     # rank 1 still sending 16 when the failure struck: 12 is the newest both have
     assert choose(inv, world_size=2, durable_step=None).step == 12
 
@@ -42,7 +43,8 @@ def test_choose_takes_the_newest_step_every_rank_has():
 def test_choose_falls_back_with_the_reason():
     inv = {"a": snaps((0, 8), (1, 8))}
     c = choose(inv, world_size=2, durable_step=10)
-    assert c.step is None and "not newer than the durable checkpoint (step 10)" in c.why
+    assert c.step is None and "older than the durable checkpoint (step 10)" in c.why
+    assert choose(inv, world_size=2, durable_step=8).step == 8  # the same state: memory reads quicker
     c = choose({"a": snaps((0, 8), (0, 12))}, world_size=2, durable_step=None)
     assert c.step is None and "rank(s) 1 have none left" in c.why
     c = choose({"a": snaps((0, 8), (1, 4))}, world_size=2, durable_step=None)
@@ -110,10 +112,48 @@ def test_keepers_forget_a_node_out_of_reach_without_calling_it():
     assert k.inventory(unreachable=("gone",)) == {} and k.by_node == {}
 
 
-def test_ring_of_peers():
-    assert Keepers.peers(["n1", "n1", "n2", "n2"]) == {"n1": "n2", "n2": "n1"}
-    assert Keepers.peers(["n1", "n2", "n3"]) == {"n1": "n2", "n2": "n3", "n3": "n1"}
-    assert Keepers.peers(["n1", "n1"]) == {"n1": "n1"}  # one node: its own keeper
+def test_each_node_s_ranks_send_to_their_own_keeper_and_the_next_node_s():
+    assert Keepers.targets(["n1", "n1", "n2", "n2"]) == {"n1": ("n1", "n2"), "n2": ("n2", "n1")}
+    assert Keepers.targets(["n1", "n2", "n3"]) == {"n1": ("n1", "n2"), "n2": ("n2", "n3"), "n3": ("n3", "n1")}
+    assert Keepers.targets(["n1", "n1"]) == {"n1": ("n1",)}  # one node: its own keeper
+
+
+def test_every_rank_keeps_a_snapshot_after_any_one_node_is_lost():
+    """With a snapshot on the rank's own node and one on the next, losing any one node leaves
+    every rank (on it or not) a copy: the group restores from memory, not the durable checkpoint.
+    (One copy on the next node only would lose node i-1's ranks' with node i.)"""
+    nodes = ["n0", "n0", "n1", "n1", "n2", "n2"]  # 6 ranks on 3 nodes
+    targets = Keepers.targets(nodes)
+    held = {n: [] for n in set(nodes)}
+    for rank, node in enumerate(nodes):
+        for t in targets[node]:
+            held[t] += snaps((rank, 8), world=6)
+    for lost in sorted(held):
+        c = choose({n: s for n, s in held.items() if n != lost}, world_size=6, durable_step=None)
+        assert c.step == 8 and sorted(c.holders) == list(range(6)), (lost, c.why)
+        assert all(lost not in c.holders[r] and c.holders[r] for r in range(6))
+
+
+def test_a_snapshot_goes_to_every_keeper_and_one_refusal_is_said_once():
+    events = []
+    fine = SnapshotKeeper("node-a", free_bytes=lambda: 10**12, headroom_bytes=0)
+    full = SnapshotKeeper("node-b", free_bytes=lambda: 1 * MB, headroom_bytes=2 * MB)
+    staged = []
+    snap = memory.Snapshotter(every_steps=1, limit_bytes=100 * MB, rank=0, world_size=2, run_id="r", attempt=0,
+                              keepers=[("node-a", LocalClient(fine)), ("node-b", LocalClient(full))],
+                              report=lambda *a: events.append(a), stage=lambda parts: staged.append(1) or parts)
+    model, opt = fresh()
+    for step in (1, 2):
+        snap.take(step, model=model, optimizer=opt, sampler_state={})
+    snap.close()
+    assert staged == [1, 1]  # one staging per snapshot, whatever the number of keepers
+    assert [(s["rank"], s["step"]) for s in fine.inventory()] == [(0, 1), (0, 2)] and full.inventory() == []
+    assert snap.sent == []  # not every copy was taken
+    (event,) = events  # said once, not at every snapshot
+    kind, _, message, step, data = event
+    assert (kind, step, data["kept_on"], data["refused_by"]) == ("snapshot_skipped", 1, ["node-a"], ["node-b"])
+    assert "kept on node-a only" in message and "node-b" in message and "must stay free" in message
+    assert snap.holdings() == 5  # its own buffer and two per keeper
 
 
 # --- the keeper -----------------------------------------------------------------------------
@@ -178,7 +218,7 @@ def test_snapshot_round_trip_is_bit_exact():
     events = []
     keeper = SnapshotKeeper("node-b", free_bytes=lambda: 10**12, headroom_bytes=0)
     snap = memory.Snapshotter(every_steps=3, limit_bytes=100 * MB, rank=0, world_size=1, run_id="r", attempt=0,
-                              keeper=LocalClient(keeper), report=lambda *a: events.append(a))
+                              keepers=[("", LocalClient(keeper))], report=lambda *a: events.append(a))
     model, opt = fresh()
     train_steps(model, opt, 3, gen_seed=1)
     assert snap.due(3) and not snap.due(4)
@@ -209,7 +249,7 @@ def test_snapshot_over_the_limit_is_skipped_before_any_copy():
     size = memory.state_bytes(model.state_dict(), opt.state_dict())
     assert size > 0
     snap = memory.Snapshotter(every_steps=1, limit_bytes=size, rank=1, world_size=2, run_id="r", attempt=0,
-                              keeper=LocalClient(keeper), report=lambda *a: events.append(a))
+                              keepers=[("", LocalClient(keeper))], report=lambda *a: events.append(a))
     for step in (1, 2):
         snap.take(step, model=model, optimizer=opt, sampler_state={})
     snap.close()
@@ -224,7 +264,7 @@ def test_snapshot_refused_by_the_keeper_is_reported():
     events = []
     keeper = SnapshotKeeper("node-c", free_bytes=lambda: 1 * MB, headroom_bytes=2 * MB)
     snap = memory.Snapshotter(every_steps=1, limit_bytes=100 * MB, rank=0, world_size=2, run_id="r", attempt=0,
-                              keeper=LocalClient(keeper), report=lambda *a: events.append(a), where="node-c")
+                              keepers=[("node-c", LocalClient(keeper))], report=lambda *a: events.append(a))
     model, opt = fresh()
     snap.take(1, model=model, optimizer=opt, sampler_state={})
     snap.close()
@@ -265,7 +305,7 @@ def _fsdp_snapshot_round_trip(rank: int, world: int, port: int, out: str) -> Non
 
     def snapshotter(keeper, every, limit=100 * MB, report=events.append):
         return memory.Snapshotter(every_steps=every, limit_bytes=limit, rank=rank, world_size=world, run_id="r",
-                                  attempt=0, keeper=LocalClient(keeper), report=lambda *a: report(a))
+                                  attempt=0, keepers=[("", LocalClient(keeper))], report=lambda *a: report(a))
 
     # 1. the built-in loop's layout: {"model": module, "optimizer": optimizer}
     keeper = SnapshotKeeper(f"node-{rank}", free_bytes=lambda: 10**12, headroom_bytes=0)
@@ -441,7 +481,7 @@ def test_sigkilled_rank_restores_from_its_peers_memory_bit_exact(tmp_path, home,
     step = restore["data"]["step"]
     assert step in (8, 12) and restore["step"] == step and restore["data"]["durable_step"] is None
     workers = {n.node_id for n in two_nodes[1]}
-    assert set(restore["data"]["holders"].values()) <= workers and restore["data"]["nodes"]
+    assert {n for held in restore["data"]["holders"].values() for n in held} <= workers and restore["data"]["nodes"]
     assert not events_of(home, "snapshot_fallback") and not events_of(home, "snapshot_skipped")
 
     from orchestrator.store import Store
@@ -518,3 +558,49 @@ def test_a_function_restores_from_memory_through_ctx(tmp_path, home, tiny_data, 
     (restore,) = [e for e in cli_json("show", run, home=home)["events"] if e["kind"] == "snapshot_restore"]
     assert restore["data"]["step"] in (5, 10)  # killed in step 13 (14 done would be next)
     assert len(reference[0]) == STEPS and got == reference  # every step's loss, both ranks, bit for bit
+
+
+@pytest.mark.ray
+def test_a_lost_node_s_ranks_and_their_peers_restore_from_memory_bit_exact(tmp_path, home, tiny_data, two_nodes,
+                                                                           reference):
+    """Rank 1's node is removed mid-step. Rank 0's snapshots are on its own node and rank 1's on
+    rank 0's node (its replica): the group restarts on a spare node from memory, not from the
+    durable checkpoint, and ends bit for bit where the fault-free run ends. (Last in this module:
+    it changes the cluster, leaving it two worker nodes.)"""
+    import time
+
+    from orchestrator.store import Store
+    from tests.conftest import launch_in_background
+
+    c, nodes = two_nodes
+    spare = c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    at = tmp_path / "held-on"
+    cfg = tiny_config(tmp_path, tiny_data, train={"max_steps": STEPS, "eval_every": 0},
+                      checkpoint={"every_steps": 0, "memory_every_steps": 4},
+                      fault_tolerance={"max_restarts": 2, "backoff_s": 0.1},
+                      model={"factory": "tests.user_models:held_gpt",  # the shape of the reference's model
+                             "kwargs": {"hold_rank": 1, "hold_call": 15, "at_path": str(at)}})
+    proc = launch_in_background(cfg, home=home, address=c.address, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300  # generous: a busy machine is slow
+        while not at.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert at.exists(), "rank 1 never reached its held step"
+        victim = next(n for n in nodes if n.node_id == at.read_text())
+        c.remove_node(victim)  # rank 1's node, with its keeper and rank 0's replica
+        nodes[nodes.index(victim)] = spare  # the fixture's cluster as it now is
+        out, _ = proc.communicate(timeout=max(10, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert out.count("RESTART") == 1 and "from in-memory snapshots" in out, out
+    (restore,) = events_of(home, "snapshot_restore")
+    assert restore["data"]["step"] in (8, 12) and restore["data"]["durable_step"] is None  # held in step 14
+    assert victim.node_id not in restore["data"]["nodes"] and restore["data"]["nodes"]
+    assert not events_of(home, "snapshot_fallback")
+    attempts = Store(home).attempts(cli_json("runs", home=home)[-1]["id"])
+    assert [a["status"] for a in attempts] == ["failed", "completed"] and attempts[0]["rank"] == 1
+    assert attempts[1]["resumed_from_step"] == restore["data"]["step"]
+    assert_same_run(outcome(home), reference)

@@ -133,6 +133,35 @@ def hanging_gpt(*, vocab_size: int, block_size: int, hang_rank: int = 1, hang_ca
                  hang_rank=hang_rank, hang_call=hang_call, once_path=once_path)
 
 
+class HeldAt(GPT):
+    """A GPT whose forward, on one rank at one training call of the first attempt, writes its Ray
+    node's id to `at_path` and then waits (bounded) for the test to take that node away."""
+
+    def __init__(self, *, hold_rank: int, hold_call: int, at_path: str, **kw):
+        super().__init__(**kw)
+        self.hold_rank, self.hold_call, self.at_path, self.calls = hold_rank, hold_call, at_path, 0
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            if (self.calls == self.hold_call and int(os.environ["RANK"]) == self.hold_rank
+                    and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"):
+                import ray
+
+                with open(self.at_path + ".tmp", "w") as f:
+                    f.write(ray.get_runtime_context().get_node_id())
+                os.replace(self.at_path + ".tmp", self.at_path)
+                for _ in range(600):  # bounded: the node (and this process) is gone long before
+                    time.sleep(1)
+        return super().forward(idx)
+
+
+def held_gpt(*, vocab_size: int, block_size: int, hold_rank: int = 1, hold_call: int = 15, at_path: str = ""):
+    """The shape of bench.memory_snapshots:killed_gpt (so a run of either is the same run)."""
+    return HeldAt(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, d_model=64, dropout=0.1,
+                  hold_rank=hold_rank, hold_call=hold_call, at_path=at_path)
+
+
 class Corrupts(GPT):
     """A GPT that, on one rank at one training forward, adds 1e-3 to one weight outside autograd:
     a bit of silent data corruption the replicas' checksums must catch."""
