@@ -235,9 +235,9 @@ def test_no_look_when_every_beat_is_late_and_none_without_a_pid():
 def test_the_next_look_is_when_a_beat_would_turn_late():
     dog, clock, probe = make_probed()
     check(dog, {0: pbeat(0, clock=clock), 1: pbeat(1, age=0.6, clock=clock)})
-    assert abs(dog.next_look_s(2.0) - (2.0 - 0.6 + 0.05)) < 1e-6  # rank 1 turns late 1.4 s from now
-    assert dog.next_look_s(1.0) == 1.0  # never later than the normal tick
-    check(dog, {0: pbeat(0, clock=clock), 1: pbeat(1, age=1.95, clock=clock)})
+    assert abs(dog.next_look_s(2.0) - (1.5 - 0.6 + 0.05)) < 1e-6  # rank 1 turns late 0.9 s from now
+    assert dog.next_look_s(0.5) == 0.5  # never later than the normal tick
+    check(dog, {0: pbeat(0, clock=clock), 1: pbeat(1, age=1.45, clock=clock)})
     assert dog.next_look_s(2.0) == 0.25  # never sooner than the fast look
 
 

@@ -25,8 +25,9 @@ def stale_after_s(heartbeat_s: float) -> float:
 
 def late_after_s(heartbeat_s: float) -> float:
     """A rank whose last heartbeat is older than this is late: its process is worth a look
-    (procstate.py). Late proves nothing by itself: a busy host delays beats."""
-    return 2 * heartbeat_s
+    (procstate.py). Late proves nothing by itself: a busy host delays beats, and a look at a
+    process that runs costs one small task and names no one, so half a beat of slack is enough."""
+    return 1.5 * heartbeat_s
 
 
 def stopped_for(samples: list[dict], since: float, *, span_s: float) -> dict | None:
