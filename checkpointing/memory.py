@@ -1,6 +1,6 @@
 """In-memory snapshots: every `checkpoint.memory_every_steps` steps each rank copies its whole
 resumable state (weights, optimizer, sampler position, RNG streams, step) to host memory and
-sends it to a keeper on another node (actors/snapshot_keeper.py), which outlives the rank. After
+sends it to keepers (actors/snapshot_keeper.py), which outlive the rank. After
 a failure the group restores from the newest step every rank has a surviving snapshot of, if it
 is not older than the newest durable checkpoint (orchestrator/snapshots.py's `choose`).
 
@@ -253,7 +253,7 @@ class Snapshotter:
             self.flush()  # what a restore from this snapshot will not replay is stored first
             staged = self.stage(parts)
         except Exception as e:
-            return self._skip(step, "error", 0, _first_line(e))
+            return self._skip(step, "error", 0, first_line(e))
         refusals = {}
         for where, keeper in self.keepers:
             try:
@@ -263,7 +263,7 @@ class Snapshotter:
                 if refused is not None:
                     refusals[where] = ("keeper", refused)
             except Exception as e:  # that keeper's node is gone, a timeout: the next snapshot tries again
-                refusals[where] = ("error", _first_line(e))
+                refusals[where] = ("error", first_line(e))
         if refusals:
             return self._refused(step, size, refusals)
         self.sent.append(step)
@@ -302,5 +302,5 @@ class Snapshotter:
                     {"reason": reason, "bytes": nbytes, "limit_bytes": self.limit, "why": why})
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"

@@ -47,7 +47,7 @@ def restore(source: dict, *, rank: int, metrics):
     import torch
     import torch.distributed as dist
 
-    from checkpointing.memory import as_loaded
+    from checkpointing.memory import as_loaded, first_line
 
     step, here = source["step"], ray.get_runtime_context().get_node_id()
     holders = sorted(source["holders"][rank], key=lambda h: h[0] != here)  # a local copy is the fastest read
@@ -60,7 +60,7 @@ def restore(source: dict, *, rank: int, metrics):
             loaded = as_loaded(data, where=f"memory://{node[:12]}/rank{rank}/step{step}")
             break
         except Exception as e:  # its keeper died since the controller chose it, a timeout: the next copy
-            errors.append(f"node {node[:12]}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+            errors.append(f"node {node[:12]}: {first_line(e)}")
     error = "; ".join(errors) if loaded is None else None
     ok = torch.tensor([0 if loaded is None else 1], dtype=torch.int64)
     if dist.is_initialized():
