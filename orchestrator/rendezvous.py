@@ -8,15 +8,18 @@ A script run (entrypoint.script) gets torchrun's agent-store mode: for every att
 worker hosts a fresh TCPStore server (`host_store`) before the scripts start, and the scripts get
 TORCHELASTIC_USE_AGENT_STORE=True, so torch's env:// (and tcp://) rendezvous connects as a client
 on every rank (torch/distributed/rendezvous.py `_create_c10d_store`). Without it, rank 0's script
-creates the store and the others retry connecting with a back-off of 0.5-1 s until it listens;
+creates the store and the others retry connecting with a back-off of 0.2-1 s until it listens;
 and a store per attempt holds none of a dead attempt's keys (pytorch#135712). torch adds no
 per-attempt prefix in this mode: a fresh server (a fresh port) is what separates attempts.
+The built-in loop and functions join the group in `join`, where ranks other than 0 first wait
+for rank 0's store to listen (`await_listening`, polled every 10 ms), which skips that back-off.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -125,11 +128,27 @@ def join(cfg: Config, *, rank: int, local_rank: int, world_size: int, local_worl
 
     setup_torch(cfg, rank)
     if world_size > 1 and init_group:
+        if rank != 0:  # torch's client backs off 0.2-0.6 s when it comes before rank 0's store listens
+            await_listening(master_addr, master_port, cfg.distributed.timeout_s)
         dist.init_process_group(backend.value, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=cfg.distributed.timeout_s))
     _member = Member(rank=rank, local_rank=local_rank, world_size=world_size, local_world_size=local_world_size,
                      node_rank=node_rank, backend=backend.value, device=device)
     return backend.value
+
+
+def await_listening(addr: str, port: int, timeout_s: float, *, poll_s: float = 0.01) -> bool:
+    """Wait until something accepts connections at addr:port (rank 0's store), at most timeout_s.
+    False if nothing did: the caller goes on and torch reports the failure its own way."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=min(1.0, timeout_s)).close()
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
 
 
 def host_store(master_addr: str, master_port: int, timeout_s: float) -> str | None:
