@@ -218,15 +218,24 @@ def _cluster_summary() -> str:
     return ", ".join(parts) + f" on {len(alive)} node(s)"
 
 
-def room_elsewhere(bundle: dict[str, float], avoid_nodes: list[str]) -> bool:
-    """Whether some live node not in `avoid_nodes` could hold one worker's bundle at all (its total
-    resources, free or not). When none can, waiting for room away from the avoided nodes is futile."""
+def room_elsewhere(bundle: dict[str, float], avoid_nodes: list[str], workers: int = 1) -> bool:
+    """Whether the live nodes not in `avoid_nodes` could hold `workers` bundles at all (by their
+    total resources, free or not). When they cannot, waiting for room away from the avoided nodes
+    is futile."""
     import ray
 
-    for n in ray.nodes():
+    return room_for(ray.nodes(), bundle, avoid_nodes, workers)
+
+
+def room_for(nodes: list[dict], bundle: dict[str, float], avoid_nodes: list[str], workers: int) -> bool:
+    """room_elsewhere on a given `ray.nodes()` list. Bundles are counted per node, as a placement
+    group places them: two half-free nodes do not hold one worker."""
+    fits = 0
+    for n in nodes:
         if n.get("Alive") and n["NodeID"] not in avoid_nodes:
             have = n.get("Resources", {})
-            if all(have.get(k, 0) >= v for k, v in bundle.items()):
+            fits += min(int(have.get(k, 0) // v) for k, v in bundle.items()) if bundle else workers
+            if fits >= workers:
                 return True
     return False
 

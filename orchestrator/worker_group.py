@@ -174,14 +174,14 @@ class WorkerGroup:
             self.h.placement = cluster.reserve(**kw, timeout_s=timeout_s)
             return None
         names = cluster.node_labels(avoid_nodes)
-        if cluster.room_elsewhere(cluster.bundle_for(s.cpus_per_worker, s.gpus_per_worker), list(avoid_nodes)):
+        if cluster.room_elsewhere(cluster.bundle_for(s.cpus_per_worker, s.gpus_per_worker), list(avoid_nodes), n):
             try:
                 self.h.placement = cluster.reserve(**kw, timeout_s=min(timeout_s, AVOID_WAIT_S),
                                                    avoid_nodes=list(avoid_nodes))
                 return f"restarted without node {names}"
             except ResourceError:
                 pass
-        # else one node, or none other that could ever hold a worker: waiting AVOID_WAIT_S is futile
+        # else the other nodes could never hold the group: waiting AVOID_WAIT_S is futile
         self.h.placement = cluster.reserve(**kw, timeout_s=timeout_s)
         return f"no spare capacity outside node {names}: restarted on it"
 
