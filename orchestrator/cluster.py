@@ -233,11 +233,15 @@ def room_for(nodes: list[dict], bundle: dict[str, float], avoid_nodes: list[str]
     fits = 0
     for n in nodes:
         if n.get("Alive") and n["NodeID"] not in avoid_nodes:
-            have = n.get("Resources", {})
-            fits += min(int(have.get(k, 0) // v) for k, v in bundle.items()) if bundle else workers
+            fits += bundles_fit(n.get("Resources", {}), bundle) if bundle else workers
             if fits >= workers:
                 return True
     return False
+
+
+def bundles_fit(resources: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many of a (non-empty) `bundle` one node of `resources` holds."""
+    return min(int(resources.get(k, 0) // v) for k, v in bundle.items())
 
 
 def node_ips() -> dict[str, str]:

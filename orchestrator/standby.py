@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import ray
 
+from orchestrator import cluster
+
 PING_S = 10.0  # a spare that does not answer this fast at a restart is dropped, and a new worker started
 
 
@@ -49,8 +51,8 @@ class Standby:
             node = n["NodeID"]
             if left <= 0 or not n.get("Alive") or node in per_node:
                 continue
-            have = n.get("Resources", {})  # its size, not what is free now: room for a group after a restart
-            room = min(int(have.get(k, 0) // v) for k, v in bundle.items()) if bundle else 0
+            # its size, not what is free now: room for a group after a restart
+            room = cluster.bundles_fit(n.get("Resources", {}), bundle) if bundle else 0
             if room > 0:
                 want[node] = min(room, busiest, left)
                 left -= want[node]

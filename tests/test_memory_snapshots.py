@@ -587,12 +587,12 @@ def test_a_lost_node_s_ranks_and_their_peers_restore_from_memory_bit_exact(tmp_p
         while not at.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert at.exists(), "rank 1 never reached its held step"
-        workers = nodes + [spare]  # rank 1 may have been placed on any of the three
+        workers = {n.node_id: n for n in nodes + [spare]}  # rank 1 may have been placed on any of the three
         held_on = at.read_text()
-        assert held_on in [n.node_id for n in workers], (held_on, [n.node_id for n in workers])
-        victim = next(n for n in workers if n.node_id == held_on)
+        assert held_on in workers, (held_on, list(workers))
+        victim = workers.pop(held_on)
         c.remove_node(victim)  # rank 1's node, with its keeper and rank 0's replica
-        nodes[:] = [n for n in workers if n is not victim]  # the fixture's cluster as it now is
+        nodes[:] = workers.values()  # the fixture's cluster as it now is
         out, _ = proc.communicate(timeout=max(10, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:
