@@ -44,13 +44,23 @@ def connect_after(delay_s: float, wait_first: bool) -> float:
     return took["s"]
 
 
+def delays(text: str) -> list[float]:
+    try:
+        out = [int(x) / 1000 for x in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"expected milliseconds like 0,50,200, got {text!r}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--delays-ms", default="0,50,200")
+    p.add_argument("--delays-ms", type=delays, default="0,50,200", help="how late the store starts, e.g. 0,50,200")
     args = p.parse_args()
     rows = []
-    for delay in [int(x) / 1000 for x in args.delays_ms.split(",")]:
+    for delay in args.delays_ms:
         runs = {"torch_alone": [], "await_listening": []}
         for _ in range(args.repeats):
             for name, wait_first in (("torch_alone", False), ("await_listening", True)):
