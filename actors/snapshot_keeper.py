@@ -37,14 +37,15 @@ def default_headroom() -> int:
 
 
 class SnapshotKeeper:
-    def __init__(self, node_id: str, *, free_bytes: Callable[[], int] = node_free_bytes,
+    def __init__(self, node_id: str, *, attempt: int = 0, free_bytes: Callable[[], int] = node_free_bytes,
                  headroom_bytes: int | None = None):
+        """attempt: the one running when it starts (sends of older ones are refused, as after begin())."""
         self.node_id = node_id
         self.free_bytes = free_bytes
         self.headroom = default_headroom() if headroom_bytes is None else headroom_bytes
         self.held: dict[int, dict[int, tuple[int, int, Parts]]] = {}  # rank -> step -> (world, attempt, parts)
         self.reserved: dict[tuple[int, int], int] = {}  # (rank, step) -> bytes promised, not yet arrived
-        self.attempt = 0
+        self.attempt = attempt
 
     def begin(self, attempt: int, keep_through: int | None) -> int:
         """A new group starts from step `keep_through` (None: from scratch). Snapshots of later
@@ -109,18 +110,29 @@ class Keepers:
     def __init__(self, prefix: str):
         self.prefix = prefix  # "<run name>:<run id>"
         self.by_node: dict[str, object] = {}
+        self.born: dict[str, int] = {}  # node -> the attempt its keeper was started in (none: found by name)
         self.said_alone = False
 
-    def ensure(self, nodes: list[str]) -> None:
+    def ensure(self, nodes: list[str], attempt: int) -> None:
+        """A keeper on each of `nodes`: the one it has, one found by name (a node back after a
+        partition: it may hold snapshots), or a new one, started at `attempt`. Not waited for: a
+        process starts in about a second, and the restore reads only keepers that hold something."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         for node in nodes:
-            if node not in self.by_node:
+            if node in self.by_node:
+                continue
+            name = f"{self.prefix}:snapshots:{node[:12]}"
+            try:
+                self.by_node[node] = ray.get_actor(name)
+                self.born.pop(node, None)
+            except ValueError:  # none by that name
                 self.by_node[node] = ray.remote(SnapshotKeeper).options(
-                    name=f"{self.prefix}:snapshots:{node[:12]}", num_cpus=0, get_if_exists=True,
+                    name=name, num_cpus=0, get_if_exists=True,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                ).remote(node)
+                ).remote(node, attempt=attempt)
+                self.born[node] = attempt
 
     @staticmethod
     def targets(nodes: list[str]) -> dict[str, tuple[str, ...]]:
@@ -132,7 +144,10 @@ class Keepers:
         return {n: tuple(dict.fromkeys((n, order[(i + 1) % len(order)]))) for i, n in enumerate(order)}
 
     def begin(self, attempt: int, keep_through: int | None, timeout_s: float = 30.0) -> None:
-        self._each("begin", (attempt, keep_through), timeout_s)
+        """Every keeper that holds something starts `attempt` (SnapshotKeeper.begin). One started in
+        this attempt holds nothing and refuses older sends already: not waited for (after a rank
+        moved to a node new to the run, waiting for its new keeper held the ranks back ~1.2 s)."""
+        self._each("begin", (attempt, keep_through), timeout_s, skip={n for n, a in self.born.items() if a == attempt})
 
     def inventory(self, timeout_s: float = 30.0, unreachable: tuple[str, ...] = ()) -> dict[str, list[dict]]:
         """node -> its snapshots, from the keepers still alive. The keepers on `unreachable` nodes
@@ -144,10 +159,10 @@ class Keepers:
             self.by_node.pop(node, None)
         return self._each("inventory", (), timeout_s)
 
-    def _each(self, method: str, args: tuple, timeout_s: float) -> dict:
+    def _each(self, method: str, args: tuple, timeout_s: float, skip: set[str] = frozenset()) -> dict:
         import ray
 
-        refs = {node: getattr(k, method).remote(*args) for node, k in self.by_node.items()}
+        refs = {node: getattr(k, method).remote(*args) for node, k in self.by_node.items() if node not in skip}
         out = {}
         for node, ref in refs.items():
             try:
@@ -165,3 +180,4 @@ class Keepers:
             except Exception:
                 pass
         self.by_node.clear()
+        self.born.clear()

@@ -221,6 +221,8 @@ class WorkerGroup:
         else:
             used = boosted = 0
         self.nodes = [ranks[b]["node_id"] for b in by_rank]
+        if cfg.checkpoint.memory_every_steps:  # a keeper new to a node (a rank moved) starts beside the rendezvous
+            self._keepers().ensure(self.nodes, attempt)
         config, is_script = cfg.to_dict(), cfg.entrypoint.kind == "script"  # a script joins the group itself
         # first: the warm script processes' imports overlap the rest of the start
         prepared = [w.execute.remote(rank.with_config, script.prepare, config) for w in h.workers] if is_script else []
@@ -344,10 +346,10 @@ class WorkerGroup:
         world = len(self.h.workers)
         if not self.cfg.checkpoint.memory_every_steps:
             return [{} for _ in range(world)]
-        k = self.h.keepers = self.h.keepers or Keepers(f"{self.cfg.run.name}:{self.run_id}")
-        k.ensure(self.nodes)
+        k = self._keepers()
+        k.ensure(self.nodes, self.attempt)
         k.begin(self.attempt, resume_at)
-        k.ensure(self.nodes)  # again: begin() forgets keepers that did not answer
+        k.ensure(self.nodes, self.attempt)  # again: begin() forgets keepers that did not answer
         targets = Keepers.targets(self.nodes)
         if len(set(self.nodes)) == 1 and not k.said_alone:
             k.said_alone = True
@@ -361,6 +363,11 @@ class WorkerGroup:
             for a in args:
                 a["snapshot_from"] = source
         return args
+
+    def _keepers(self) -> Keepers:
+        if self.h.keepers is None:
+            self.h.keepers = Keepers(f"{self.cfg.run.name}:{self.run_id}")
+        return self.h.keepers
 
     def snapshot_inventory(self, unreachable: tuple[str, ...] = ()) -> dict[str, list[dict]]:
         """node -> the snapshots its keeper holds, for every keeper still alive and not on an

@@ -112,6 +112,38 @@ def test_keepers_forget_a_node_out_of_reach_without_calling_it():
     assert k.inventory(unreachable=("gone",)) == {} and k.by_node == {}
 
 
+def test_a_keeper_started_in_this_attempt_is_not_waited_for(monkeypatch):
+    """A rank moved to a node new to the run gets a new keeper there: it holds nothing and refuses
+    older attempts' sends from its start, so the restart does not wait ~1 s for its process to
+    begin(); every keeper that may hold snapshots still does."""
+    import ray
+
+    class Handle:
+        def __init__(self):
+            self.calls = []
+            self.begin = self  # handle.begin.remote(...)
+
+        def remote(self, *args):
+            self.calls.append(args)
+            return args
+
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    k = Keepers("run:id")
+    old, found = Handle(), Handle()
+    k.by_node = {"old": old, "new": object(), "found": found}  # a call to "new" would fail the test
+    k.born = {"old": 0, "new": 3}  # "found": found again by name (after a partition), may hold snapshots
+    k.begin(3, 12)
+    assert old.calls == [(3, 12)] and found.calls == [(3, 12)]
+    k.born["new"] = 2  # started in an earlier attempt: it may hold snapshots now
+    k.by_node["new"] = new = Handle()
+    k.begin(4, 20)
+    assert new.calls == [(4, 20)]
+
+    born = SnapshotKeeper("node-n", attempt=3, free_bytes=lambda: 10**12, headroom_bytes=0)
+    assert "attempt 2 is over" in born.reserve(0, 16, 100, attempt=2)
+    assert born.reserve(0, 16, 100, attempt=3) is None
+
+
 def test_each_node_s_ranks_send_to_their_own_keeper_and_the_next_node_s():
     assert Keepers.targets(["n1", "n1", "n2", "n2"]) == {"n1": ("n1", "n2"), "n2": ("n2", "n1")}
     assert Keepers.targets(["n1", "n2", "n3"]) == {"n1": ("n1", "n2"), "n2": ("n2", "n3"), "n3": ("n3", "n1")}
