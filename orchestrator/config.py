@@ -148,7 +148,7 @@ class HangConfig:
         2000, min=0, max=1_000_000, help="torch Flight Recorder ring buffer per rank (last N collectives), dumped into stall reports; 0 = off")
     node_checks: bool = option(True, help="after a stall, check the suspect nodes (GPU/NVML, host pressure, compute, all-reduce probe)")
     node_check_timeout_s: float = option(60.0, min=1, max=MAX_SECONDS, help="bound on the node checks of one stall")
-    avoid_culprit_node: bool = option(True, help="restart without the culprit's node when the cluster has room elsewhere")
+    avoid_culprit_node: bool = option(True, help="restart without the culprit's node when the cluster has room elsewhere, until its node checks pass (once per node)")
     straggler_action: StragglerAction = option(
         StragglerAction.REPORT, help="on a straggler: report, or also restart at the next checkpoint (counted in fault_tolerance.max_restarts)")
 

@@ -8,6 +8,7 @@
       Failed                   Restarting --Tick (backoff over)--> Reserving (next attempt)
 
     any state --Interrupt--> Stopped
+    any state --NodesChecked--> the same state, stall culprits whose node checks passed let back in
 
 No Ray, no store, no clock of its own: the controller (controller.py) turns the world into events
 and carries the actions out, so every transition is tested in microseconds (tests/test_control.py).
@@ -29,6 +30,8 @@ class Run:
     restarts: int = 0
     skipped: tuple[int, ...] = ()  # global batches left out after a non-finite loss (on_nonfinite=rollback)
     avoid_nodes: tuple[str, ...] = ()  # culprit nodes of earlier stalls and replaced stragglers
+    on_probation: tuple[str, ...] = ()  # of those, nodes avoided for one stall only: passing checks lets them back
+    let_back: tuple[str, ...] = ()  # nodes let back in once: a later stall there keeps them out for the run
     restore_at_most: int | None = None  # after corruption: only a checkpoint from before it
     failed_at: float | None = None  # when the failure the current group recovers from happened
     streak: int = 0  # counted failures since the last recovery: what the backoff grows with
@@ -122,12 +125,17 @@ class Tick:
 
 
 @dataclass(frozen=True)
+class NodesChecked:
+    passed: tuple[str, ...]  # a stall's suspect nodes whose checks found no problem (hang/rules.py passed_nodes)
+
+
+@dataclass(frozen=True)
 class Interrupt:
     reason: str = "interrupted by the user (Ctrl-C)"
     status: str = "interrupted"  # or "stopped" (`orchestrator stop`)
 
 
-Event = Reserved | ReserveFailed | Started | Recovered | Finished | GroupFailed | Tick | Interrupt
+Event = Reserved | ReserveFailed | Started | Recovered | Finished | GroupFailed | Tick | Interrupt | NodesChecked
 
 # --- actions ----------------------------------------------------------------------------
 
@@ -205,6 +213,8 @@ class Machine:
         if isinstance(event, Interrupt):
             stop = [StopGroup(), EndAttempt(run.attempt, event.status)] if isinstance(state, (Starting, Training)) else []
             return Stopped(run, event.reason), stop
+        if isinstance(event, NodesChecked):
+            return self._checked(state, event)
         if isinstance(state, Reserving):
             if isinstance(event, Reserved):
                 recovering = run.failed_at is not None
@@ -234,19 +244,41 @@ class Machine:
                 return Reserving(run), [Reserve(run.attempt, run.restore, run.avoid_nodes)]
         raise ValueError(f"{type(event).__name__} is not expected in {type(state).__name__}")
 
+    @staticmethod
+    def _checked(state: State, event: NodesChecked) -> tuple[State, list[Action]]:
+        """A stall's culprit node that passed its node checks is placed on again, once: with few
+        nodes, avoiding every culprit for the rest of the run leaves restarts fewer and fewer
+        places to go. A node avoided for anything else (a straggler, a GPU fault, corruption) or
+        for a second stall stays out."""
+        run = state.run
+        back = [n for n in event.passed if n in run.on_probation]
+        if not back:
+            return state, []
+        run = replace(run, avoid_nodes=tuple(n for n in run.avoid_nodes if n not in back),
+                      on_probation=tuple(n for n in run.on_probation if n not in back),
+                      let_back=tuple(sorted({*run.let_back, *back})))
+        nodes = ", ".join(n[:12] for n in back)
+        return replace(state, run=run), [Say(f"node {nodes} passed its checks after the stall: restarts may use it "
+                                             "again (a second stall there keeps it out for the run)")]
+
     def _failed(self, state: Starting | Training, f: Failure, now: float) -> tuple[State, list[Action]]:
         run = state.run
         actions: list[Action] = [StopGroup(), EndAttempt(run.attempt, ATTEMPT_STATUS.get(f.kind, "failed"), f)]
-        avoid = set(run.avoid_nodes)
+        avoid, probation = set(run.avoid_nodes), set(run.on_probation)
         if f.kind is FailureKind.HANG:
             actions.append(FollowUpStall())
             if self.avoid_culprit_node:
-                avoid |= set(f.data.get("culprit_nodes", ()))
+                culprits = set(f.data.get("culprit_nodes", ()))
+                again = culprits & (avoid | set(run.let_back))  # stalled before (checked or not) or avoided already
+                probation = (probation - again) | (culprits - again)  # a first stall there: its checks may clear it
+                avoid |= culprits
         if f.kind in (FailureKind.STRAGGLER, FailureKind.GPU) and f.node_id and f.data.get("avoid_node", True):
             avoid.add(f.node_id)
+            probation.discard(f.node_id)
         at_most = None
         if f.kind is FailureKind.SDC:
             avoid |= set(f.data.get("suspect_nodes", ()))
+            probation -= set(f.data.get("suspect_nodes", ()))
             at_most = f.data["last_good"]
             actions.append(RetireCheckpoints(at_most, f.message))
         decision = self.policy.decide(f, run.restarts)
@@ -270,5 +302,6 @@ class Machine:
             actions.append(Say(f"RESTART {restarts}/{self.policy.max_restarts}: {f.message}; "
                                f"restoring the latest checkpoint in {delay:.1f}s"))
         nxt = Run(attempt=run.attempt + 1, restore="latest", restarts=restarts, skipped=skipped,
-                  avoid_nodes=tuple(sorted(avoid)), failed_at=now, restore_at_most=at_most, streak=streak)
+                  avoid_nodes=tuple(sorted(avoid)), on_probation=tuple(sorted(probation)), let_back=run.let_back,
+                  failed_at=now, restore_at_most=at_most, streak=streak)
         return Restarting(nxt, until=now + delay), actions

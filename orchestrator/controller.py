@@ -26,6 +26,7 @@ from orchestrator.control import (
     GroupFailed,
     Interrupt,
     Machine,
+    NodesChecked,
     RecordRecovery,
     Recovered,
     Reserve,
@@ -44,6 +45,7 @@ from orchestrator.control import (
     Training,
 )
 from orchestrator.hang import xid
+from orchestrator.hang.rules import passed_nodes
 from orchestrator.hang.watchdog import Watchdog
 from orchestrator.policy import (
     ElasticPolicy,
@@ -106,6 +108,7 @@ class Controller:
         self.stopping_since: float | None = None  # when the ranks were asked to stop (`orchestrator stop`)
         self.checks_due: tuple[int, dict] | None = None  # a stall's node checks, to start once the next group recovered
         self.checks: tuple[int, dict, Future] | None = None  # those checks, running
+        self.passed: tuple[str, ...] = ()  # suspect nodes whose checks just passed, for the machine (NodesChecked)
         self._check_pool: ThreadPoolExecutor | None = None
         self.next_state: State | None = None  # the state the actions being carried out lead to
         self.failure: Failure | None = None  # the failure those actions answer, if any
@@ -309,6 +312,7 @@ class Controller:
         except Exception as e:  # a report without checks, never a driver that dies of them
             report["node_checks"] = {"error": f"{type(e).__name__}: {e}"}
         self.store.update_event_data(event_id, report)
+        self.passed = tuple(passed_nodes(report["node_checks"]))
 
     def _placed(self, note: str) -> None:
         self.out(note)
@@ -390,6 +394,9 @@ class Controller:
                 if stop is not None:
                     return stop
             self._collect_checks(wait=False)
+            if self.passed:
+                passed, self.passed = self.passed, ()
+                return NodesChecked(passed)
             if p is not None and self.clock() - polled_at < 0.9 * tick:  # a look between polls
                 stall = self._watchdog(p)
                 if stall is not None:

@@ -15,6 +15,7 @@ from orchestrator.control import (
     GroupFailed,
     Interrupt,
     Machine,
+    NodesChecked,
     RecordRecovery,
     Recovered,
     Reserve,
@@ -175,6 +176,42 @@ def test_a_stall_with_a_culprit_node_follows_up_and_restarts_away_from_it():
     assert state == Reserving(state.run)
     _, actions = m.start(state.run)
     assert actions == [Reserve(1, "latest", ("node-b",))]
+
+
+def test_a_stall_culprit_whose_checks_pass_is_let_back_once():
+    """Avoided for one stall, a node that passes its checks is placed on again; a second stall
+    there, or an avoidance for anything else, keeps it out for the run."""
+    m = machine()
+    state, _ = m.step(training(m), GroupFailed(hang(["node-b"])), now=0.0)
+    assert state.run.avoid_nodes == ("node-b",) and state.run.on_probation == ("node-b",)
+    state, _ = m.step(state, Tick(), now=0.0)
+    state, _ = m.step(state, Reserved(2), now=0.0)
+    state, _ = m.step(state, Started(10), now=0.0)
+    same, actions = m.step(state, NodesChecked(("node-x",)), now=0.0)  # not on probation: nothing changes
+    assert same == state and actions == []
+    state, actions = m.step(state, NodesChecked(("node-b",)), now=0.0)
+    assert isinstance(state, Training) and state.run.avoid_nodes == () and state.run.let_back == ("node-b",)
+    assert "node node-b passed its checks" in actions[0].text
+    state, _ = m.step(state, GroupFailed(hang(["node-b"])), now=1.0)  # a second stall there
+    assert state.run.avoid_nodes == ("node-b",) and state.run.on_probation == ()
+    state, actions = m.step(state, NodesChecked(("node-b",)), now=1.0)
+    assert state.run.avoid_nodes == ("node-b",) and actions == []
+
+
+def test_a_node_stalling_again_before_its_checks_or_avoided_for_more_stays_out():
+    m = machine()
+    state, _ = m.step(training(m), GroupFailed(hang(["node-b", "node-c"])), now=0.0)
+    run = state.run
+    assert run.on_probation == ("node-b", "node-c")
+    state = training(m, run)
+    state, _ = m.step(state, GroupFailed(hang(["node-b"])), now=1.0)  # again, its first checks not back yet
+    assert state.run.on_probation == ("node-c",)
+    state = training(m, state.run)
+    slow = Failure(FailureKind.STRAGGLER, "replacing straggler rank 0", rank=0, node_id="node-c", step=40)
+    state, _ = m.step(state, GroupFailed(slow), now=2.0)
+    assert state.run.on_probation == () and state.run.avoid_nodes == ("node-b", "node-c")
+    state, actions = m.step(state, NodesChecked(("node-b", "node-c")), now=2.0)  # in Restarting too
+    assert isinstance(state, Restarting) and state.run.avoid_nodes == ("node-b", "node-c") and actions == []
 
 
 def test_a_stall_without_a_culprit_or_with_avoidance_off_keeps_every_node():

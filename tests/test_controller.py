@@ -42,6 +42,8 @@ class FakeGroup:
         self.world = 0
         self.spares: list[dict] = []  # per start: the standby counts it reports, if any
         self.finished: frozenset[int] = frozenset()  # ranks whose training call has returned
+        self.check_report: dict | None = None  # what the node checks find
+        self.controller = None
 
     # what the controller calls
     def reserve(self, sizes, avoid_nodes):
@@ -87,6 +89,11 @@ class FakeGroup:
             return [{"steps": self.step + 1, "train_time_s": 1.0, "stopped": True, "stopped_at": self.step + 1}] * self.world
         if what == "step":
             self.step += 1
+        if what == "checked":  # one more step, once the controller's node checks have ended
+            deadline = time.monotonic() + 60
+            while not self.controller.checks[2].done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.step += 1
         if what == "ckpt":
             self.step += 1
             self.committed.append(self.step + 1)
@@ -120,7 +127,7 @@ class FakeGroup:
     def check_suspects(self, report):
         self.checked.append(list(report["culprit_nodes"]))
         self.checked_at = (self.attempt, self.step)
-        return {"problems": []}
+        return self.check_report or {"problems": []}
 
     def free_resources(self):
         return {"CPU": self.free.get("CPU", 0)}
@@ -149,8 +156,8 @@ def setup(tmp_path, scripts, *, first_attempt=0, restore=None, **kw):
     clock = Clock()
     group = FakeGroup(clock, scripts, **kw)
     lines: list[str] = []
-    c = Controller(cfg, "r1", store, group, lines.append, first_attempt=first_attempt, restore=restore,
-                   clock=clock, sleep=clock.sleep)
+    c = group.controller = Controller(cfg, "r1", store, group, lines.append, first_attempt=first_attempt,
+                                      restore=restore, clock=clock, sleep=clock.sleep)
     return c, group, store, lines
 
 
@@ -243,6 +250,16 @@ def test_a_frozen_rank_is_named_checked_and_avoided_on_restart(tmp_path):
     assert group.reserved[1] == (2, ("node-1",))
     assert store.attempts("r1")[0]["cause"] == "hang"
     assert group.kept_placement == [False]  # a hung group's placement goes (its frozen worker may never die)
+
+
+def test_a_culprit_node_that_passes_its_checks_is_used_again_after_the_next_failure(tmp_path):
+    c, group, store, lines = setup(tmp_path, [["step"] + ["hang"] * 20, ["step", "checked", "step", died(0)],
+                                              ["step", "done"]], frozen_rank=1)
+    healthy = {"role": "suspect", "host": {}, "gpu": {}, "compute": {"gflops": 1.0}, "problems": []}
+    group.check_report = {"nodes": {"node-1": healthy}, "probes": [{"a": "node-1", "ok": True}], "problems": []}
+    c.run()
+    assert [avoid for _, avoid in group.reserved] == [(), ("node-1",), ()]
+    assert any(line.startswith("node node-1 passed its checks after the stall") for line in lines), lines
 
 
 def test_the_placement_group_stays_only_where_the_node_is_known_to_be_fine():

@@ -24,6 +24,7 @@ from actors.node_check import (
     gpu_report,
     host_problems,
 )
+from orchestrator.hang.rules import passed_nodes
 from tests.conftest import nvml_gpus
 
 
@@ -215,6 +216,7 @@ def test_check_nodes_on_this_node(ray_address):
     assert probe["ok"] is True, probe["error"]
     assert probe["latency_ms"] > 0 and probe["bandwidth_mb_s"] > 0 and probe["bytes"] == 1 << 20
     assert all(p.startswith(f"node {me[:12]}: ") for p in report["problems"])  # this machine may be busy
+    assert passed_nodes(report) == ([] if report["problems"] else [me])
     assert _wait_gone("NodeCheck") == []
     assert check_nodes([], [me]) == {"nodes": {}, "probes": [], "problems": [], "duration_s": 0.0}
 
@@ -233,6 +235,7 @@ def test_unknown_node_is_reported_not_raised(ray_address):
     assert [p["ok"] for p in report["probes"]] == [False, False]
     assert any(p.startswith(f"node {missing[:12]}:") for p in report["problems"])
     assert any(f"between node {missing[:12]} and node {me[:12]}" in p for p in report["problems"])
+    assert passed_nodes(report) == []  # the healthy node is no suspect; the others never answered
     assert _wait_gone("NodeCheck") == []
 
 
@@ -257,4 +260,18 @@ def test_a_check_that_never_answers_is_bounded(ray_address, monkeypatch):
     assert node["compute"]["gflops"] > 0  # the other checks still answered
     assert report["probes"][0]["ok"] is True  # and the probe ran beside the stuck thread
     assert any("host check failed: no answer" in p for p in report["problems"])
+    assert passed_nodes(report) == []
     assert _wait_gone("SlowNodeCheck") == []
+
+
+def test_only_a_suspect_that_answered_every_check_cleanly_passes():
+    def entry(**kw):
+        return {"role": "suspect", "host": {}, "gpu": {}, "compute": {"gflops": 1.0}, "problems": [], **kw}
+
+    nodes = {"ok": entry(), "slow": entry(problems=["computes at 30% of node h"]), "gone": {"error": "no actor"},
+             "partial": {k: v for k, v in entry().items() if k != "gpu"}, "cut": entry(), "h": entry(role="healthy")}
+    probes = [{"a": n, "ok": n != "cut"} for n in ("ok", "slow", "gone", "partial", "cut")]
+    report = {"nodes": nodes, "probes": probes, "problems": ["..."]}
+    assert passed_nodes(report) == ["ok"]
+    assert passed_nodes({"nodes": {"ok": entry()}, "probes": [], "problems": []}) == []  # no probe ran
+    assert passed_nodes({"error": "TimeoutError: ..."}) == passed_nodes(None) == []

@@ -165,3 +165,15 @@ def flight_recorder_summary(dumps: dict[int, str | None], world: int, known: dic
     culprits = sorted({r for rs in missing.values() for r in rs} | set(silent))
     return {"ranks": ranks, "missing": missing, "waiting": waiting, "silent": silent, "culprits": culprits,
             "summary": "; ".join(parts)}
+
+
+def passed_nodes(checks: dict | None) -> list[str]:
+    """The suspect nodes of a stall's node checks (actors/node_check.py check_nodes) that answered
+    every check with no problem and whose all-reduce probe worked. A check that failed, timed out
+    or was never run is no pass."""
+    if not isinstance(checks, dict) or checks.get("error"):
+        return []
+    probes = {p.get("a"): p for p in checks.get("probes", [])}
+    return [n for n, e in checks.get("nodes", {}).items()
+            if e.get("role") == "suspect" and not e.get("error") and e.get("problems") == []
+            and all(k in e for k in ("host", "gpu", "compute")) and probes.get(n, {}).get("ok") is True]
