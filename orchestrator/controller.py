@@ -98,7 +98,7 @@ class Controller:
                                      cpus=s.cpus_per_worker,
                                      gpus=s.gpus_per_worker, clock=clock)
         self.stragglers = StragglerPolicy(hang.straggler_action, clock=clock)
-        self.watchdog = Watchdog.from_config(hang, clock=clock)
+        self.watchdog = Watchdog.from_config(hang, clock=clock, reader=group.read_processes)
         self.last_step = -1  # last step every rank completed, as the metrics actor saw it
         self.max_step = -1  # last step any rank completed: what a failure loses is counted from here
         self.step0: int | None = None  # where the current group started

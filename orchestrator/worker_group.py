@@ -35,7 +35,7 @@ from orchestrator import (
 from orchestrator.anomaly import AnomalyDetector
 from orchestrator.config import Config
 from orchestrator.failures import describe
-from orchestrator.hang import xid
+from orchestrator.hang import procstate, xid
 from orchestrator.hang.followup import check_suspects, collect_flight_recorder
 from orchestrator.hang.health import serve_dump_now
 from orchestrator.policy import Failure, FailureKind, GroupError
@@ -419,6 +419,18 @@ class WorkerGroup:
             return ray.get(self.h.health.snapshot.remote(), timeout=5)
         except Exception:
             return None
+
+    def read_processes(self, node: str, pids: list[int]):
+        """The ref of a read of `pids`' process states (hang/procstate.py) by a process of ours
+        already running on `node`, in its control lane: another rank's worker, else a standby
+        spare; None when there is none (the watchdog's Ray task then starts a worker there)."""
+        here = [w for w, info in zip(self.h.workers, self.infos, strict=False)
+                if info.get("node_id") == node and info.get("pid") not in pids]
+        if not here and self.standby is not None:
+            here = [w for w, _ in self.standby.spares.get(node, [])]
+        if not here:
+            return None
+        return here[0].execute.options(concurrency_group=CONTROL).remote(procstate.sample, pids)
 
     def flight_recorder(self, report: dict, folder: Path) -> dict:
         def nudge(request: int) -> None:  # in the control lane: a rank blocked in a collective still answers

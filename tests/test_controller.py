@@ -132,6 +132,9 @@ class FakeGroup:
     def free_resources(self):
         return {"CPU": self.free.get("CPU", 0)}
 
+    def read_processes(self, node, pids):
+        return None
+
     def node(self, rank):
         return self.nodes[rank] if rank is not None and 0 <= rank < len(self.nodes) else None
 

@@ -98,6 +98,35 @@ def test_the_ray_probe_reads_a_stopped_process_on_its_node(child, ray_address):
         assert probe.answers() == {}
         time.sleep(0.05)
 
+    # a process of ours already on the node reads too (a rank's or spare's control lane): the first
+    # answer wins and its twin is dropped; a reader that fails leaves the task to answer
+    reader = ray.remote(num_cpus=0)(Reader).remote()
+    ray.get(reader.ping.remote(), timeout=120)
+    asked = []
+
+    def read(on, pids):
+        asked.append((on, pids))
+        return reader.read.remote(pids)
+
+    for fn in (read, lambda on, pids: 1 / 0):
+        probe = procstate.RayProbe(timeout_s=120, reader=fn)
+        probe.request(node, {3: child.pid})
+        assert len(probe.pending) == (2 if fn is read else 1)
+        got, deadline = {}, time.monotonic() + 120
+        while not got and time.monotonic() < deadline:
+            got = probe.answers()
+            time.sleep(0.05)
+        assert [s["state"] for s in got[3]] == ["T", "T"] and not probe.busy()
+    assert asked == [(node, [child.pid])]
+
+
+class Reader:
+    def ping(self) -> bool:
+        return True
+
+    def read(self, pids):
+        return procstate.sample(pids)
+
 
 def test_ranks_known_stopped_are_not_waited_for_and_say_why():
     report = {"verdict": "stopped", "culprits": [1],

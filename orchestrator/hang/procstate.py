@@ -7,8 +7,12 @@ debuggers and py-spy cause it for a moment) is not. 'D' (uninterruptible sleep, 
 GPU driver) is worth reporting but proves nothing on its own. 'Z' or no /proc entry: the process
 is gone.
 
-The reading runs as a small Ray task pinned to the rank's node (no CPU, never retried); whoever
-asks gets no answer rather than an error when the node, Ray or /proc does not cooperate.
+The reading runs as a small Ray task pinned to the rank's node (no CPU, never retried), and, where
+a process of ours already runs on that node (another rank's worker, a standby spare), in that
+process too: the first answer wins. A task needs an idle Ray worker on the node, and on a node
+whose cores the ranks keep busy starting one took seconds (a frozen rank named 2.7-5.7 s after
+its SIGSTOP in goodput runs, against ~2.5 s where a worker was at hand). Whoever asks gets no
+answer rather than an error when the node, Ray or /proc does not cooperate.
 """
 
 from __future__ import annotations
@@ -89,10 +93,11 @@ def sample(pids: list[int], confirm_s: float = CONFIRM_S) -> list[dict]:
 
 class RayProbe:
     """Process states read on the ranks' nodes by Ray tasks; asynchronous, so a caller that ticks
-    never blocks on a slow node. One task per node at a time."""
+    never blocks on a slow node. One request per node at a time. `reader(node, pids)`: the ref
+    of the same read by a process of ours already running on that node, or None."""
 
-    def __init__(self, timeout_s: float = 10.0):
-        self.timeout_s = timeout_s
+    def __init__(self, timeout_s: float = 10.0, reader=None):
+        self.timeout_s, self.reader = timeout_s, reader
         self.pending: dict[object, tuple[str, dict[int, int], float]] = {}  # ref -> (node, rank -> pid, sent)
 
     def busy(self) -> bool:
@@ -108,11 +113,19 @@ class RayProbe:
 
             if not ray.is_initialized():  # never start a cluster just to look
                 return
-            ref = _task().options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
-                sorted(set(pids.values())))
+            refs = [_task().options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
+                sorted(set(pids.values())))]
         except Exception:  # a node id Ray does not know, a driver shutting down: no answer
             return
-        self.pending[ref] = (node_id, dict(pids), time.monotonic())
+        if self.reader is not None:
+            try:
+                ref = self.reader(node_id, sorted(set(pids.values())))
+                if ref is not None:
+                    refs.append(ref)
+            except Exception:  # that process is gone: the task still answers
+                pass
+        for ref in refs:
+            self.pending[ref] = (node_id, dict(pids), time.monotonic())
 
     def answers(self) -> dict[int, list[dict]]:
         """rank -> the samples of its process that arrived since the last call. A task past the
@@ -124,26 +137,37 @@ class RayProbe:
         got: dict[int, list[dict]] = {}
         done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
         for ref in done:
-            _, pids, _ = self.pending.pop(ref)
+            if ref not in self.pending:  # the other read of its request answered first
+                continue
+            node, pids, _ = self.pending.pop(ref)
             try:
                 samples = ray.get(ref, timeout=1)
-            except Exception:  # the node died under it, the worker could not start: unknown
+            except Exception:  # the node died under it, the worker could not start: unknown (the other may answer)
                 continue
             for rank, pid in pids.items():
                 got[rank] = [s for s in samples if s["pid"] == pid]
+            for other in [r for r, (n, _, _) in self.pending.items() if n == node]:  # its twin: no longer needed
+                del self.pending[other]
+                _cancel(other)
         now = time.monotonic()
         for ref, (_, _, sent) in list(self.pending.items()):
             if now - sent > self.timeout_s:
                 del self.pending[ref]
-                try:
-                    ray.cancel(ref)
-                except Exception:
-                    pass
+                _cancel(ref)
         return got
 
     def reset(self) -> None:
         """A new group: its processes are others; answers about the old ones are dropped."""
         self.pending.clear()
+
+
+def _cancel(ref) -> None:
+    try:
+        import ray
+
+        ray.cancel(ref)
+    except Exception:  # an actor task that already ran, a driver shutting down
+        pass
 
 
 _remote = None

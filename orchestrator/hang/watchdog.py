@@ -46,11 +46,12 @@ class Watchdog:
         self.reset()
 
     @classmethod
-    def from_config(cls, hang, *, probe=None, **clocks) -> Watchdog:
+    def from_config(cls, hang, *, probe=None, reader=None, **clocks) -> Watchdog:
+        """reader: procstate.RayProbe's, a read by a process of ours already on the node."""
         if probe is None:
             from orchestrator.hang.procstate import RayProbe
 
-            probe = RayProbe()
+            probe = RayProbe(reader=reader)
         return cls(timeout_s=hang.timeout_s, first_step_timeout_s=hang.first_step_timeout_s,
                    step_time_factor=hang.step_time_factor, heartbeat_s=hang.heartbeat_s,
                    evidence_factor=hang.evidence_factor, probe=probe, **clocks)
