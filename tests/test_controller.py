@@ -4,6 +4,7 @@ the real store recording it."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -43,6 +44,7 @@ class FakeGroup:
         self.spares: list[dict] = []  # per start: the standby counts it reports, if any
         self.finished: frozenset[int] = frozenset()  # ranks whose training call has returned
         self.check_report: dict | None = None  # what the node checks find
+        self.hold_checks, self.release, self.held = 0, threading.Event(), []  # checks that run until "release"
         self.controller = None
 
     # what the controller calls
@@ -89,6 +91,8 @@ class FakeGroup:
             return [{"steps": self.step + 1, "train_time_s": 1.0, "stopped": True, "stopped_at": self.step + 1}] * self.world
         if what == "step":
             self.step += 1
+        if what == "release":  # node checks held by hold_checks may end now
+            self.release.set()
         if what == "checked":  # one more step, once the controller's node checks have ended
             deadline = time.monotonic() + 60
             while not self.controller.checks[2].done() and time.monotonic() < deadline:
@@ -127,6 +131,9 @@ class FakeGroup:
     def check_suspects(self, report):
         self.checked.append(list(report["culprit_nodes"]))
         self.checked_at = (self.attempt, self.step)
+        if self.hold_checks:
+            self.hold_checks -= 1
+            self.held.append(self.release.wait(30))  # False: nobody released them (the controller waited on them)
         return self.check_report or {"problems": []}
 
     def free_resources(self):
@@ -253,6 +260,18 @@ def test_a_frozen_rank_is_named_checked_and_avoided_on_restart(tmp_path):
     assert group.reserved[1] == (2, ("node-1",))
     assert store.attempts("r1")[0]["cause"] == "hang"
     assert group.kept_placement == [False]  # a hung group's placement goes (its frozen worker may never die)
+
+
+def test_a_second_stall_restarts_without_waiting_for_the_first_stall_s_node_checks(tmp_path):
+    c, group, store, lines = setup(tmp_path, [["step"] + ["hang"] * 20, ["step", "step"] + ["hang"] * 20,
+                                              ["step", "release", "checked", "step", "done"]], frozen_rank=1)
+    group.hold_checks = 1  # the first stall's checks still run when the second stall comes
+    c.run()
+    assert group.held == [True]  # released by the third group: the second restart did not wait for them
+    assert sum(line.startswith("RESTART") for line in lines) == 2
+    stalls = store.events("r1", kind="stall")
+    assert len(stalls) == 2 and all(s["data"]["node_checks"] == {"problems": []} for s in stalls)
+    assert group.checked == [["node-1"], ["node-1"]]  # one set at a time, in order
 
 
 def test_a_culprit_node_that_passes_its_checks_is_used_again_after_the_next_failure(tmp_path):
