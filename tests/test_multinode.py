@@ -139,6 +139,32 @@ def workers_on(cluster, home: Path, run_id: str) -> list[dict]:
 # --- tests ------------------------------------------------------------------------------------------
 
 
+def test_a_node_whose_ray_start_timed_out_waiting_for_its_raylet_is_started_again(tmp_path, monkeypatch):
+    """Ray's `ray start` waits a fixed 30 s for its raylet to register; on a busy machine that ran
+    out once and failed every test of this module. The harness starts such a node again (once),
+    and still raises for any other exit."""
+    class Exited:
+        pid, returncode = 0, 1
+
+        def poll(self):
+            return 1
+
+    c = harness.NetnsCluster(tag="t")
+    node = harness.Node(1, "10.0.0.11", tmp_path, tmp_path / "n1.log", netns="orcht-n1", proc=Exited())
+    c.nodes = [harness.Node(0, "10.0.0.1", tmp_path, tmp_path / "n0.log"), node]
+    restarted = []
+    monkeypatch.setattr(c, "restart_node", restarted.append)
+    node.log.write_text("=== start 1: ray start\nException: The current node timed out during startup. This could\n")
+    assert c._check_running(node, restart=True) is True and restarted == [1] and c.restarts
+    with pytest.raises(harness.HarnessError, match="node1's `ray start` exited 1"):
+        c._check_running(node, restart=False)  # the last try: no more restarts
+    node.log.write_text(node.log.read_text() + "=== start 2: ray start\nValueError: something else\n")
+    with pytest.raises(harness.HarnessError, match="something else"):
+        c._check_running(node, restart=True)  # this incarnation failed otherwise
+    assert restarted == [1]
+
+
+
 def test_each_node_has_its_own_disk_address_and_hostname(healthy_cluster):
     """The harness itself: a file on one node's local disk is invisible to the others and to the
     host; each node answers on its own address and hostname; a full disk is that node's alone."""
