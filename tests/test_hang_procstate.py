@@ -118,6 +118,7 @@ def test_the_ray_probe_reads_a_stopped_process_on_its_node(child, ray_address):
             time.sleep(0.05)
         assert [s["state"] for s in got[3]] == ["T", "T"] and not probe.busy()
     assert asked == [(node, [child.pid])]
+    ray.kill(reader)  # a shared cluster: leave no actor behind
 
 
 class Reader:
