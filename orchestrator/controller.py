@@ -109,7 +109,6 @@ class Controller:
         self.checks_due: list[tuple[int, dict]] = []  # stalls' node checks, to start once the next group recovered
         self.checks: tuple[int, dict, Future] | None = None  # the checks running (one set at a time)
         self.may_check = True  # the group after the last stall has recovered: checks may run beside it
-        self.passed: tuple[str, ...] = ()  # suspect nodes whose checks just passed, for the machine (NodesChecked)
         self._check_pool: ThreadPoolExecutor | None = None
         self.next_state: State | None = None  # the state the actions being carried out lead to
         self.failure: Failure | None = None  # the failure those actions answer, if any
@@ -303,15 +302,16 @@ class Controller:
         self._check_pool = self._check_pool or ThreadPoolExecutor(1, thread_name_prefix="node-checks")
         self.checks = (event_id, report, self._check_pool.submit(self.group.check_suspects, dict(report)))
 
-    def _collect_checks(self, *, wait: bool) -> None:
+    def _collect_checks(self, *, wait: bool) -> tuple[str, ...]:
         """Store node checks into their stall's report once they are done, and start the next due;
         with `wait` (the run ended), every due set, one after another, each bounded by
-        hang.node_check_timeout_s."""
+        hang.node_check_timeout_s. Returns the suspect nodes whose checks collected now passed."""
+        passed: tuple[str, ...] = ()
         while True:
             if wait:
                 self._start_checks(run_ended=True)
             if self.checks is None or not (wait or self.checks[2].done()):
-                return
+                return passed
             event_id, report, future = self.checks
             self.checks = None
             try:
@@ -319,10 +319,10 @@ class Controller:
             except Exception as e:  # a report without checks, never a driver that dies of them
                 report["node_checks"] = {"error": f"{type(e).__name__}: {e}"}
             self.store.update_event_data(event_id, report)
-            self.passed = tuple(passed_nodes(report["node_checks"]))
+            passed += tuple(passed_nodes(report["node_checks"]))
             if not wait:
                 self._start_checks()
-                return
+                return passed
 
     def _placed(self, note: str) -> None:
         self.out(note)
@@ -403,9 +403,8 @@ class Controller:
                 stop = self._stop_group()
                 if stop is not None:
                     return stop
-            self._collect_checks(wait=False)
-            if self.passed:
-                passed, self.passed = self.passed, ()
+            passed = self._collect_checks(wait=False)
+            if passed:  # a stall's culprit may be let back in (the machine decides)
                 return NodesChecked(passed)
             if p is not None and self.clock() - polled_at < 0.9 * tick:  # a look between polls
                 stall = self._watchdog(p)
